@@ -1,0 +1,77 @@
+//! Datasets as class-indexed u8 images, and the episode sampler.
+
+pub mod cache;
+pub mod download;
+pub mod episode;
+pub mod omniglot;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+
+
+/// The environment variable naming the data root when `--data-dir` is not given.
+pub const DATA_ENV: &str = "KSHOT_DATA";
+
+/// One class and its images, stored as u8 in [C, H, W] order, image after image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Class {
+    /// Unique within its set, e.g. `Greek/character03/rot090`.
+    pub name: String,
+    /// The group the class belongs to (the alphabet for Omniglot); episodes may be drawn within one.
+    pub group: String,
+    pub pixels: Vec<u8>,
+}
+
+/// A set of classes whose images all share one shape. Pixel values map to [0, 1] as `v / 255`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSet {
+    /// What it is, e.g. `omniglot/vinyals/train`.
+    pub name: String,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub classes: Vec<Class>,
+}
+
+impl ImageSet {
+    /// Values per image (C·H·W).
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    pub fn num_images(&self, class: usize) -> usize {
+        self.classes[class].pixels.len() / self.image_len()
+    }
+
+    pub fn total_images(&self) -> usize {
+        (0..self.classes.len()).map(|c| self.num_images(c)).sum()
+    }
+
+    pub fn image(&self, class: usize, index: usize) -> &[u8] {
+        let n = self.image_len();
+        &self.classes[class].pixels[index * n..(index + 1) * n]
+    }
+
+    /// Class indices by group, groups in sorted order.
+    pub fn groups(&self) -> BTreeMap<&str, Vec<usize>> {
+        let mut g: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, c) in self.classes.iter().enumerate() {
+            g.entry(c.group.as_str()).or_default().push(i);
+        }
+        g
+    }
+}
+
+/// The data root: `--data-dir` if given, else `$KSHOT_DATA`.
+pub fn resolve_root(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    match std::env::var_os(DATA_ENV) {
+        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
+        _ => anyhow::bail!(
+            "no data directory: pass --data-dir DIR or set {DATA_ENV} (`kshot data fetch omniglot --data-dir DIR` downloads Omniglot)"
+        ),
+    }
+}

@@ -1,0 +1,21 @@
+//! kshot: few-shot learning in Rust.
+//!
+//! Data flows one way: [`data`] (datasets, episodes) → [`nn`] (functional backbones over explicit
+//! parameters, built on [`kernels`]) → [`methods`] (one file per learner) → [`train`] / [`eval`].
+
+pub mod autograd;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod kernels;
+pub mod methods;
+pub mod nn;
+pub mod optim;
+pub mod presets;
+pub mod train;
+
+pub use candle_core::{DType, Device, Tensor, Var};
+
+/// The crate version, recorded in every run config.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,173 @@
+//! Conv4: four blocks of conv3×3 (64 channels) → batch norm → ReLU → 2×2 max-pool, flattened.
+//! 28×28 inputs give a 64-d embedding (28→14→7→3→1), 84×84 inputs 1600-d (84→42→21→10→5).
+//!
+//! Convolutions have no bias: batch norm subtracts the channel mean right after, which cancels it.
+
+use candle_core::{Device, Result, Tensor};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{init, ops, ParamSet, Params};
+use crate::kernels;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Conv4Config {
+    pub in_channels: usize,
+    pub hidden: usize,
+    pub blocks: usize,
+    pub bn_eps: f64,
+    /// Weight of the newest batch in the running statistics (PyTorch's `momentum`).
+    pub bn_momentum: f64,
+    /// Use the fused kernels of [`crate::kernels`] (default) or candle's composite ops.
+    #[serde(default = "default_true")]
+    pub fast_kernels: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Conv4Config {
+    pub fn new(in_channels: usize) -> Self {
+        Self { in_channels, hidden: 64, blocks: 4, bn_eps: 1e-5, bn_momentum: 0.1, fast_kernels: true }
+    }
+
+    /// Length of the embedding for `height`×`width` inputs.
+    pub fn embedding_dim(&self, height: usize, width: usize) -> usize {
+        let (mut h, mut w) = (height, width);
+        for _ in 0..self.blocks {
+            h /= 2;
+            w /= 2;
+        }
+        self.hidden * h * w
+    }
+}
+
+/// Running batch-norm statistics, one (mean, var) pair of f64 vectors per block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningStats {
+    pub mean: Vec<Vec<f64>>,
+    pub var: Vec<Vec<f64>>,
+}
+
+impl RunningStats {
+    pub fn new(blocks: usize, channels: usize) -> Self {
+        Self { mean: vec![vec![0.0; channels]; blocks], var: vec![vec![1.0; channels]; blocks] }
+    }
+
+    /// PyTorch's update: biased batch variance for normalising, unbiased for the running average.
+    fn update(&mut self, block: usize, stats: &ops::BatchStats, momentum: f64) {
+        let n = stats.count as f64;
+        let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        for c in 0..stats.mean.len() {
+            let m = &mut self.mean[block][c];
+            *m = (1.0 - momentum) * *m + momentum * stats.mean[c];
+            let v = &mut self.var[block][c];
+            *v = (1.0 - momentum) * *v + momentum * stats.var[c] * unbias;
+        }
+    }
+
+    pub fn named_tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (i, (m, v)) in self.mean.iter().zip(&self.var).enumerate() {
+            out.push((format!("{prefix}bn{i}.running_mean"), Tensor::new(m.as_slice(), &Device::Cpu)?));
+            out.push((format!("{prefix}bn{i}.running_var"), Tensor::new(v.as_slice(), &Device::Cpu)?));
+        }
+        Ok(out)
+    }
+
+    pub fn load_from(
+        &mut self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        prefix: &str,
+        origin: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        for i in 0..self.mean.len() {
+            for (kind, dst) in [("running_mean", &mut self.mean[i]), ("running_var", &mut self.var[i])] {
+                let key = format!("{prefix}bn{i}.{kind}");
+                let t = tensors.get(&key).ok_or_else(|| {
+                    anyhow::anyhow!("{}: tensor `{key}` is missing; the file was not written by this model", origin.display())
+                })?;
+                let v = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+                anyhow::ensure!(
+                    v.len() == dst.len(),
+                    "{}: `{key}` has {} channels, the model expects {}",
+                    origin.display(),
+                    v.len(),
+                    dst.len()
+                );
+                *dst = v;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How batch norm gets its statistics in a forward pass.
+pub enum BnMode<'a> {
+    /// Statistics of the current batch; folded into the running averages when given.
+    Batch(Option<&'a mut RunningStats>),
+    /// Fixed running averages (inference on one image at a time).
+    Running(&'a RunningStats),
+}
+
+#[derive(Debug, Clone)]
+pub struct Conv4 {
+    pub config: Conv4Config,
+}
+
+impl Conv4 {
+    pub fn new(config: Conv4Config) -> Self {
+        Self { config }
+    }
+
+    /// Fresh parameters: PyTorch-default uniform convolution weights, BN scale 1 and shift 0.
+    pub fn init(&self, rng: &mut ChaCha8Rng, device: &Device) -> Result<ParamSet> {
+        let c = &self.config;
+        let mut p = ParamSet::new();
+        let mut cin = c.in_channels;
+        for i in 0..c.blocks {
+            let shape = [c.hidden, cin, 3, 3];
+            p.push(format!("conv{i}.weight"), init::torch_default(rng, &shape, cin * 9, device)?)?;
+            p.push(format!("bn{i}.weight"), Tensor::ones(c.hidden, candle_core::DType::F32, device)?)?;
+            p.push(format!("bn{i}.bias"), Tensor::zeros(c.hidden, candle_core::DType::F32, device)?)?;
+            cin = c.hidden;
+        }
+        Ok(p)
+    }
+
+    pub fn running_stats(&self) -> RunningStats {
+        RunningStats::new(self.config.blocks, self.config.hidden)
+    }
+
+    /// Embeds `x` [B, C, H, W] into [B, D].
+    pub fn forward(&self, params: &Params, x: &Tensor, mut bn: BnMode) -> Result<Tensor> {
+        let c = &self.config;
+        let mut h = x.clone();
+        for i in 0..c.blocks {
+            let w = params.get(&format!("conv{i}.weight"))?;
+            let gamma = params.get(&format!("bn{i}.weight"))?;
+            let beta = params.get(&format!("bn{i}.bias"))?;
+            h = if c.fast_kernels { kernels::conv3x3(&h, w)? } else { ops::conv3x3(&h, w)? };
+            h = match &mut bn {
+                BnMode::Batch(running) => {
+                    let (y, stats) = if c.fast_kernels {
+                        kernels::batch_norm_relu_train(&h, gamma, beta, c.bn_eps)?
+                    } else {
+                        let (y, s) = ops::batch_norm_train(&h, gamma, beta, c.bn_eps)?;
+                        (y.relu()?, s)
+                    };
+                    if let Some(r) = running.as_deref_mut() {
+                        r.update(i, &stats, c.bn_momentum);
+                    }
+                    y
+                }
+                BnMode::Running(r) => {
+                    ops::batch_norm_fixed(&h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps)?.relu()?
+                }
+            };
+            h = if c.fast_kernels { kernels::max_pool2x2(&h)? } else { ops::max_pool2x2(&h)? };
+        }
+        h.flatten_from(1)
+    }
+}

@@ -1,0 +1,9 @@
+//! Functional layers and backbones over explicit, named parameters.
+
+pub mod conv4;
+pub mod init;
+pub mod ops;
+pub mod params;
+
+pub use conv4::{BnMode, Conv4, Conv4Config, RunningStats};
+pub use params::{ParamSet, Params};

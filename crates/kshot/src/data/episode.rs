@@ -1,1 +1,187 @@
-//! (in progress)
+//! N-way K-shot episodes: a support set of K images for each of N classes and a query set of M
+//! images per class, drawn deterministically from (seed, episode index).
+
+use anyhow::{bail, ensure};
+use candle_core::{Device, Tensor};
+use rand::seq::{index, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::ImageSet;
+
+/// Ways, shots and queries of an episode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpisodeSpec {
+    pub ways: usize,
+    pub shots: usize,
+    pub queries: usize,
+}
+
+impl EpisodeSpec {
+    pub fn new(ways: usize, shots: usize, queries: usize) -> Self {
+        Self { ways, shots, queries }
+    }
+}
+
+impl std::fmt::Display for EpisodeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-way {}-shot {}-query", self.ways, self.shots, self.queries)
+    }
+}
+
+/// Where the classes of one episode come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Grouping {
+    /// Any classes of the set.
+    #[default]
+    Any,
+    /// All classes from one group (for Omniglot, one alphabet): harder, Lake's within-alphabet tasks.
+    WithinGroup,
+}
+
+/// Which images of the set make up one episode. Support and query are label-major: the images of
+/// label 0 first, then label 1, and so on; `classes[label]` is the class index in the set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpisodeDraw {
+    pub classes: Vec<usize>,
+    pub support: Vec<(usize, usize)>,
+    pub query: Vec<(usize, usize)>,
+}
+
+/// One materialised episode: images as f32 in [0, 1], labels in 0..ways.
+#[derive(Debug, Clone)]
+pub struct Episode {
+    pub spec: EpisodeSpec,
+    pub classes: Vec<usize>,
+    /// [N·K, C, H, W]
+    pub support: Tensor,
+    pub support_labels: Vec<u32>,
+    /// [N·M, C, H, W]
+    pub query: Tensor,
+    pub query_labels: Vec<u32>,
+}
+
+impl Episode {
+    pub fn support_labels_tensor(&self) -> candle_core::Result<Tensor> {
+        Tensor::new(self.support_labels.as_slice(), self.support.device())
+    }
+    pub fn query_labels_tensor(&self) -> candle_core::Result<Tensor> {
+        Tensor::new(self.query_labels.as_slice(), self.query.device())
+    }
+}
+
+/// The RNG of episode `index` under `seed`: an independent ChaCha stream per episode, so any
+/// episode can be drawn without drawing the ones before it (exact resume, fixed test episodes).
+pub fn episode_rng(seed: u64, index: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    rng
+}
+
+/// Draws episodes of one spec from one image set.
+#[derive(Debug, Clone)]
+pub struct EpisodeSampler<'a> {
+    set: &'a ImageSet,
+    spec: EpisodeSpec,
+    /// Class indices each episode may draw from: all classes, or one list per group.
+    pools: Vec<Vec<usize>>,
+}
+
+impl<'a> EpisodeSampler<'a> {
+    /// Checks that every episode can be drawn: enough classes (in some group, for
+    /// [`Grouping::WithinGroup`]) and at least K+M images in every class.
+    pub fn new(set: &'a ImageSet, spec: EpisodeSpec, grouping: Grouping) -> anyhow::Result<Self> {
+        ensure!(spec.ways >= 1 && spec.shots >= 1, "an episode needs at least 1 way and 1 shot (got {spec})");
+        let per_class = spec.shots + spec.queries;
+        for (i, class) in set.classes.iter().enumerate() {
+            let n = set.num_images(i);
+            if n < per_class {
+                bail!(
+                    "class `{}` of {} has {n} images, but {spec} episodes need {per_class} per class; lower --shots or --queries",
+                    class.name,
+                    set.name
+                );
+            }
+        }
+        let pools: Vec<Vec<usize>> = match grouping {
+            Grouping::Any => vec![(0..set.classes.len()).collect()],
+            Grouping::WithinGroup => set
+                .groups()
+                .into_values()
+                .filter(|classes| classes.len() >= spec.ways)
+                .collect(),
+        };
+        let largest = pools.iter().map(Vec::len).max().unwrap_or(0);
+        if largest < spec.ways {
+            match grouping {
+                Grouping::Any => bail!(
+                    "{} has {} classes, too few for {}-way episodes; lower the ways",
+                    set.name,
+                    set.classes.len(),
+                    spec.ways
+                ),
+                Grouping::WithinGroup => {
+                    let biggest = set.groups().into_values().map(|c| c.len()).max().unwrap_or(0);
+                    bail!(
+                        "no group of {} has {} classes for within-group episodes (largest has {biggest}); lower the ways",
+                        set.name,
+                        spec.ways
+                    )
+                }
+            }
+        }
+        Ok(Self { set, spec, pools })
+    }
+
+    pub fn spec(&self) -> EpisodeSpec {
+        self.spec
+    }
+
+    pub fn set(&self) -> &'a ImageSet {
+        self.set
+    }
+
+    /// The images of episode `index` under `seed`; labels are a fresh random order of the classes.
+    pub fn draw(&self, seed: u64, index: u64) -> EpisodeDraw {
+        let mut rng = episode_rng(seed, index);
+        let pool = &self.pools[rng.random_range(0..self.pools.len())];
+        let mut classes: Vec<usize> =
+            index::sample(&mut rng, pool.len(), self.spec.ways).into_iter().map(|i| pool[i]).collect();
+        classes.shuffle(&mut rng);
+        let per_class = self.spec.shots + self.spec.queries;
+        let mut support = Vec::with_capacity(self.spec.ways * self.spec.shots);
+        let mut query = Vec::with_capacity(self.spec.ways * self.spec.queries);
+        for &class in &classes {
+            let picks = index::sample(&mut rng, self.set.num_images(class), per_class).into_vec();
+            support.extend(picks[..self.spec.shots].iter().map(|&i| (class, i)));
+            query.extend(picks[self.spec.shots..].iter().map(|&i| (class, i)));
+        }
+        EpisodeDraw { classes, support, query }
+    }
+
+    /// Draws and materialises episode `index`.
+    pub fn episode(&self, seed: u64, index: u64, device: &Device) -> candle_core::Result<Episode> {
+        let draw = self.draw(seed, index);
+        let spec = self.spec;
+        let labels = |per: usize| -> Vec<u32> { (0..spec.ways as u32).flat_map(|l| std::iter::repeat_n(l, per)).collect() };
+        Ok(Episode {
+            spec,
+            support: images_tensor(self.set, &draw.support, device)?,
+            query: images_tensor(self.set, &draw.query, device)?,
+            support_labels: labels(spec.shots),
+            query_labels: labels(spec.queries),
+            classes: draw.classes,
+        })
+    }
+}
+
+/// Stacks the given (class, image) pairs into [n, C, H, W] f32 in [0, 1].
+pub fn images_tensor(set: &ImageSet, picks: &[(usize, usize)], device: &Device) -> candle_core::Result<Tensor> {
+    let mut data = Vec::with_capacity(picks.len() * set.image_len());
+    for &(class, i) in picks {
+        data.extend(set.image(class, i).iter().map(|&v| v as f32 / 255.0));
+    }
+    Tensor::from_vec(data, (picks.len(), set.channels, set.height, set.width), device)
+}

@@ -5,6 +5,8 @@ pub mod download;
 pub mod episode;
 pub mod omniglot;
 
+pub use episode::{Episode, EpisodeDraw, EpisodeSampler, EpisodeSpec, Grouping};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -74,4 +76,31 @@ pub fn resolve_root(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
             "no data directory: pass --data-dir DIR or set {DATA_ENV} (`kshot data fetch omniglot --data-dir DIR` downloads Omniglot)"
         ),
     }
+}
+
+/// The class subsets a split trains, validates and tests on by default.
+pub struct SplitSubsets {
+    pub train: &'static str,
+    pub val: Option<&'static str>,
+    pub test: &'static str,
+}
+
+/// Default subsets of `dataset`/`split`.
+pub fn split_subsets(dataset: &str, split: &str) -> anyhow::Result<SplitSubsets> {
+    match (dataset, split) {
+        ("omniglot", "vinyals") => Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" }),
+        ("omniglot", "lake") => Ok(SplitSubsets { train: "background", val: None, test: "evaluation" }),
+        ("omniglot", other) => anyhow::bail!("unknown Omniglot split `{other}`; choose vinyals or lake"),
+        (other, _) => anyhow::bail!("unknown dataset `{other}`; choose omniglot"),
+    }
+}
+
+/// Loads the `subset` classes of `dataset`/`split` at `image_size`×`image_size`.
+pub fn load(root: &Path, dataset: &str, split: &str, subset: &str, image_size: usize) -> anyhow::Result<ImageSet> {
+    split_subsets(dataset, split)?;
+    let split = match split {
+        "vinyals" => omniglot::Split::Vinyals(subset.parse()?),
+        _ => omniglot::Split::Lake(subset.parse()?),
+    };
+    omniglot::load(root, &split, image_size)
 }

@@ -1,1 +1,76 @@
-//! Learners, one file per method.
+//! Learners, one file per method. A learner with meta-parameters θ turns a support set into a
+//! task classifier, f_θ(S) = m_ψ, and is meta-trained on the query loss of that classifier.
+
+pub mod protonet;
+
+use candle_core::{Result, Tensor};
+
+use crate::data::Episode;
+use crate::nn::ParamSet;
+
+pub use protonet::{Distance, ProtoNet, ProtoNetConfig};
+
+/// m_ψ: scores query images against the classes of one task.
+pub trait Classifier {
+    /// [M, C, H, W] → [M, ways] logits.
+    fn logits(&self, query: &Tensor) -> Result<Tensor>;
+}
+
+/// The query loss of one training episode and the accuracy of its arg-max predictions.
+pub struct EpisodeOutput {
+    pub loss: Tensor,
+    pub accuracy: f64,
+}
+
+pub trait Learner {
+    /// The method's name as the CLI spells it.
+    fn method(&self) -> &'static str;
+
+    /// The meta-parameters θ.
+    fn params(&self) -> &ParamSet;
+
+    /// f_θ(S) = m_ψ, in inference mode. `labels` are in 0..ways.
+    fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>>;
+
+    /// Query loss of one training episode, differentiable with respect to [`Learner::params`].
+    /// Training mode: may update non-trainable state such as batch-norm running statistics.
+    fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput>;
+
+    /// Non-trainable state saved beside the parameters (e.g. batch-norm running statistics).
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>>;
+
+    fn load_buffers(
+        &mut self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        origin: &std::path::Path,
+    ) -> anyhow::Result<()>;
+}
+
+/// [ways, n] weights whose product with [n, D] rows averages the rows of each label.
+pub fn class_means_matrix(labels: &[u32], ways: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let n = labels.len();
+    let mut counts = vec![0f32; ways];
+    for &l in labels {
+        counts[l as usize] += 1.0;
+    }
+    let mut m = vec![0f32; ways * n];
+    for (j, &l) in labels.iter().enumerate() {
+        m[l as usize * n + j] = 1.0 / counts[l as usize];
+    }
+    Tensor::from_vec(m, (ways, n), device)
+}
+
+/// The methods `kshot train --method` accepts.
+pub const METHODS: &[&str] = &["protonet"];
+
+/// A fresh learner for `config`, its parameters drawn from `rng`.
+pub fn build(
+    config: &crate::config::RunConfig,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    device: &candle_core::Device,
+) -> anyhow::Result<Box<dyn Learner>> {
+    match config.method.as_str() {
+        "protonet" => Ok(Box::new(ProtoNet::new(config.protonet, config.backbone, rng, device)?)),
+        other => anyhow::bail!("unknown method `{other}`; choose one of: {}", METHODS.join(", ")),
+    }
+}

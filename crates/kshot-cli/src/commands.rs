@@ -1,0 +1,400 @@
+//! Subcommands. Each parses flags into library types and calls the library; no logic lives here.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use kshot::config::{RunConfig, Validation};
+use kshot::data::{self, EpisodeSampler, EpisodeSpec, Grouping};
+use kshot::methods::Distance;
+use kshot::{eval, presets, train};
+
+#[derive(Parser)]
+#[command(name = "kshot", version, about = "Few-shot learning: train, evaluate and reproduce the papers")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Meta-train a learner (or continue one with --resume).
+    Train(TrainArgs),
+    /// Score a trained run on fixed, seeded test episodes: mean accuracy ± 95% CI.
+    Eval(EvalArgs),
+    /// Download and verify datasets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// List the paper protocols that --preset accepts.
+    Presets,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download a dataset's official archives into the data directory and verify them.
+    Fetch {
+        #[arg(value_enum)]
+        dataset: FetchDataset,
+        #[arg(long, env = "KSHOT_DATA")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FetchDataset {
+    Omniglot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DistanceArg {
+    Euclidean,
+    Cosine,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Continue the run in this directory exactly where it stopped.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["out", "preset", "method"])]
+    resume: Option<PathBuf>,
+    /// Directory for the new run (config, checkpoints, metrics).
+    #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Start from a paper protocol (see `kshot presets`); other flags override it.
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    method: Option<String>,
+    #[arg(long)]
+    dataset: Option<String>,
+    #[arg(long)]
+    split: Option<String>,
+    /// Class subset of the split to train on (vinyals: train or trainval; lake: background).
+    #[arg(long)]
+    train_subset: Option<String>,
+    /// Draw every episode's classes from a single alphabet.
+    #[arg(long)]
+    within_alphabet: bool,
+    /// Data root (holds omniglot/...). Defaults to $KSHOT_DATA.
+    #[arg(long, env = "KSHOT_DATA")]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    train_ways: Option<usize>,
+    #[arg(long)]
+    shots: Option<usize>,
+    #[arg(long)]
+    queries: Option<usize>,
+    /// Total training episodes (with --resume: extend the run to this many).
+    #[arg(long)]
+    episodes: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Multiply the learning rate by --lr-gamma every this many episodes (0: constant).
+    #[arg(long)]
+    lr_step: Option<u64>,
+    #[arg(long)]
+    lr_gamma: Option<f64>,
+    #[arg(long, value_enum)]
+    distance: Option<DistanceArg>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Validate every this many episodes (0: never).
+    #[arg(long)]
+    val_every: Option<u64>,
+    #[arg(long)]
+    val_episodes: Option<usize>,
+    /// Use candle's composite ops instead of kshot's fused kernels (slower; for checking).
+    #[arg(long)]
+    composite_kernels: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The run directory to score.
+    #[arg(long, value_name = "RUN_DIR")]
+    run: PathBuf,
+    #[arg(long)]
+    ways: Option<usize>,
+    #[arg(long)]
+    shots: Option<usize>,
+    #[arg(long)]
+    queries: Option<usize>,
+    #[arg(long)]
+    episodes: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Class subset to draw test episodes from (default: the split's test classes).
+    #[arg(long)]
+    subset: Option<String>,
+    /// Draw every episode's classes from a single alphabet.
+    #[arg(long)]
+    within_alphabet: bool,
+    #[arg(long, env = "KSHOT_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => run_train(args),
+        Command::Eval(args) => run_eval(args),
+        Command::Data { command: DataCommand::Fetch { dataset: FetchDataset::Omniglot, data_dir } } => {
+            let root = data::resolve_root(data_dir.as_deref())?;
+            data::download::fetch_omniglot(&root)?;
+            eprintln!("Omniglot is ready in {}", root.join("omniglot").display());
+            Ok(())
+        }
+        Command::Presets => {
+            for p in presets::PRESETS {
+                println!("{:<28} {}", p.name, p.summary);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The run config a new `kshot train` describes: preset (or defaults), then flags.
+fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
+    let mut c = match &a.preset {
+        Some(name) => {
+            let p = presets::find(name)?;
+            let mut c = (p.build)();
+            c.preset = Some(p.name.to_string());
+            c
+        }
+        None => presets::default_config(),
+    };
+    c.command = std::env::args().collect();
+    if let Some(m) = &a.method {
+        if !kshot::methods::METHODS.contains(&m.as_str()) {
+            bail!("unknown method `{m}`; choose one of: {}", kshot::methods::METHODS.join(", "));
+        }
+        c.method = m.clone();
+    }
+    if let Some(d) = &a.dataset {
+        c.data.dataset = d.clone();
+    }
+    if let Some(s) = &a.split {
+        c.data.split = s.clone();
+    }
+    let subsets = data::split_subsets(&c.data.dataset, &c.data.split)?;
+    c.data.train_subset = a.train_subset.clone().unwrap_or_else(|| subsets.train.to_string());
+    c.data.test_subset = subsets.test.to_string();
+    if subsets.val.is_none() {
+        c.validation = None;
+    }
+    if a.within_alphabet {
+        c.data.grouping = Grouping::WithinGroup;
+    }
+    c.data.data_dir = Some(std::path::absolute(data_root).unwrap_or(data_root.to_path_buf()).display().to_string());
+    if let Some(s) = a.image_size {
+        c.data.image_size = s;
+    }
+    if let Some(w) = a.train_ways {
+        c.train.ways = w;
+    }
+    if let Some(k) = a.shots {
+        c.train.shots = k;
+        c.test.shots = k;
+        if let Some(v) = &mut c.validation {
+            v.spec.shots = k;
+        }
+    }
+    if let Some(q) = a.queries {
+        c.train.queries = q;
+    }
+    if let Some(e) = a.episodes {
+        c.episodes = e;
+    }
+    if let Some(s) = a.seed {
+        c.seed = s;
+    }
+    if let Some(lr) = a.lr {
+        c.schedule.lr = lr;
+    }
+    if let Some(s) = a.lr_step {
+        c.schedule.step = s;
+    }
+    if let Some(g) = a.lr_gamma {
+        c.schedule.gamma = g;
+    }
+    if let Some(d) = a.distance {
+        c.protonet.distance = match d {
+            DistanceArg::Euclidean => Distance::Euclidean,
+            DistanceArg::Cosine => Distance::Cosine,
+        };
+    }
+    if let Some(n) = a.checkpoint_every {
+        c.checkpoint_every = n.max(1);
+    }
+    match (a.val_every, &mut c.validation) {
+        (Some(0), _) => c.validation = None,
+        (Some(n), Some(v)) => v.every = n,
+        (Some(n), None) if subsets.val.is_some() => {
+            c.validation = Some(Validation { spec: c.test, episodes: 200, every: n });
+        }
+        _ => {}
+    }
+    if let (Some(n), Some(v)) = (a.val_episodes, &mut c.validation) {
+        v.episodes = n;
+    }
+    c.backbone.fast_kernels = !a.composite_kernels;
+    Ok(c)
+}
+
+fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    let (run_dir, config, resume) = match &a.resume {
+        Some(dir) => {
+            let mut c = RunConfig::load(&dir.join(train::CONFIG_FILE))?;
+            if let Some(e) = a.episodes {
+                c.episodes = e;
+                c.save(&dir.join(train::CONFIG_FILE))?;
+            }
+            (dir.clone(), c, true)
+        }
+        None => {
+            let root = data::resolve_root(a.data_dir.as_deref())?;
+            let out = a.out.clone().context("--out RUN_DIR is required")?;
+            (out, new_config(&a, &root)?, false)
+        }
+    };
+    let root = data_root_for(a.data_dir.as_deref(), &config)?;
+    let d = &config.data;
+    eprintln!("loading {}/{} ({}) from {}", d.dataset, d.split, d.train_subset, root.display());
+    let train_set = data::load(&root, &d.dataset, &d.split, &d.train_subset, d.image_size)?;
+    let val_set = match (&config.validation, data::split_subsets(&d.dataset, &d.split)?.val) {
+        (Some(_), Some(val)) => Some(data::load(&root, &d.dataset, &d.split, val, d.image_size)?),
+        _ => None,
+    };
+    eprintln!(
+        "{} {}: {} classes, {} training episodes of {}; run directory {}",
+        if resume { "resuming" } else { "training" },
+        config.method,
+        train_set.classes.len(),
+        config.episodes,
+        config.train,
+        run_dir.display()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: saving a checkpoint after this episode (Ctrl-C again to quit now)");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+
+    let bar = ProgressBar::new(config.episodes);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} episodes ({eta} left) {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let (mut avg_loss, mut avg_acc) = (None::<f64>, None::<f64>);
+    let mut last_val = String::new();
+    let summary = train::train(&run_dir, &config, &train_set, val_set.as_ref(), resume, &stop, |s| {
+        let ema = |avg: &mut Option<f64>, x: f64| *avg = Some(avg.map_or(x, |a| 0.98 * a + 0.02 * x));
+        ema(&mut avg_loss, s.loss);
+        ema(&mut avg_acc, s.accuracy);
+        if let Some((acc, ci)) = s.val_accuracy {
+            last_val = format!(" | val {:.2}% ± {:.2}", 100.0 * acc, 100.0 * ci);
+            bar.println(format!("episode {}: validation {:.2}% ± {:.2}%", s.episode, 100.0 * acc, 100.0 * ci));
+        }
+        bar.set_position(s.episode);
+        bar.set_message(format!(
+            "loss {:.4} acc {:.2}% lr {:.1e}{last_val}",
+            avg_loss.unwrap_or(0.0),
+            100.0 * avg_acc.unwrap_or(0.0),
+            s.lr
+        ));
+    })?;
+    bar.finish();
+    let per_episode = if summary.episodes_done > 0 { summary.seconds / summary.episodes_done as f64 } else { 0.0 };
+    eprintln!(
+        "{} after {} episodes, {:.1} s of training ({:.3} s per episode); model in {}",
+        if summary.interrupted { "stopped" } else { "done" },
+        summary.episodes_done,
+        summary.seconds,
+        per_episode,
+        run_dir.join(train::MODEL_FILE).display()
+    );
+    Ok(())
+}
+
+/// `--data-dir` / `$KSHOT_DATA` if given, else the directory the run was trained from.
+fn data_root_for(flag: Option<&Path>, config: &RunConfig) -> anyhow::Result<PathBuf> {
+    match (flag, &config.data.data_dir) {
+        (Some(p), _) => Ok(p.to_path_buf()),
+        (None, Some(recorded)) => Ok(PathBuf::from(recorded)),
+        (None, None) => data::resolve_root(None),
+    }
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let (config, learner) = train::load_learner(&a.run)?;
+    let root = data_root_for(a.data_dir.as_deref(), &config)?;
+    let d = &config.data;
+    let subset = a.subset.clone().unwrap_or_else(|| d.test_subset.clone());
+    let set = data::load(&root, &d.dataset, &d.split, &subset, d.image_size)?;
+    let spec = EpisodeSpec {
+        ways: a.ways.unwrap_or(config.test.ways),
+        shots: a.shots.unwrap_or(config.test.shots),
+        queries: a.queries.unwrap_or(config.test.queries),
+    };
+    let episodes = a.episodes.unwrap_or(config.test_episodes);
+    let grouping = if a.within_alphabet { Grouping::WithinGroup } else { Grouping::Any };
+    let sampler = EpisodeSampler::new(&set, spec, grouping)?;
+    let bar = ProgressBar::new(episodes as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} test episodes ({eta} left)")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let report = eval::evaluate(learner.as_ref(), &sampler, episodes, a.seed, |n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    if a.json {
+        let json = serde_json::json!({
+            "method": config.method,
+            "dataset": d.dataset,
+            "split": d.split,
+            "subset": subset,
+            "grouping": grouping,
+            "ways": spec.ways,
+            "shots": spec.shots,
+            "queries": spec.queries,
+            "episodes": episodes,
+            "seed": a.seed,
+            "accuracy": report.accuracy,
+            "ci95": report.ci95,
+            "seconds": report.seconds,
+            "run": a.run.display().to_string(),
+            "kshot_version": kshot::VERSION,
+        });
+        println!("{json}");
+    } else {
+        println!(
+            "{} on {}/{} {subset}, {spec}, {episodes} episodes (seed {}): {:.2}% ± {:.2}%",
+            config.method,
+            d.dataset,
+            d.split,
+            a.seed,
+            100.0 * report.accuracy,
+            100.0 * report.ci95
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Gradients of the reference layers and of the whole Conv4 against central finite differences (f64).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use kshot::nn::{ops, BnMode, Conv4, Conv4Config, Params};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn randn(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Checks d(f)/d(var) at `coords` random coordinates against central differences.
+fn check_gradient(var: &Var, f: &dyn Fn() -> Tensor, coords: usize, rng: &mut ChaCha8Rng, tol: f64) {
+    kshot::autograd::init();
+    let grads = f().backward().unwrap();
+    let analytic: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let shape = var.dims().to_vec();
+    let h = 1e-5;
+    for _ in 0..coords {
+        let i = rng.random_range(0..base.len());
+        let eval_at = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            var.set(&Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            f().to_scalar::<f64>().unwrap()
+        };
+        let numeric = (eval_at(h) - eval_at(-h)) / (2.0 * h);
+        var.set(&Tensor::from_vec(base.clone(), shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+        let err = (numeric - analytic[i]).abs();
+        assert!(
+            err <= tol * (1.0 + numeric.abs()),
+            "coordinate {i}: analytic {} vs finite difference {numeric} (error {err:e})",
+            analytic[i]
+        );
+    }
+}
+
+#[test]
+fn max_pool_gradient_matches_finite_differences_on_odd_sizes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    for (h, w) in [(7, 7), (6, 5), (21, 21)] {
+        let x = Var::from_tensor(&randn(&mut rng, &[2, 3, h, w])).unwrap();
+        let y = ops::max_pool2x2(x.as_tensor()).unwrap();
+        assert_eq!(y.dims(), &[2, 3, h / 2, w / 2]);
+        let r = randn(&mut rng, y.dims());
+        let f = || (ops::max_pool2x2(x.as_tensor()).unwrap() * &r).unwrap().sum_all().unwrap();
+        check_gradient(&x, &f, 60, &mut rng, 1e-7);
+    }
+}
+
+#[test]
+fn max_pool_picks_window_maxima_and_drops_the_odd_edge() {
+    let x: Vec<f64> = (0..49).map(|i| ((i * 37) % 49) as f64).collect();
+    let t = Tensor::from_vec(x.clone(), (1, 1, 7, 7), &Device::Cpu).unwrap();
+    let y: Vec<f64> = ops::max_pool2x2(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mut expect = Vec::new();
+    for i in 0..3 {
+        for j in 0..3 {
+            let m = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                .iter()
+                .map(|(a, b)| x[(2 * i + a) * 7 + 2 * j + b])
+                .fold(f64::MIN, f64::max);
+            expect.push(m);
+        }
+    }
+    assert_eq!(y, expect);
+}
+
+#[test]
+fn batch_norm_statistics_are_f64_and_gradient_is_exact() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let x = Var::from_tensor(&randn(&mut rng, &[4, 3, 5, 5])).unwrap();
+    let gamma = Var::from_tensor(&(randn(&mut rng, &[3]) + 1.5).unwrap()).unwrap();
+    let beta = Var::from_tensor(&randn(&mut rng, &[3])).unwrap();
+    let r = randn(&mut rng, &[4, 3, 5, 5]);
+    let f = || {
+        let (y, _) = ops::batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5).unwrap();
+        (y.relu().unwrap() * &r).unwrap().sum_all().unwrap()
+    };
+    check_gradient(&x, &f, 60, &mut rng, 1e-6);
+    check_gradient(&gamma, &f, 3, &mut rng, 1e-6);
+    check_gradient(&beta, &f, 3, &mut rng, 1e-6);
+    // Statistics of an f32 batch are accumulated in f64.
+    let x32 = Tensor::from_vec(vec![1e4f32 + 1.0, 1e4, 1e4 + 3.0, 1e4 + 0.5], (4, 1, 1, 1), &Device::Cpu).unwrap();
+    let one = Tensor::ones(1, DType::F32, &Device::Cpu).unwrap();
+    let zero = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let (_, stats) = ops::batch_norm_train(&x32, &one, &zero, 1e-5).unwrap();
+    assert!((stats.mean[0] - 10001.125).abs() < 1e-9, "{}", stats.mean[0]);
+    assert!((stats.var[0] - 1.296875).abs() < 1e-9, "{}", stats.var[0]);
+    assert_eq!(stats.count, 4);
+}
+
+/// Conv4 parameters in f64 as variables, plus the `Params` view of them.
+fn conv4_f64(config: Conv4Config, seed: u64) -> (Conv4, Vec<(String, Var)>) {
+    let net = Conv4::new(config);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let params = net.init(&mut rng, &Device::Cpu).unwrap();
+    let vars = params
+        .iter()
+        .map(|(n, v)| {
+            // Perturb BN scale/shift away from 1/0 so their gradients are generic.
+            let t = v.as_tensor().to_dtype(DType::F64).unwrap();
+            let t = if n.starts_with("bn") { (t + randn(&mut rng, v.dims()) * 0.3).unwrap() } else { t };
+            (n.to_string(), Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    (net, vars)
+}
+
+fn as_params(vars: &[(String, Var)]) -> Params {
+    let mut p = Params::new();
+    for (n, v) in vars {
+        p.insert(n.clone(), v.as_tensor().clone());
+    }
+    p
+}
+
+fn conv4_gradient_check(fast_kernels: bool) {
+    // 15×15 through three blocks: 15 → 7 → 3 → 1, odd sizes at every pooling.
+    let config = Conv4Config { in_channels: 2, hidden: 4, blocks: 3, fast_kernels, ..Conv4Config::new(2) };
+    let (net, vars) = conv4_f64(config, 3);
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let x = Var::from_tensor(&randn(&mut rng, &[3, 2, 15, 15])).unwrap();
+    let out_dims = [3, config.embedding_dim(15, 15)];
+    assert_eq!(out_dims[1], 4);
+    let r = randn(&mut rng, &out_dims);
+    let f = || {
+        let y = net.forward(&as_params(&vars), x.as_tensor(), BnMode::Batch(None)).unwrap();
+        (y * &r).unwrap().sum_all().unwrap()
+    };
+    for (_, v) in &vars {
+        check_gradient(v, &f, 8, &mut rng, 1e-6);
+    }
+    check_gradient(&x, &f, 20, &mut rng, 1e-6);
+}
+
+#[test]
+fn conv4_gradient_matches_finite_differences_composite() {
+    conv4_gradient_check(false);
+}
+
+#[test]
+fn conv4_gradient_matches_finite_differences_fast_kernels() {
+    conv4_gradient_check(true);
+}
+
+#[test]
+fn conv4_embeds_28_to_64_and_84_to_1600() {
+    let c1 = Conv4Config::new(1);
+    assert_eq!(c1.embedding_dim(28, 28), 64);
+    assert_eq!(Conv4Config::new(3).embedding_dim(84, 84), 1600);
+    let net = Conv4::new(c1);
+    let params = net.init(&mut ChaCha8Rng::seed_from_u64(0), &Device::Cpu).unwrap();
+    let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+    let y = net.forward(&params.values(), &x, BnMode::Batch(None)).unwrap();
+    assert_eq!(y.dims(), &[2, 64]);
+}

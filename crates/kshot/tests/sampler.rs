@@ -1,0 +1,103 @@
+mod common;
+
+use std::collections::HashSet;
+
+use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
+
+#[test]
+fn episodes_are_deterministic_in_seed_and_index() {
+    let set = common::synthetic_set(30, 3, 20, 8, 1);
+    let s = EpisodeSampler::new(&set, EpisodeSpec::new(5, 2, 3), Grouping::Any).unwrap();
+    assert_eq!(s.draw(7, 3), s.draw(7, 3));
+    assert_ne!(s.draw(7, 3), s.draw(7, 4));
+    assert_ne!(s.draw(7, 3), s.draw(8, 3));
+}
+
+#[test]
+fn episodes_have_distinct_classes_and_disjoint_images() {
+    let set = common::synthetic_set(30, 3, 20, 8, 1);
+    let spec = EpisodeSpec::new(5, 2, 3);
+    let s = EpisodeSampler::new(&set, spec, Grouping::Any).unwrap();
+    for i in 0..200 {
+        let d = s.draw(0, i);
+        assert_eq!(d.classes.len(), 5);
+        assert_eq!(d.classes.iter().collect::<HashSet<_>>().len(), 5);
+        assert_eq!(d.support.len(), 10);
+        assert_eq!(d.query.len(), 15);
+        // label-major: the images of label l come from classes[l]
+        for (j, &(c, _)) in d.support.iter().enumerate() {
+            assert_eq!(c, d.classes[j / 2]);
+        }
+        for (j, &(c, _)) in d.query.iter().enumerate() {
+            assert_eq!(c, d.classes[j / 3]);
+        }
+        let all: HashSet<_> = d.support.iter().chain(&d.query).collect();
+        assert_eq!(all.len(), 25, "support and query must not share an image");
+    }
+}
+
+#[test]
+fn labels_are_shuffled_and_classes_cover_the_set() {
+    let set = common::synthetic_set(10, 1, 20, 8, 1);
+    let s = EpisodeSampler::new(&set, EpisodeSpec::new(10, 1, 1), Grouping::Any).unwrap();
+    // With all 10 classes in every episode, only the label order varies.
+    let orders: HashSet<Vec<usize>> = (0..50).map(|i| s.draw(0, i).classes).collect();
+    assert!(orders.len() > 40, "label order must be random per episode, got {} distinct", orders.len());
+    let s5 = EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 1), Grouping::Any).unwrap();
+    let mut first_label = [0usize; 10];
+    for i in 0..2000 {
+        first_label[s5.draw(0, i).classes[0]] += 1;
+    }
+    for (c, &n) in first_label.iter().enumerate() {
+        assert!((120..=280).contains(&n), "class {c} took label 0 in {n} of 2000 episodes (expect ~200)");
+    }
+}
+
+#[test]
+fn within_group_episodes_use_one_group() {
+    let set = common::synthetic_set(40, 4, 20, 8, 1);
+    let s = EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 1), Grouping::WithinGroup).unwrap();
+    let mut groups_seen = HashSet::new();
+    for i in 0..100 {
+        let d = s.draw(3, i);
+        let groups: HashSet<&str> = d.classes.iter().map(|&c| set.classes[c].group.as_str()).collect();
+        assert_eq!(groups.len(), 1);
+        groups_seen.extend(groups);
+    }
+    assert_eq!(groups_seen.len(), 4);
+}
+
+#[test]
+fn materialised_episode_matches_the_draw() {
+    let set = common::synthetic_set(12, 1, 20, 6, 2);
+    let s = EpisodeSampler::new(&set, EpisodeSpec::new(3, 2, 4), Grouping::Any).unwrap();
+    let ep = s.episode(5, 9, &kshot::Device::Cpu).unwrap();
+    let d = s.draw(5, 9);
+    assert_eq!(ep.support.dims(), &[6, 1, 6, 6]);
+    assert_eq!(ep.query.dims(), &[12, 1, 6, 6]);
+    assert_eq!(ep.support_labels, vec![0, 0, 1, 1, 2, 2]);
+    assert_eq!(ep.query_labels, vec![0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]);
+    let first: Vec<f32> = ep.query.get(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let (c, i) = d.query[0];
+    let expect: Vec<f32> = set.image(c, i).iter().map(|&v| v as f32 / 255.0).collect();
+    assert_eq!(first, expect);
+}
+
+#[test]
+fn too_few_images_names_the_class() {
+    let mut set = common::synthetic_set(10, 1, 20, 4, 1);
+    set.classes[3].pixels.truncate(16 * 5);
+    let err = EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap_err().to_string();
+    assert!(err.contains("g0/c3") && err.contains("5 images") && err.contains("6 per class"), "{err}");
+    assert!(!err.contains('\n'));
+    EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 4), Grouping::Any).unwrap();
+}
+
+#[test]
+fn too_many_ways_names_the_numbers() {
+    let set = common::synthetic_set(10, 2, 20, 4, 1);
+    let err = EpisodeSampler::new(&set, EpisodeSpec::new(11, 1, 1), Grouping::Any).unwrap_err().to_string();
+    assert!(err.contains("10 classes") && err.contains("11-way"), "{err}");
+    let err = EpisodeSampler::new(&set, EpisodeSpec::new(6, 1, 1), Grouping::WithinGroup).unwrap_err().to_string();
+    assert!(err.contains("6 classes") && err.contains("largest has 5"), "{err}");
+}

@@ -114,6 +114,9 @@ struct TrainArgs {
     /// Use candle's composite ops instead of kshot's fused kernels (slower; for checking).
     #[arg(long)]
     composite_kernels: bool,
+    /// Checkpoint and stop after this many minutes of this session (resume continues the run).
+    #[arg(long, value_name = "MINUTES")]
+    max_minutes: Option<f64>,
 }
 
 #[derive(Args)]
@@ -297,6 +300,13 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         })
         .context("cannot install the Ctrl-C handler")?;
     }
+    if let Some(minutes) = a.max_minutes {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs_f64(minutes * 60.0));
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
 
     let bar = ProgressBar::new(config.episodes);
     bar.set_style(
@@ -315,6 +325,18 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
             bar.println(format!("episode {}: validation {:.2}% ± {:.2}%", s.episode, 100.0 * acc, 100.0 * ci));
         }
         bar.set_position(s.episode);
+        if bar.is_hidden() && (s.episode % 100 == 0 || s.episode == s.total) {
+            // stderr is not a terminal (a log file): a plain line now and then instead of a bar.
+            eprintln!(
+                "episode {}/{}: loss {:.4} acc {:.2}% lr {:.1e} ({:.0} s){last_val}",
+                s.episode,
+                s.total,
+                avg_loss.unwrap_or(0.0),
+                100.0 * avg_acc.unwrap_or(0.0),
+                s.lr,
+                s.seconds
+            );
+        }
         bar.set_message(format!(
             "loss {:.4} acc {:.2}% lr {:.1e}{last_val}",
             avg_loss.unwrap_or(0.0),

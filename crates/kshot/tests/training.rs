@@ -1,0 +1,117 @@
+//! The trainer on synthetic data: exact resume, checkpoint contents, learning.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
+use kshot::presets;
+use kshot::train::{self, load_learner};
+
+fn small_config(episodes: u64) -> kshot::config::RunConfig {
+    let mut c = presets::default_config();
+    c.data.image_size = 12;
+    c.train = EpisodeSpec::new(5, 1, 3);
+    c.episodes = episodes;
+    c.seed = 11;
+    c.validation = None;
+    c.checkpoint_every = 2;
+    c.backbone.hidden = 8;
+    c.backbone.blocks = 2;
+    c.schedule.step = 3;
+    c
+}
+
+fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
+    let t = kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE)).unwrap();
+    let mut v: Vec<(String, Vec<f64>)> = t
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(kshot::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let set = common::synthetic_set(20, 2, 10, 12, 5);
+    let no_stop = AtomicBool::new(false);
+    let tmp = tempdir();
+    let straight = tmp.join("straight");
+    let split = tmp.join("split");
+    train::train(&straight, &small_config(7), &set, None, false, &no_stop, |_| {}).unwrap();
+    // The same run in two sessions: stop after 4 episodes (a checkpoint), then resume to 7.
+    let first = train::train(&split, &small_config(4), &set, None, false, &no_stop, |_| {}).unwrap();
+    assert_eq!(first.episodes_done, 4);
+    let mut config = kshot::config::RunConfig::load(&split.join(train::CONFIG_FILE)).unwrap();
+    config.episodes = 7;
+    let second = train::train(&split, &config, &set, None, true, &no_stop, |_| {}).unwrap();
+    assert_eq!(second.episodes_done, 7);
+    assert_eq!(model_tensors(&straight), model_tensors(&split), "resumed run must equal the uninterrupted one bit for bit");
+    let metrics = std::fs::read_to_string(split.join(train::METRICS_FILE)).unwrap();
+    assert_eq!(metrics.lines().count(), 8, "header + one line per episode:\n{metrics}");
+    // A second start in the same directory is refused, naming the directory.
+    let err = train::train(&split, &small_config(7), &set, None, false, &no_stop, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
+}
+
+#[test]
+fn stop_flag_checkpoints_and_returns() {
+    let set = common::synthetic_set(20, 2, 10, 12, 5);
+    let stop = AtomicBool::new(false);
+    let dir = tempdir().join("run");
+    let mut seen = 0;
+    let s = train::train(&dir, &small_config(50), &set, None, false, &stop, |st| {
+        seen = st.episode;
+        if st.episode == 3 {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    assert!(s.interrupted);
+    assert_eq!((s.episodes_done, seen), (3, 3));
+    let t = kshot::checkpoint::load_tensors(&dir.join(train::CHECKPOINT_FILE)).unwrap();
+    assert_eq!(t["progress.episodes"].to_vec1::<i64>().unwrap(), vec![3]);
+}
+
+#[test]
+fn relabelling_the_support_permutes_the_logits() {
+    let set = common::synthetic_set(20, 2, 10, 12, 5);
+    let config = small_config(1);
+    let learner = train::new_learner(&config).unwrap();
+    let sampler = EpisodeSampler::new(&set, EpisodeSpec::new(4, 2, 3), Grouping::Any).unwrap();
+    let ep = sampler.episode(0, 0, &kshot::Device::Cpu).unwrap();
+    let perm = [2u32, 0, 3, 1];
+    let relabelled: Vec<u32> = ep.support_labels.iter().map(|&l| perm[l as usize]).collect();
+    let a: Vec<Vec<f32>> = learner.adapt(&ep.support, &ep.support_labels, 4).unwrap().logits(&ep.query).unwrap().to_vec2().unwrap();
+    let b: Vec<Vec<f32>> = learner.adapt(&ep.support, &relabelled, 4).unwrap().logits(&ep.query).unwrap().to_vec2().unwrap();
+    for (ra, rb) in a.iter().zip(&b) {
+        for l in 0..4 {
+            assert_eq!(ra[l], rb[perm[l] as usize]);
+        }
+    }
+}
+
+#[test]
+fn protonet_learns_held_out_synthetic_classes() {
+    let train_set = common::synthetic_set(40, 1, 10, 12, 5);
+    let test_set = common::synthetic_set(20, 1, 10, 12, 99);
+    let dir = tempdir().join("run");
+    let mut config = small_config(60);
+    config.schedule.step = 0;
+    train::train(&dir, &config, &train_set, None, false, &AtomicBool::new(false), |_| {}).unwrap();
+    let (_, learner) = load_learner(&dir).unwrap();
+    let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
+    let report = kshot::eval::evaluate(learner.as_ref(), &sampler, 50, 0, |_| {}).unwrap();
+    assert!(report.accuracy > 0.6, "5-way accuracy {} (chance 0.2)", report.accuracy);
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "kshot-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -1,22 +1,32 @@
-//! Fast fused CPU kernels as candle custom ops. Until they land, these forward to the composite
-//! reference ops in [`crate::nn::ops`], which are exact to second order.
+//! Fast fused CPU kernels as candle custom ops, for f32 and f64 tensors on the CPU.
+//!
+//! Each op's backward pass is written in differentiable candle ops or in other ops of this module
+//! that have their own backward, so gradients stay exact to second order (MAML). The composite
+//! reference ops in [`crate::nn::ops`] compute the same functions; `tests/kernels.rs` holds the two
+//! together.
+
+mod batch_norm;
+mod conv;
+mod cpu;
+mod pool;
 
 use candle_core::{Result, Tensor};
 
-use crate::nn::ops::{self, BatchStats};
+use crate::nn::ops::BatchStats;
 
-/// 3×3 convolution, stride 1, padding 1, no bias.
+/// 3×3 convolution, stride 1, padding 1, no bias: [B, Ci, H, W] * [Co, Ci, 3, 3] → [B, Co, H, W].
 pub fn conv3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    ops::conv3x3(x, w)
+    conv::conv3x3(x, w)
 }
 
-/// Training-mode batch norm (f64 statistics) followed by ReLU.
+/// Training-mode batch norm followed by ReLU: y = relu(γ·(x - μ)/√(σ² + ε) + β) over [B, C, H, W],
+/// with the per-channel mean and biased variance summed in f64.
 pub fn batch_norm_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
-    let (y, s) = ops::batch_norm_train(x, gamma, beta, eps)?;
-    Ok((y.relu()?, s))
+    batch_norm::batch_norm_relu_train(x, gamma, beta, eps)
 }
 
-/// 2×2 max-pool, stride 2, floor mode.
+/// 2×2 max-pool, stride 2, floor mode (7 → 3): a trailing odd row or column is dropped. Ties go
+/// to the first maximum of the window in row-major order.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
-    ops::max_pool2x2(x)
+    pool::max_pool2x2(x)
 }

@@ -1,0 +1,372 @@
+//! Training-mode batch norm fused with ReLU. Per channel, over N = B·H·W elements:
+//! x̂ = (x - μ)·s with s = 1/√(σ² + ε) (μ, σ² summed in f64, σ² biased), z = γ·x̂ + β, y = max(z, 0).
+//!
+//! The forward and the first-order backward are fused kernels. The backward kernel's own
+//! derivative (second order) is written in candle tensor ops, so it stays exact to every order.
+//! γ and β travel stacked as one [2, C] tensor so that each op has at most three inputs.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{dispatch, same_dtype, slice, storage, zero, Real};
+use crate::nn::ops::BatchStats;
+
+pub fn batch_norm_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
+    let (b, c, h, w) = x.dims4()?;
+    if gamma.dims() != [c] || beta.dims() != [c] {
+        bail!(
+            "batch norm: gamma {:?} and beta {:?} must be [{c}]",
+            gamma.dims(),
+            beta.dims()
+        );
+    }
+    let gb = Tensor::stack(&[gamma, beta], 0)?;
+    let stats = Arc::new(OnceLock::new());
+    let y = x.contiguous()?.apply_op2(
+        &gb,
+        BnRelu {
+            eps,
+            stats: stats.clone(),
+        },
+    )?;
+    let s: &Stats = stats.get().expect("the forward pass sets the statistics");
+    Ok((
+        y,
+        BatchStats {
+            mean: s.mean.clone(),
+            var: s.var.clone(),
+            count: b * h * w,
+        },
+    ))
+}
+
+#[derive(Debug)]
+struct Stats {
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    inv_std: Vec<f64>,
+}
+
+impl Stats {
+    /// z = scale·x + shift for channel `ch`, with γ and β from the stacked `gb`.
+    fn affine<T: Real>(&self, gb: &[T], ch: usize) -> (f64, f64) {
+        let c = self.mean.len();
+        let scale = gb[ch].to_f64() * self.inv_std[ch];
+        (scale, gb[c + ch].to_f64() - scale * self.mean[ch])
+    }
+}
+
+/// Dimensions of a [B, C, H, W] input: (B, C, H·W).
+fn bchw(l: &Layout) -> Result<(usize, usize, usize)> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok((b, c, h * w))
+}
+
+/// The `hw`-long planes of channel `ch` across the batch.
+fn planes<T>(x: &[T], c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &[T]> {
+    x.chunks(c * hw).map(move |img| &img[ch * hw..][..hw])
+}
+
+/// Σ f(x) in f64, over independent lanes so that the additions pipeline.
+fn sum<T: Real>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0.0; 8];
+    let blocks = x.chunks_exact(8);
+    let tail: f64 = blocks.remainder().iter().map(|v| f(v.to_f64())).sum();
+    for block in blocks {
+        for (acc, v) in lanes.iter_mut().zip(block) {
+            *acc += f(v.to_f64());
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+fn channel_stats<T: Real>(x: &[T], (b, c, hw): (usize, usize, usize), eps: f64) -> Stats {
+    let n = (b * hw) as f64;
+    let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = planes(x, c, hw, ch).map(|p| sum(p, |v| v)).sum::<f64>() / n;
+            let var = planes(x, c, hw, ch)
+                .map(|p| sum(p, |v| (v - mean) * (v - mean)))
+                .sum::<f64>()
+                / n;
+            (mean, var)
+        })
+        .unzip();
+    let inv_std = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    Stats { mean, var, inv_std }
+}
+
+struct BnRelu {
+    eps: f64,
+    stats: Arc<OnceLock<Stats>>,
+}
+
+impl CustomOp2 for BnRelu {
+    fn name(&self) -> &'static str {
+        "kshot-batch-norm-relu"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        same_dtype(xs, gs)?;
+        dispatch!(xs, bn_relu_fwd(self, xs, xl, gs, gl))
+    }
+
+    fn bwd(&self, x: &Tensor, gb: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let stats = self.stats.clone();
+        let packed = x.apply_op3(gb, &dy.contiguous()?, BnReluBwd { eps: self.eps, stats })?;
+        let n = x.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dgb = packed.narrow(0, n, gb.elem_count())?.reshape(gb.shape())?;
+        Ok((Some(dx), Some(dgb)))
+    }
+}
+
+fn bn_relu_fwd<T: Real>(
+    op: &BnRelu,
+    xs: &CpuStorage,
+    xl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, gb) = (slice::<T>(xs, xl)?, slice::<T>(gs, gl)?);
+    let dims @ (_, c, hw) = bchw(xl)?;
+    let stats = op.stats.get_or_init(|| channel_stats(x, dims, op.eps));
+    let mut y = vec![zero::<T>(); x.len()];
+    if !y.is_empty() {
+        y.par_chunks_mut(c * hw).zip(x.par_chunks(c * hw)).for_each(|(y, x)| {
+            for (ch, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                let (scale, shift) = stats.affine(gb, ch);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = T::from_f64((x.to_f64() * scale + shift).max(0.0));
+                }
+            }
+        });
+    }
+    Ok(storage(y, xl.shape().clone()))
+}
+
+/// First-order backward of [`BnRelu`]: (x, [γ; β], dy) → [dx (flattened), dγ, dβ], with
+/// gz = dy·1[z > 0], dβ = Σ gz, dγ = Σ gz·x̂, dx = γ·s·(gz - dβ/N - x̂·dγ/N).
+struct BnReluBwd {
+    eps: f64,
+    stats: Arc<OnceLock<Stats>>,
+}
+
+impl BnReluBwd {
+    fn stats(&self) -> &Stats {
+        self.stats.get().expect("backward runs after the forward pass")
+    }
+}
+
+impl CustomOp3 for BnReluBwd {
+    fn name(&self) -> &'static str {
+        "kshot-batch-norm-relu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype(xs, gs)?;
+        same_dtype(xs, ds)?;
+        dispatch!(xs, bn_relu_bwd_fwd(self.stats(), xs, xl, gs, gl, ds, dl))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        dy: &Tensor,
+        _: &Tensor,
+        u: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mask = x.apply_op2_no_bwd(
+            gb,
+            &ReluMask {
+                stats: self.stats.clone(),
+            },
+        )?;
+        second_order(x, gb, dy, &mask, u, self.eps)
+    }
+}
+
+fn bn_relu_bwd_fwd<T: Real>(
+    stats: &Stats,
+    xs: &CpuStorage,
+    xl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    ds: &CpuStorage,
+    dl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, gb, dy) = (slice::<T>(xs, xl)?, slice::<T>(gs, gl)?, slice::<T>(ds, dl)?);
+    let (b, c, hw) = bchw(xl)?;
+    let n = (b * hw) as f64;
+    let (sum_gz, sum_gz_xhat): (Vec<f64>, Vec<f64>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (scale, shift) = stats.affine(gb, ch);
+            let (mean, inv_std) = (stats.mean[ch], stats.inv_std[ch]);
+            let (mut a, mut bv) = ([0.0; 4], [0.0; 4]);
+            for (x, dy) in planes(x, c, hw, ch).zip(planes(dy, c, hw, ch)) {
+                for (x, dy) in x.chunks(4).zip(dy.chunks(4)) {
+                    for (k, (&x, &dy)) in x.iter().zip(dy).enumerate() {
+                        let x = x.to_f64();
+                        let gz = if x * scale + shift > 0.0 { dy.to_f64() } else { 0.0 };
+                        a[k] += gz;
+                        bv[k] += gz * (x - mean) * inv_std;
+                    }
+                }
+            }
+            (a.iter().sum::<f64>(), bv.iter().sum::<f64>())
+        })
+        .unzip();
+    let mut out = vec![zero::<T>(); x.len() + 2 * c];
+    let (dx, dgb) = out.split_at_mut(x.len());
+    if !dx.is_empty() {
+        dx.par_chunks_mut(c * hw)
+            .zip(x.par_chunks(c * hw).zip(dy.par_chunks(c * hw)))
+            .for_each(|(dx, (x, dy))| {
+                for (ch, (dx, (x, dy))) in dx.chunks_mut(hw).zip(x.chunks(hw).zip(dy.chunks(hw))).enumerate() {
+                    let (scale, shift) = stats.affine(gb, ch);
+                    let (mean, inv_std) = (stats.mean[ch], stats.inv_std[ch]);
+                    let (a, bv) = (sum_gz[ch] / n, sum_gz_xhat[ch] / n);
+                    for (dx, (&x, &dy)) in dx.iter_mut().zip(x.iter().zip(dy)) {
+                        let x = x.to_f64();
+                        let gz = if x * scale + shift > 0.0 { dy.to_f64() } else { 0.0 };
+                        *dx = T::from_f64(scale * (gz - a - (x - mean) * inv_std * bv));
+                    }
+                }
+            });
+    }
+    for ch in 0..c {
+        dgb[ch] = T::from_f64(sum_gz_xhat[ch]);
+        dgb[c + ch] = T::from_f64(sum_gz[ch]);
+    }
+    Ok(storage(out, x.len() + 2 * c))
+}
+
+/// 1[z > 0] as 0/1 values, computed exactly as the forward pass decides it. Piecewise constant,
+/// so it is applied without a backward pass.
+struct ReluMask {
+    stats: Arc<OnceLock<Stats>>,
+}
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "kshot-batch-norm-relu-mask"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let stats = self.stats.get().expect("the mask is taken after the forward pass");
+        dispatch!(xs, relu_mask_fwd(stats, xs, xl, gs, gl))
+    }
+}
+
+fn relu_mask_fwd<T: Real>(
+    stats: &Stats,
+    xs: &CpuStorage,
+    xl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, gb) = (slice::<T>(xs, xl)?, slice::<T>(gs, gl)?);
+    let (_, c, hw) = bchw(xl)?;
+    let mut m = vec![zero::<T>(); x.len()];
+    for (i, (m, x)) in m.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+        let (scale, shift) = stats.affine(gb, i % c);
+        for (m, &x) in m.iter_mut().zip(x) {
+            *m = T::from_f64(if x.to_f64() * scale + shift > 0.0 { 1.0 } else { 0.0 });
+        }
+    }
+    Ok(storage(m, xl.shape().clone()))
+}
+
+/// Vector-Jacobian product of [`BnReluBwd`] for the cotangent `u` = [u_x, u_γ, u_β], in candle
+/// ops (f64). With A = Σ gz, B = Σ gz·x̂, U1 = Σ u_x, U2 = Σ u_x·x̂, P = Σ u_x·gz per channel
+/// (the mask m is locally constant, so β only enters through it and gets no gradient):
+///
+/// - d/d(dy) = m·(γs·(u_x - U1/N - x̂·U2/N) + u_γ·x̂ + u_β)
+/// - d/dγ = s·(P - U1·A/N - U2·B/N)
+/// - d/dx = γs²/N·(x̂·(3·U2·B/N + U1·A/N - P) - B·u_x - U2·gz + (B·U1 + U2·A)/N)
+///   + u_γ·s·(gz - A/N - x̂·B/N)
+fn second_order(
+    x: &Tensor,
+    gb: &Tensor,
+    dy: &Tensor,
+    mask: &Tensor,
+    u: &Tensor,
+    eps: f64,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (b, c, h, w) = x.dims4()?;
+    let (numel, n) = (x.elem_count(), (b * h * w) as f64);
+    let dt = x.dtype();
+    let want = (x.track_op(), gb.track_op(), dy.track_op());
+    let f64_ = |t: &Tensor| t.to_dtype(DType::F64);
+    let per_channel = |t: &Tensor| f64_(t)?.reshape((1, c, 1, 1));
+    let sum = |t: &Tensor| t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3);
+
+    let u_x = f64_(&u.narrow(0, 0, numel)?.reshape(x.shape())?)?;
+    let u_gamma = per_channel(&u.narrow(0, numel, c)?)?;
+    let u_beta = per_channel(&u.narrow(0, numel + c, c)?)?;
+    let gamma = per_channel(&gb.get(0)?)?;
+
+    let x = f64_(x)?;
+    let centred = x.broadcast_sub(&(sum(&x)? / n)?)?;
+    let s = ((sum(&centred.sqr()?)? / n)? + eps)?.sqrt()?.recip()?;
+    let xhat = centred.broadcast_mul(&s)?;
+    let mask = f64_(mask)?;
+    let gz = (f64_(dy)? * &mask)?;
+
+    let a = sum(&gz)?;
+    let bv = sum(&(&gz * &xhat)?)?;
+    let u1 = sum(&u_x)?;
+    let u2 = sum(&(&u_x * &xhat)?)?;
+    let p = sum(&(&u_x * &gz)?)?;
+    let gs = (&gamma * &s)?;
+
+    let (a_n, b_n) = ((&a / n)?, (&bv / n)?);
+
+    let d_dy = || {
+        u_x.broadcast_sub(&(&u1 / n)?)?
+            .sub(&xhat.broadcast_mul(&(&u2 / n)?)?)?
+            .broadcast_mul(&gs)?
+            .add(&xhat.broadcast_mul(&u_gamma)?)?
+            .broadcast_add(&u_beta)?
+            .mul(&mask)
+    };
+    let d_gb = || {
+        let d_gamma = (&p - (&u1 * &a_n)?)?.sub(&(&u2 * &b_n)?)?.mul(&s)?.flatten_all()?;
+        Tensor::stack(&[&d_gamma, &d_gamma.zeros_like()?], 0)
+    };
+    let d_x = || {
+        let coef_xhat = (((&u2 * &b_n)? * 3.0)? + (&u1 * &a_n)?)?.sub(&p)?;
+        let constant = ((&b_n * &u1)? + (&u2 * &a_n)?)?;
+        let bracket = xhat
+            .broadcast_mul(&coef_xhat)?
+            .sub(&u_x.broadcast_mul(&bv)?)?
+            .sub(&gz.broadcast_mul(&u2)?)?
+            .broadcast_add(&constant)?;
+        let from_gamma_cotangent = gz
+            .broadcast_sub(&a_n)?
+            .sub(&xhat.broadcast_mul(&b_n)?)?
+            .broadcast_mul(&(&u_gamma * &s)?)?;
+        bracket.broadcast_mul(&((&gs * &s)? / n)?)?.add(&from_gamma_cotangent)
+    };
+    let pick = |wanted: bool, f: &dyn Fn() -> Result<Tensor>| -> Result<Option<Tensor>> {
+        if wanted {
+            Ok(Some(f()?.to_dtype(dt)?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok((pick(want.0, &d_x)?, pick(want.1, &d_gb)?, pick(want.2, &d_dy)?))
+}

@@ -1,0 +1,469 @@
+//! The fused kernels against the composite reference ops, finite differences (first and second
+//! order, f64) and each other through a whole Conv4.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use kshot::kernels;
+use kshot::nn::{ops, BnMode, Conv4, Conv4Config, Params};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type Loss<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+const DTYPES: [DType; 2] = [DType::F32, DType::F64];
+const EPS: f64 = 1e-5;
+
+fn setup() {
+    kshot::autograd::init();
+    assert!(kshot::autograd::second_order_available());
+}
+
+fn uniform(seed: u64, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = dims.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)
+}
+
+fn values(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    assert_eq!(a.dims(), b.dims());
+    let (a, b) = (values(a)?, values(b)?);
+    let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+    Ok(a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale)
+}
+
+#[track_caller]
+fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
+    let e = rel_err(a, b).unwrap();
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        2e-5
+    } else {
+        1e-12
+    }
+}
+
+/// Σ r·y² + Σ q·y with fixed random r, q: a scalar loss with a non-trivial Hessian.
+fn quad(y: &Tensor, seed: u64) -> Result<Tensor> {
+    let r = uniform(seed, y.dims(), y.dtype())?;
+    let q = uniform(seed + 1, y.dims(), y.dtype())?;
+    (y.sqr()? * r)?.sum_all()? + (y * q)?.sum_all()?
+}
+
+fn leaves(theta: &[Tensor]) -> Result<Vec<Tensor>> {
+    theta
+        .iter()
+        .map(|t| Ok(Var::from_tensor(t)?.as_tensor().clone()))
+        .collect()
+}
+
+fn gradient(f: Loss, theta: &[Tensor]) -> Result<Vec<Tensor>> {
+    let theta = leaves(theta)?;
+    let g = f(&theta)?.backward()?;
+    theta
+        .iter()
+        .map(|t| g.get(t).cloned().map_or_else(|| t.zeros_like(), Ok))
+        .collect()
+}
+
+/// Hessian-vector product by differentiating g·v, with g from a first backward pass.
+fn hvp(f: Loss, theta: &[Tensor], v: &[Tensor]) -> Result<Vec<Tensor>> {
+    let theta = leaves(theta)?;
+    let g = f(&theta)?.backward()?;
+    let mut gv = Tensor::zeros((), theta[0].dtype(), &Device::Cpu)?;
+    for (t, v) in theta.iter().zip(v) {
+        if let Some(gt) = g.get(t) {
+            gv = (gv + (gt * v)?.sum_all()?)?;
+        }
+    }
+    let h = gv.backward()?;
+    theta
+        .iter()
+        .map(|t| h.get(t).cloned().map_or_else(|| t.zeros_like(), Ok))
+        .collect()
+}
+
+/// Central differences of `f` in every coordinate of every argument.
+fn fd_gradient(f: Loss, theta: &[Tensor]) -> Result<Vec<Tensor>> {
+    let eval = |ts: &[Tensor]| f(ts)?.to_scalar::<f64>();
+    let mut out = Vec::new();
+    for i in 0..theta.len() {
+        let base = values(&theta[i])?;
+        let mut g = vec![0.0; base.len()];
+        for (j, gj) in g.iter_mut().enumerate() {
+            let at = |d: f64| {
+                let mut v = base.clone();
+                v[j] += d;
+                let mut ts = theta.to_vec();
+                ts[i] = Tensor::from_vec(v, theta[i].dims(), &Device::Cpu)?;
+                eval(&ts)
+            };
+            *gj = (at(EPS)? - at(-EPS)?) / (2.0 * EPS);
+        }
+        out.push(Tensor::from_vec(g, theta[i].dims(), &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// Central differences of the gradient along `v`.
+fn fd_hvp(f: Loss, theta: &[Tensor], v: &[Tensor]) -> Result<Vec<Tensor>> {
+    let shifted = |s: f64| -> Result<Vec<Tensor>> {
+        let ts = theta
+            .iter()
+            .zip(v)
+            .map(|(t, v)| t + (v * s)?)
+            .collect::<Result<Vec<_>>>()?;
+        gradient(f, &ts)
+    };
+    let (plus, minus) = (shifted(EPS)?, shifted(-EPS)?);
+    plus.iter().zip(&minus).map(|(p, m)| (p - m)? / (2.0 * EPS)).collect()
+}
+
+/// The gradient against the composite op's and central differences, and the Hessian-vector
+/// product against the composite op's and central differences of the gradient, all in f64.
+fn check_derivatives(fast: Loss, composite: Loss, theta: &[Tensor], what: &str) -> Result<()> {
+    let v: Vec<Tensor> = (0..theta.len())
+        .map(|i| uniform(900 + i as u64, theta[i].dims(), DType::F64))
+        .collect::<Result<_>>()?;
+    let g = gradient(fast, theta)?;
+    let h = hvp(fast, theta, &v)?;
+    let (g_ref, h_ref) = (gradient(composite, theta)?, hvp(composite, theta, &v)?);
+    let (g_fd, h_fd) = (fd_gradient(fast, theta)?, fd_hvp(fast, theta, &v)?);
+    for i in 0..theta.len() {
+        assert_close(&g[i], &g_ref[i], 1e-12, &format!("{what}: gradient {i} vs composite"));
+        assert_close(
+            &g[i],
+            &g_fd[i],
+            1e-8,
+            &format!("{what}: gradient {i} vs finite differences"),
+        );
+        assert_close(
+            &h[i],
+            &h_ref[i],
+            1e-11,
+            &format!("{what}: Hessian-vector product {i} vs composite"),
+        );
+        assert_close(
+            &h[i],
+            &h_fd[i],
+            1e-8,
+            &format!("{what}: Hessian-vector product {i} vs finite differences"),
+        );
+        assert!(
+            values(&h[i])?.iter().any(|x| x.abs() > 1e-3),
+            "{what}: Hessian-vector product {i} is trivially zero"
+        );
+    }
+    Ok(())
+}
+
+const CONV_SHAPES: [([usize; 4], usize); 5] = [
+    ([2, 3, 7, 7], 4),
+    ([3, 2, 5, 5], 5),
+    ([9, 4, 5, 5], 3),
+    ([2, 3, 6, 9], 2),
+    ([1, 1, 1, 1], 1),
+];
+
+#[test]
+fn conv_matches_composite() -> Result<()> {
+    setup();
+    for dtype in DTYPES {
+        for (i, (xd, co)) in CONV_SHAPES.into_iter().enumerate() {
+            let x = uniform(i as u64, &xd, dtype)?;
+            let w = uniform(100 + i as u64, &[co, xd[1], 3, 3], dtype)?;
+            let what = format!("conv3x3 {xd:?}→{co} {dtype:?}");
+            assert_close(&kernels::conv3x3(&x, &w)?, &ops::conv3x3(&x, &w)?, tol(dtype), &what);
+            let loss = |f: fn(&Tensor, &Tensor) -> Result<Tensor>| move |t: &[Tensor]| quad(&f(&t[0], &t[1])?, 7);
+            let g = gradient(&loss(kernels::conv3x3), &[x.clone(), w.clone()])?;
+            let g_ref = gradient(&loss(ops::conv3x3), &[x, w])?;
+            for (g, g_ref) in g.iter().zip(&g_ref) {
+                assert_close(g, g_ref, 10.0 * tol(dtype), &format!("{what} gradient"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_derivatives_are_exact() -> Result<()> {
+    setup();
+    for (i, (xd, co)) in [([2, 2, 5, 5], 3), ([3, 2, 4, 3], 2)].into_iter().enumerate() {
+        let x = uniform(10 + i as u64, &xd, DType::F64)?;
+        let w = uniform(20 + i as u64, &[co, xd[1], 3, 3], DType::F64)?;
+        let fast = |t: &[Tensor]| quad(&kernels::conv3x3(&t[0], &t[1])?, 3);
+        let composite = |t: &[Tensor]| quad(&ops::conv3x3(&t[0], &t[1])?, 3);
+        check_derivatives(&fast, &composite, &[x, w], &format!("conv3x3 {xd:?}→{co}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_through_two_layers_second_order() -> Result<()> {
+    setup();
+    // Second order through a hidden convolution: its input is itself a function of the weights.
+    let x = uniform(30, &[2, 2, 5, 5], DType::F64)?;
+    let w1 = uniform(31, &[3, 2, 3, 3], DType::F64)?;
+    let w2 = uniform(32, &[2, 3, 3, 3], DType::F64)?;
+    let net = |conv: fn(&Tensor, &Tensor) -> Result<Tensor>| {
+        let x = x.clone();
+        move |t: &[Tensor]| quad(&conv(&conv(&x, &t[0])?.tanh()?, &t[1])?, 5)
+    };
+    check_derivatives(
+        &net(kernels::conv3x3),
+        &net(ops::conv3x3),
+        &[w1, w2],
+        "two convolutions",
+    )
+}
+
+const POOL_SHAPES: [[usize; 4]; 5] = [[2, 3, 7, 7], [2, 2, 5, 6], [3, 1, 4, 4], [1, 2, 3, 2], [1, 1, 1, 3]];
+
+#[test]
+fn pool_matches_composite() -> Result<()> {
+    setup();
+    for dtype in DTYPES {
+        for (i, d) in POOL_SHAPES.into_iter().enumerate() {
+            let x = uniform(40 + i as u64, &d, dtype)?;
+            let what = format!("max_pool2x2 {d:?} {dtype:?}");
+            let y = kernels::max_pool2x2(&x)?;
+            assert_eq!(y.dims(), [d[0], d[1], d[2] / 2, d[3] / 2], "{what}");
+            if y.elem_count() == 0 {
+                // The composite op cannot reduce an empty window; the gradient is all zeros.
+                let g = gradient(&|t| kernels::max_pool2x2(&t[0])?.sum_all(), &[x])?;
+                assert!(values(&g[0])?.iter().all(|&v| v == 0.0), "{what}");
+                continue;
+            }
+            assert_close(&y, &ops::max_pool2x2(&x)?, 0.0, &what);
+            let g = gradient(&|t| quad(&kernels::max_pool2x2(&t[0])?, 1), std::slice::from_ref(&x))?;
+            let g_ref = gradient(&|t| quad(&ops::max_pool2x2(&t[0])?, 1), &[x])?;
+            assert_close(&g[0], &g_ref[0], tol(dtype), &format!("{what} gradient"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn pool_ties_go_to_the_first_maximum() -> Result<()> {
+    setup();
+    #[rustfmt::skip]
+    let x = [1f64, 2., 5., 2., 0., 5., 9., 9., 9.,
+             3., 3., 0., 3., 3., 7., 7., 7., 1.];
+    let x = Tensor::from_vec(x.to_vec(), (2, 1, 3, 3), &Device::Cpu)?;
+    let g = gradient(&|t| kernels::max_pool2x2(&t[0])?.sum_all(), &[x])?;
+    let expected = [0., 1., 0., 0., 0., 0., 0., 0., 0., 1., 0., 0., 0., 0., 0., 0., 0., 0.];
+    assert_eq!(values(&g[0])?, expected);
+    Ok(())
+}
+
+#[test]
+fn pool_derivatives_are_exact() -> Result<()> {
+    setup();
+    for (i, d) in [[2, 2, 5, 5], [1, 3, 4, 7]].into_iter().enumerate() {
+        let x = uniform(50 + i as u64, &d, DType::F64)?;
+        let fast = |t: &[Tensor]| quad(&kernels::max_pool2x2(&t[0])?, 9);
+        let composite = |t: &[Tensor]| quad(&ops::max_pool2x2(&t[0])?, 9);
+        check_derivatives(&fast, &composite, &[x], &format!("max_pool2x2 {d:?}"))?;
+    }
+    Ok(())
+}
+
+fn composite_bn_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    ops::batch_norm_train(x, gamma, beta, 1e-5)?.0.relu()
+}
+
+fn fast_bn_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    Ok(kernels::batch_norm_relu_train(x, gamma, beta, 1e-5)?.0)
+}
+
+#[test]
+fn batch_norm_matches_composite() -> Result<()> {
+    setup();
+    for dtype in DTYPES {
+        for (i, d) in [[3, 4, 5, 5], [2, 3, 7, 7], [5, 2, 1, 1], [1, 3, 2, 3]]
+            .into_iter()
+            .enumerate()
+        {
+            let x = (uniform(60 + i as u64, &d, dtype)? * 3.0)?.affine(1.0, 0.5)?;
+            let gamma = uniform(70 + i as u64, &[d[1]], dtype)?;
+            let beta = uniform(80 + i as u64, &[d[1]], dtype)?;
+            let what = format!("batch_norm_relu_train {d:?} {dtype:?}");
+            let (y, stats) = kernels::batch_norm_relu_train(&x, &gamma, &beta, 1e-5)?;
+            let (y_ref, stats_ref) = ops::batch_norm_train(&x, &gamma, &beta, 1e-5)?;
+            assert_close(&y, &y_ref.relu()?, tol(dtype), &what);
+            assert_eq!(stats.count, stats_ref.count, "{what}");
+            for (a, b) in stats
+                .mean
+                .iter()
+                .chain(&stats.var)
+                .zip(stats_ref.mean.iter().chain(&stats_ref.var))
+            {
+                assert!(
+                    (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                    "{what}: statistics {a} vs {b}"
+                );
+            }
+            let theta = [x, gamma, beta];
+            let g = gradient(&|t| quad(&fast_bn_relu(&t[0], &t[1], &t[2])?, 2), &theta)?;
+            let g_ref = gradient(&|t| quad(&composite_bn_relu(&t[0], &t[1], &t[2])?, 2), &theta)?;
+            for (g, g_ref) in g.iter().zip(&g_ref) {
+                assert_close(g, g_ref, 10.0 * tol(dtype), &format!("{what} gradient"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_statistics_are_summed_in_f64() -> Result<()> {
+    setup();
+    // A large offset with a small spread: f32 sums would lose the variance.
+    let x = (uniform(90, &[64, 2, 8, 8], DType::F64)?.affine(1e-2, 1000.0)?).to_dtype(DType::F32)?;
+    let ones = Tensor::ones(2, DType::F32, &Device::Cpu)?;
+    let zeros = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
+    let (_, stats) = kernels::batch_norm_relu_train(&x, &ones, &zeros, 1e-5)?;
+    let (_, exact) = ops::batch_norm_train(
+        &x.to_dtype(DType::F64)?,
+        &ones.to_dtype(DType::F64)?,
+        &zeros.to_dtype(DType::F64)?,
+        1e-5,
+    )?;
+    for (a, b) in stats
+        .mean
+        .iter()
+        .chain(&stats.var)
+        .zip(exact.mean.iter().chain(&exact.var))
+    {
+        assert!((a - b).abs() <= 1e-12 * b.abs(), "statistics {a} vs {b}");
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_derivatives_are_exact() -> Result<()> {
+    setup();
+    for (i, d) in [[3, 2, 3, 3], [4, 3, 2, 1]].into_iter().enumerate() {
+        let x = uniform(100 + i as u64, &d, DType::F64)?;
+        let gamma = uniform(110 + i as u64, &[d[1]], DType::F64)?.affine(1.0, 0.5)?;
+        let beta = uniform(120 + i as u64, &[d[1]], DType::F64)?;
+        let fast = |t: &[Tensor]| quad(&fast_bn_relu(&t[0], &t[1], &t[2])?, 4);
+        let composite = |t: &[Tensor]| quad(&composite_bn_relu(&t[0], &t[1], &t[2])?, 4);
+        check_derivatives(
+            &fast,
+            &composite,
+            &[x, gamma, beta],
+            &format!("batch_norm_relu_train {d:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+fn conv4_params(net: &Conv4, dtype: DType) -> Result<(Vec<String>, Vec<Tensor>)> {
+    let p = net.init(&mut ChaCha8Rng::seed_from_u64(0), &Device::Cpu)?;
+    let mut names = Vec::new();
+    let mut tensors = Vec::new();
+    for (i, (n, v)) in p.iter().enumerate() {
+        names.push(n.to_string());
+        // Non-trivial batch-norm scales and shifts.
+        let t = if n.starts_with("bn") {
+            uniform(200 + i as u64, v.dims(), dtype)?.affine(0.5, 1.0)?
+        } else {
+            v.to_dtype(dtype)?
+        };
+        tensors.push(t);
+    }
+    Ok((names, tensors))
+}
+
+fn conv4_loss(hidden: usize, in_ch: usize, fast: bool, x: &Tensor, names: &[String], t: &[Tensor]) -> Result<Tensor> {
+    let net = Conv4::new(Conv4Config {
+        hidden,
+        fast_kernels: fast,
+        ..Conv4Config::new(in_ch)
+    });
+    let mut p = Params::new();
+    for (n, t) in names.iter().zip(t) {
+        p.insert(n.clone(), t.clone());
+    }
+    quad(&net.forward(&p, x, BnMode::Batch(None))?, 11)
+}
+
+#[test]
+fn conv4_fast_matches_composite() -> Result<()> {
+    setup();
+    let net = Conv4::new(Conv4Config::new(1));
+    for dtype in DTYPES {
+        let x = uniform(300, &[6, 1, 28, 28], dtype)?;
+        let (names, theta) = conv4_params(&net, dtype)?;
+        let mut p = Params::new();
+        for (n, t) in names.iter().zip(&theta) {
+            p.insert(n.clone(), t.clone());
+        }
+        for fast in [true, false] {
+            assert_eq!(
+                Conv4::new(Conv4Config {
+                    fast_kernels: fast,
+                    ..net.config
+                })
+                .forward(&p, &x, BnMode::Batch(None))?
+                .dims(),
+                [6, 64]
+            );
+        }
+        let (x, names) = (&x, &names);
+        let loss = |fast| move |t: &[Tensor]| conv4_loss(64, 1, fast, x, names, t);
+        let (l, l_ref) = (loss(true)(&theta)?, loss(false)(&theta)?);
+        assert_close(&l, &l_ref, 10.0 * tol(dtype), &format!("Conv4 loss {dtype:?}"));
+        let g = gradient(&loss(true), &theta)?;
+        let g_ref = gradient(&loss(false), &theta)?;
+        let gtol = if dtype == DType::F32 { 5e-5 } else { 1e-12 };
+        for ((g, g_ref), n) in g.iter().zip(&g_ref).zip(names) {
+            assert_close(g, g_ref, gtol, &format!("Conv4 gradient of {n} {dtype:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn conv4_second_order_fast_matches_composite() -> Result<()> {
+    setup();
+    // 16 → 8 → 4 → 2 → 1, batch statistics over as few as 5 values in the last block.
+    let net = Conv4::new(Conv4Config {
+        hidden: 8,
+        ..Conv4Config::new(3)
+    });
+    let x = uniform(400, &[5, 3, 16, 16], DType::F64)?;
+    let (names, theta) = conv4_params(&net, DType::F64)?;
+    let v: Vec<Tensor> = theta
+        .iter()
+        .enumerate()
+        .map(|(i, t)| uniform(500 + i as u64, t.dims(), DType::F64))
+        .collect::<Result<_>>()?;
+    let (x, names) = (&x, &names);
+    let loss = |fast| move |t: &[Tensor]| conv4_loss(8, 3, fast, x, names, t);
+    let h = hvp(&loss(true), &theta, &v)?;
+    let h_ref = hvp(&loss(false), &theta, &v)?;
+    let h_fd = fd_hvp(&loss(true), &theta, &v)?;
+    for i in 0..theta.len() {
+        assert_close(
+            &h[i],
+            &h_ref[i],
+            1e-12,
+            &format!("Conv4 Hessian-vector product, {}", names[i]),
+        );
+        assert_close(
+            &h[i],
+            &h_fd[i],
+            1e-6,
+            &format!("Conv4 Hessian-vector product vs finite differences, {}", names[i]),
+        );
+    }
+    Ok(())
+}

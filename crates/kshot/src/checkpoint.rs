@@ -12,8 +12,7 @@ use candle_core::{Device, Tensor};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let tmp = temp_path(path);
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -29,15 +28,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// Writes named tensors as safetensors, atomically.
 pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> anyhow::Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    let tmp_dir = tempfile_path(path);
-    candle_core::safetensors::save(&map, &tmp_dir)
-        .with_context(|| format!("cannot write {}", tmp_dir.display()))?;
-    std::fs::rename(&tmp_dir, path).with_context(|| format!("cannot write {}", path.display()))?;
+    let tmp = temp_path(path);
+    candle_core::safetensors::save(&map, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
-fn tempfile_path(path: &Path) -> std::path::PathBuf {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("tensors");
+/// `.NAME.PID.tmp` beside `path`: same filesystem, so the final rename is atomic.
+fn temp_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 

@@ -59,14 +59,6 @@ impl ProtoNet {
             Distance::Cosine => ops::cosine_similarity(query, prototypes, 1e-8)? * self.config.cosine_scale,
         }
     }
-
-    fn inference_params(&self) -> Params {
-        let mut p = Params::new();
-        for (n, v) in self.params.iter() {
-            p.insert(n, v.as_tensor().detach());
-        }
-        p
-    }
 }
 
 struct Prototypes<'a> {
@@ -92,7 +84,7 @@ impl Learner for ProtoNet {
     }
 
     fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
-        let params = self.inference_params();
+        let params = self.params.detached_values();
         let emb = self.backbone.forward(&params, support, BnMode::Running(&self.running))?;
         let prototypes = Self::prototypes(&emb, labels, ways)?;
         Ok(Box::new(Prototypes { net: self, params, prototypes }))

@@ -88,6 +88,15 @@ impl ParamSet {
         p
     }
 
+    /// The current values cut from the graph, for inference that builds no gradient graph.
+    pub fn detached_values(&self) -> Params {
+        let mut p = Params::new();
+        for (n, v) in &self.entries {
+            p.insert(n.clone(), v.as_tensor().detach());
+        }
+        p
+    }
+
     /// Named tensors to be saved, with `prefix` before each name.
     pub fn named_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
         self.entries

@@ -32,6 +32,8 @@ enum Command {
     },
     /// List the paper protocols that --preset accepts.
     Presets,
+    /// Time the Conv4 workloads, side by side with the PyTorch reference (--pytorch PYTHON).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -157,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("Omniglot is ready in {}", root.join("omniglot").display());
             Ok(())
         }
+        Command::Bench(args) => crate::bench::run(args),
         Command::Presets => {
             for p in presets::PRESETS {
                 println!("{:<28} {}", p.name, p.summary);

@@ -1,5 +1,6 @@
 //! `kshot`: the command-line tool over the kshot library.
 
+mod bench;
 mod commands;
 
 use std::process::ExitCode;

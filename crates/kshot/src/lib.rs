@@ -4,6 +4,7 @@
 //! parameters, built on [`kernels`]) → [`methods`] (one file per learner) → [`train`] / [`eval`].
 
 pub mod autograd;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -19,3 +20,11 @@ pub use candle_core::{DType, Device, Tensor, Var};
 
 /// The crate version, recorded in every run config.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Sizes the thread pool of kshot's kernels (call before any work; the default is one per core).
+pub fn set_threads(threads: usize) -> anyhow::Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("cannot size the thread pool to {threads}: {e}"))
+}

@@ -1,13 +1,13 @@
 //! Training-mode batch norm fused with ReLU. Per channel, over N = B·H·W elements:
 //! x̂ = (x - μ)·s with s = 1/√(σ² + ε) (μ, σ² summed in f64, σ² biased), z = γ·x̂ + β, y = max(z, 0).
 //!
-//! The forward and the first-order backward are fused kernels. The backward kernel's own
-//! derivative (second order) is written in candle tensor ops, so it stays exact to every order.
+//! The forward, the first-order backward and its own derivative (second order, for MAML) are
+//! fused kernels. Derivatives of third order are not implemented and fail with candle's error.
 //! γ and β travel stacked as one [2, C] tensor so that each op has at most three inputs.
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{dispatch, same_dtype, slice, storage, zero, Real};
@@ -116,7 +116,7 @@ impl CustomOp2 for BnRelu {
 
     fn bwd(&self, x: &Tensor, gb: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let stats = self.stats.clone();
-        let packed = x.apply_op3(gb, &dy.contiguous()?, BnReluBwd { eps: self.eps, stats })?;
+        let packed = x.apply_op3(gb, &dy.contiguous()?, BnReluBwd { stats })?;
         let n = x.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dgb = packed.narrow(0, n, gb.elem_count())?.reshape(gb.shape())?;
@@ -151,7 +151,6 @@ fn bn_relu_fwd<T: Real>(
 /// First-order backward of [`BnRelu`]: (x, [γ; β], dy) → [dx (flattened), dγ, dβ], with
 /// gz = dy·1[z > 0], dβ = Σ gz, dγ = Σ gz·x̂, dx = γ·s·(gz - dβ/N - x̂·dγ/N).
 struct BnReluBwd {
-    eps: f64,
     stats: Arc<OnceLock<Stats>>,
 }
 
@@ -188,13 +187,13 @@ impl CustomOp3 for BnReluBwd {
         _: &Tensor,
         u: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mask = x.apply_op2_no_bwd(
-            gb,
-            &ReluMask {
-                stats: self.stats.clone(),
-            },
-        )?;
-        second_order(x, gb, dy, &mask, u, self.eps)
+        let numel = x.elem_count();
+        let dyu = Tensor::cat(&[&dy.flatten_all()?, &u.flatten_all()?], 0)?;
+        let packed = x.apply_op3(gb, &dyu, BnReluVjp { stats: self.stats.clone() })?;
+        let d_x = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
+        let d_gb = packed.narrow(0, numel, gb.elem_count())?.reshape(gb.shape())?;
+        let d_dy = packed.narrow(0, numel + gb.elem_count(), numel)?.reshape(dy.shape())?;
+        Ok((Some(d_x), Some(d_gb), Some(d_dy)))
     }
 }
 
@@ -254,119 +253,127 @@ fn bn_relu_bwd_fwd<T: Real>(
     Ok(storage(out, x.len() + 2 * c))
 }
 
-/// 1[z > 0] as 0/1 values, computed exactly as the forward pass decides it. Piecewise constant,
-/// so it is applied without a backward pass.
-struct ReluMask {
-    stats: Arc<OnceLock<Stats>>,
-}
-
-impl CustomOp2 for ReluMask {
-    fn name(&self) -> &'static str {
-        "kshot-batch-norm-relu-mask"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let stats = self.stats.get().expect("the mask is taken after the forward pass");
-        dispatch!(xs, relu_mask_fwd(stats, xs, xl, gs, gl))
-    }
-}
-
-fn relu_mask_fwd<T: Real>(
-    stats: &Stats,
-    xs: &CpuStorage,
-    xl: &Layout,
-    gs: &CpuStorage,
-    gl: &Layout,
-) -> Result<(CpuStorage, Shape)> {
-    let (x, gb) = (slice::<T>(xs, xl)?, slice::<T>(gs, gl)?);
-    let (_, c, hw) = bchw(xl)?;
-    let mut m = vec![zero::<T>(); x.len()];
-    for (i, (m, x)) in m.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-        let (scale, shift) = stats.affine(gb, i % c);
-        for (m, &x) in m.iter_mut().zip(x) {
-            *m = T::from_f64(if x.to_f64() * scale + shift > 0.0 { 1.0 } else { 0.0 });
-        }
-    }
-    Ok(storage(m, xl.shape().clone()))
-}
-
-/// Vector-Jacobian product of [`BnReluBwd`] for the cotangent `u` = [u_x, u_γ, u_β], in candle
-/// ops (f64). With A = Σ gz, B = Σ gz·x̂, U1 = Σ u_x, U2 = Σ u_x·x̂, P = Σ u_x·gz per channel
-/// (the mask m is locally constant, so β only enters through it and gets no gradient):
+/// Vector-Jacobian product of [`BnReluBwd`] (the second-order pass), fused: (x, [γ; β],
+/// [dy; u]) → [d_x, d_[γ; β], d_dy], with the cotangent u = [u_x, u_γ, u_β]. With A = Σ gz,
+/// B = Σ gz·x̂, U1 = Σ u_x, U2 = Σ u_x·x̂, P = Σ u_x·gz per channel (the ReLU mask m is locally
+/// constant, so β only enters through it and gets no gradient):
 ///
 /// - d/d(dy) = m·(γs·(u_x - U1/N - x̂·U2/N) + u_γ·x̂ + u_β)
 /// - d/dγ = s·(P - U1·A/N - U2·B/N)
 /// - d/dx = γs²/N·(x̂·(3·U2·B/N + U1·A/N - P) - B·u_x - U2·gz + (B·U1 + U2·A)/N)
 ///   + u_γ·s·(gz - A/N - x̂·B/N)
-fn second_order(
-    x: &Tensor,
-    gb: &Tensor,
-    dy: &Tensor,
-    mask: &Tensor,
-    u: &Tensor,
-    eps: f64,
-) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let (b, c, h, w) = x.dims4()?;
-    let (numel, n) = (x.elem_count(), (b * h * w) as f64);
-    let dt = x.dtype();
-    let want = (x.track_op(), gb.track_op(), dy.track_op());
-    let f64_ = |t: &Tensor| t.to_dtype(DType::F64);
-    let per_channel = |t: &Tensor| f64_(t)?.reshape((1, c, 1, 1));
-    let sum = |t: &Tensor| t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3);
+///
+/// It has no backward of its own: derivatives of third order fail with candle's error.
+struct BnReluVjp {
+    stats: Arc<OnceLock<Stats>>,
+}
 
-    let u_x = f64_(&u.narrow(0, 0, numel)?.reshape(x.shape())?)?;
-    let u_gamma = per_channel(&u.narrow(0, numel, c)?)?;
-    let u_beta = per_channel(&u.narrow(0, numel + c, c)?)?;
-    let gamma = per_channel(&gb.get(0)?)?;
+impl CustomOp3 for BnReluVjp {
+    fn name(&self) -> &'static str {
+        "kshot-batch-norm-relu-second-order"
+    }
 
-    let x = f64_(x)?;
-    let centred = x.broadcast_sub(&(sum(&x)? / n)?)?;
-    let s = ((sum(&centred.sqr()?)? / n)? + eps)?.sqrt()?.recip()?;
-    let xhat = centred.broadcast_mul(&s)?;
-    let mask = f64_(mask)?;
-    let gz = (f64_(dy)? * &mask)?;
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype(xs, gs)?;
+        same_dtype(xs, ds)?;
+        let stats = self.stats.get().expect("the second-order pass runs after the forward pass");
+        dispatch!(xs, bn_relu_vjp_fwd(stats, xs, xl, gs, gl, ds, dl))
+    }
+}
 
-    let a = sum(&gz)?;
-    let bv = sum(&(&gz * &xhat)?)?;
-    let u1 = sum(&u_x)?;
-    let u2 = sum(&(&u_x * &xhat)?)?;
-    let p = sum(&(&u_x * &gz)?)?;
-    let gs = (&gamma * &s)?;
+fn bn_relu_vjp_fwd<T: Real>(
+    stats: &Stats,
+    xs: &CpuStorage,
+    xl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+    ds: &CpuStorage,
+    dl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, gb, dyu) = (slice::<T>(xs, xl)?, slice::<T>(gs, gl)?, slice::<T>(ds, dl)?);
+    let (b, c, hw) = bchw(xl)?;
+    let numel = x.len();
+    if dyu.len() != 2 * numel + 2 * c {
+        bail!("batch norm second order: cotangent has {} elements, expected {}", dyu.len(), 2 * numel + 2 * c);
+    }
+    let (dy, u) = dyu.split_at(numel);
+    let (u_x, u_gb) = u.split_at(numel);
+    let n = (b * hw) as f64;
 
-    let (a_n, b_n) = ((&a / n)?, (&bv / n)?);
+    // Per channel: [A, B, U1, U2, P].
+    let sums: Vec<[f64; 5]> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (scale, shift) = stats.affine(gb, ch);
+            let (mean, inv_std) = (stats.mean[ch], stats.inv_std[ch]);
+            let mut acc = [0.0; 5];
+            for ((x, dy), ux) in planes(x, c, hw, ch).zip(planes(dy, c, hw, ch)).zip(planes(u_x, c, hw, ch)) {
+                for ((&x, &dy), &ux) in x.iter().zip(dy).zip(ux) {
+                    let x = x.to_f64();
+                    let xhat = (x - mean) * inv_std;
+                    let gz = if x * scale + shift > 0.0 { dy.to_f64() } else { 0.0 };
+                    let ux = ux.to_f64();
+                    acc[0] += gz;
+                    acc[1] += gz * xhat;
+                    acc[2] += ux;
+                    acc[3] += ux * xhat;
+                    acc[4] += ux * gz;
+                }
+            }
+            acc
+        })
+        .collect();
 
-    let d_dy = || {
-        u_x.broadcast_sub(&(&u1 / n)?)?
-            .sub(&xhat.broadcast_mul(&(&u2 / n)?)?)?
-            .broadcast_mul(&gs)?
-            .add(&xhat.broadcast_mul(&u_gamma)?)?
-            .broadcast_add(&u_beta)?
-            .mul(&mask)
-    };
-    let d_gb = || {
-        let d_gamma = (&p - (&u1 * &a_n)?)?.sub(&(&u2 * &b_n)?)?.mul(&s)?.flatten_all()?;
-        Tensor::stack(&[&d_gamma, &d_gamma.zeros_like()?], 0)
-    };
-    let d_x = || {
-        let coef_xhat = (((&u2 * &b_n)? * 3.0)? + (&u1 * &a_n)?)?.sub(&p)?;
-        let constant = ((&b_n * &u1)? + (&u2 * &a_n)?)?;
-        let bracket = xhat
-            .broadcast_mul(&coef_xhat)?
-            .sub(&u_x.broadcast_mul(&bv)?)?
-            .sub(&gz.broadcast_mul(&u2)?)?
-            .broadcast_add(&constant)?;
-        let from_gamma_cotangent = gz
-            .broadcast_sub(&a_n)?
-            .sub(&xhat.broadcast_mul(&b_n)?)?
-            .broadcast_mul(&(&u_gamma * &s)?)?;
-        bracket.broadcast_mul(&((&gs * &s)? / n)?)?.add(&from_gamma_cotangent)
-    };
-    let pick = |wanted: bool, f: &dyn Fn() -> Result<Tensor>| -> Result<Option<Tensor>> {
-        if wanted {
-            Ok(Some(f()?.to_dtype(dt)?))
-        } else {
-            Ok(None)
-        }
-    };
-    Ok((pick(want.0, &d_x)?, pick(want.1, &d_gb)?, pick(want.2, &d_dy)?))
+    let mut out = vec![zero::<T>(); 2 * numel + 2 * c];
+    let (d_x, rest) = out.split_at_mut(numel);
+    let (d_gb, d_dy) = rest.split_at_mut(2 * c);
+    for ch in 0..c {
+        let [a, bv, u1, u2, p] = sums[ch];
+        d_gb[ch] = T::from_f64(stats.inv_std[ch] * (p - u1 * a / n - u2 * bv / n));
+    }
+    if numel > 0 {
+        let image = c * hw;
+        d_x.par_chunks_mut(image)
+            .zip(d_dy.par_chunks_mut(image))
+            .zip(x.par_chunks(image).zip(dy.par_chunks(image)).zip(u_x.par_chunks(image)))
+            .for_each(|((d_x, d_dy), ((x, dy), u_x))| {
+                for ch in 0..c {
+                    let r = ch * hw..(ch + 1) * hw;
+                    let (scale, shift) = stats.affine(gb, ch);
+                    let (mean, s) = (stats.mean[ch], stats.inv_std[ch]);
+                    let gamma = gb[ch].to_f64();
+                    let (u_gamma, u_beta) = (u_gb[ch].to_f64(), u_gb[c + ch].to_f64());
+                    let [a, bv, u1, u2, p] = sums[ch];
+                    let (a_n, b_n, u1_n, u2_n) = (a / n, bv / n, u1 / n, u2 / n);
+                    let gs = gamma * s;
+                    let coef_xhat = 3.0 * u2 * b_n + u1 * a_n - p;
+                    let constant = b_n * u1 + u2 * a_n;
+                    let outer = gs * s / n;
+                    for (((dxo, ddyo), (&x, &dy)), &ux) in d_x[r.clone()]
+                        .iter_mut()
+                        .zip(&mut d_dy[r.clone()])
+                        .zip(x[r.clone()].iter().zip(&dy[r.clone()]))
+                        .zip(&u_x[r])
+                    {
+                        let x = x.to_f64();
+                        let xhat = (x - mean) * s;
+                        let on = x * scale + shift > 0.0;
+                        let gz = if on { dy.to_f64() } else { 0.0 };
+                        let ux = ux.to_f64();
+                        *ddyo = T::from_f64(if on { gs * (ux - u1_n - xhat * u2_n) + u_gamma * xhat + u_beta } else { 0.0 });
+                        let bracket = xhat * coef_xhat - bv * ux - u2 * gz + constant;
+                        *dxo = T::from_f64(outer * bracket + u_gamma * s * (gz - a_n - xhat * b_n));
+                    }
+                }
+            });
+    }
+    Ok(storage(out, 2 * numel + 2 * c))
 }

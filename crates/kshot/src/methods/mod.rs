@@ -1,6 +1,7 @@
 //! Learners, one file per method. A learner with meta-parameters θ turns a support set into a
 //! task classifier, f_θ(S) = m_ψ, and is meta-trained on the query loss of that classifier.
 
+pub mod maml;
 pub mod protonet;
 
 use candle_core::{Result, Tensor};
@@ -8,6 +9,7 @@ use candle_core::{Result, Tensor};
 use crate::data::Episode;
 use crate::nn::ParamSet;
 
+pub use maml::{Maml, MamlConfig};
 pub use protonet::{Distance, ProtoNet, ProtoNetConfig};
 
 /// m_ψ: scores query images against the classes of one task.

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""PyTorch reference for `kshot bench`: the same workloads as crates/kshot/src/bench.rs, line for line.
+
+Every workload is a full training step on random normal inputs: forward, backward and an Adam update
+(lr 1e-3) of Conv4 (64 channels, 3x3 convolutions without bias, batch norm with batch statistics,
+ReLU, 2x2 max-pool). Prints one JSON line: {"workload", "samples_ms", "torch", "threads"}.
+
+    python benches/pytorch_reference.py --workload conv4-step-28 --reps 20 --threads 2
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def conv4_params(in_channels, hidden=64, blocks=4):
+    params = {}
+    cin = in_channels
+    for i in range(blocks):
+        w = torch.empty(hidden, cin, 3, 3)
+        torch.nn.init.kaiming_uniform_(w, a=5 ** 0.5)  # PyTorch's default: U(-1/sqrt(fan_in), +)
+        params[f"conv{i}.weight"] = w
+        params[f"bn{i}.weight"] = torch.ones(hidden)
+        params[f"bn{i}.bias"] = torch.zeros(hidden)
+        cin = hidden
+    return params
+
+
+def linear_head(params, ways, dim):
+    bound = 1 / dim ** 0.5
+    params["head.weight"] = torch.empty(ways, dim).uniform_(-bound, bound)
+    params["head.bias"] = torch.empty(ways).uniform_(-bound, bound)
+    return params
+
+
+def conv4(params, x, blocks=4):
+    for i in range(blocks):
+        x = F.conv2d(x, params[f"conv{i}.weight"], padding=1)
+        x = F.batch_norm(x, None, None, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=True)
+        x = F.max_pool2d(F.relu(x), 2)
+    return x.flatten(1)
+
+
+def head(params, emb):
+    return F.linear(emb, params["head.weight"], params["head.bias"])
+
+
+def leaves(params):
+    return {k: v.clone().requires_grad_(True) for k, v in params.items()}
+
+
+def labels(ways, per_class):
+    return torch.arange(ways).repeat_interleave(per_class)
+
+
+def classifier_step(channels, size):
+    params = leaves(linear_head(conv4_params(channels), 5, 64 * (size // 16) ** 2))
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    x = torch.randn(80, channels, size, size)
+    y = labels(5, 16)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(head(params, conv4(params, x)), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def maml_step(inner_steps=5, alpha=0.4, ways=5, shots=1, queries=15):
+    params = leaves(linear_head(conv4_params(1), ways, 64))
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    xs, ys = torch.randn(ways * shots, 1, 28, 28), labels(ways, shots)
+    xq, yq = torch.randn(ways * queries, 1, 28, 28), labels(ways, queries)
+    names = list(params)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        fast = dict(params)
+        for _ in range(inner_steps):
+            loss = F.cross_entropy(head(fast, conv4(fast, xs)), ys)
+            grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=True)
+            fast = {n: fast[n] - alpha * g for n, g in zip(names, grads)}
+        F.cross_entropy(head(fast, conv4(fast, xq)), yq).backward()
+        opt.step()
+
+    return step
+
+
+def protonet_step(ways=60, shots=1, queries=5):
+    params = leaves(conv4_params(1))
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    xs, xq = torch.randn(ways * shots, 1, 28, 28), torch.randn(ways * queries, 1, 28, 28)
+    yq = labels(ways, queries)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        emb = conv4(params, torch.cat([xs, xq]))
+        support, query = emb[: ways * shots], emb[ways * shots:]
+        prototypes = support.reshape(ways, shots, -1).mean(1)
+        logits = -torch.cdist(query, prototypes).pow(2)
+        F.cross_entropy(logits, yq).backward()
+        opt.step()
+
+    return step
+
+
+WORKLOADS = {
+    "conv4-step-28": lambda: classifier_step(1, 28),
+    "conv4-step-84": lambda: classifier_step(3, 84),
+    "maml2-step": maml_step,
+    "protonet-60w1s5q": protonet_step,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    step = WORKLOADS[args.workload]()
+    for _ in range(args.warmup):
+        step()
+    samples = []
+    for _ in range(args.reps):
+        t = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - t) * 1e3)
+    print(json.dumps({"workload": args.workload, "samples_ms": samples, "torch": torch.__version__,
+                      "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+//! The workloads of `kshot bench`, defined once here and mirrored line for line by
+//! `benches/pytorch_reference.py`, so that the two can be timed side by side.
+//!
+//! Every workload is a full training step on random normal inputs: forward, backward and an Adam
+//! update (learning rate 1e-3) of Conv4 (64 channels, no convolution bias, batch norm with batch
+//! statistics, ReLU, 2×2 max-pool).
+
+use std::time::Instant;
+
+use candle_core::{Device, Result, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::data::{Episode, EpisodeSpec};
+use crate::methods::{Learner, Maml, MamlConfig, ProtoNet, ProtoNetConfig};
+use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet};
+use crate::optim::{Adam, AdamConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Conv4 + linear 5-way head, one step on 80 × 1×28×28 (5-way, 1 support + 15 queries).
+    Conv4Omniglot,
+    /// Conv4 + linear 5-way head, one step on 80 × 3×84×84.
+    Conv4MiniImageNet,
+    /// One second-order MAML meta-step: 5-way 1-shot, 15 queries, 5 inner steps, α = 0.4, 28×28.
+    MamlSecondOrder,
+    /// One ProtoNet episode: 60-way 1-shot 5-query on 28×28.
+    ProtoNet60Way,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 4] =
+        [Workload::Conv4Omniglot, Workload::Conv4MiniImageNet, Workload::MamlSecondOrder, Workload::ProtoNet60Way];
+
+    /// The name both benchmarks use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Conv4Omniglot => "conv4-step-28",
+            Workload::Conv4MiniImageNet => "conv4-step-84",
+            Workload::MamlSecondOrder => "maml2-step",
+            Workload::ProtoNet60Way => "protonet-60w1s5q",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Workload::Conv4Omniglot => "Conv4 training step, 80 × 1×28×28",
+            Workload::Conv4MiniImageNet => "Conv4 training step, 80 × 3×84×84",
+            Workload::MamlSecondOrder => "2nd-order MAML meta-step, 5w1s 15q, 5 inner steps",
+            Workload::ProtoNet60Way => "ProtoNet episode, 60-way 1-shot 5-query, 28×28",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Workload> {
+        Self::ALL.into_iter().find(|w| w.name() == name)
+    }
+}
+
+fn normal(rng: &mut ChaCha8Rng, shape: &[usize]) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+fn labels(ways: usize, per_class: usize) -> Vec<u32> {
+    (0..ways as u32).flat_map(|c| std::iter::repeat_n(c, per_class)).collect()
+}
+
+fn episode(rng: &mut ChaCha8Rng, spec: EpisodeSpec, size: usize) -> Result<Episode> {
+    Ok(Episode {
+        spec,
+        classes: (0..spec.ways).collect(),
+        support: normal(rng, &[spec.ways * spec.shots, 1, size, size])?,
+        support_labels: labels(spec.ways, spec.shots),
+        query: normal(rng, &[spec.ways * spec.queries, 1, size, size])?,
+        query_labels: labels(spec.ways, spec.queries),
+    })
+}
+
+/// One prepared workload: `step` runs one timed training step.
+pub struct Prepared {
+    step: Box<dyn FnMut() -> Result<()>>,
+}
+
+impl Prepared {
+    pub fn step(&mut self) -> Result<()> {
+        (self.step)()
+    }
+}
+
+/// Builds `workload` with fresh seeded parameters; `fast_kernels` picks kshot's fused ops or candle's.
+pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
+    crate::autograd::init();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let adam_config = AdamConfig::default();
+    let step: Box<dyn FnMut() -> Result<()>> = match workload {
+        Workload::Conv4Omniglot | Workload::Conv4MiniImageNet => {
+            let (channels, size) = if workload == Workload::Conv4Omniglot { (1, 28) } else { (3, 84) };
+            let config = Conv4Config { fast_kernels, ..Conv4Config::new(channels) };
+            let net = Conv4::new(config);
+            let mut params = net.init(&mut rng, &Device::Cpu)?;
+            let dim = config.embedding_dim(size, size);
+            params.push("head.weight", init::torch_default(&mut rng, &[5, dim], dim, &Device::Cpu)?)?;
+            params.push("head.bias", init::torch_default(&mut rng, &[5], dim, &Device::Cpu)?)?;
+            let x = normal(&mut rng, &[80, channels, size, size])?;
+            let y = Tensor::new(labels(5, 16), &Device::Cpu)?;
+            let mut adam = Adam::new(&params, adam_config)?;
+            Box::new(move || classifier_step(&net, &params, &mut adam, &x, &y))
+        }
+        Workload::MamlSecondOrder => {
+            let config = MamlConfig { ways: 5, inner_steps: 5, inner_steps_test: 5, inner_lr: 0.4, first_order: false };
+            let backbone = Conv4Config { fast_kernels, ..Conv4Config::new(1) };
+            let maml = Maml::new(config, backbone, (28, 28), &mut rng, &Device::Cpu)?;
+            let ep = episode(&mut rng, EpisodeSpec::new(5, 1, 15), 28)?;
+            learner_step(Box::new(maml), ep, adam_config)?
+        }
+        Workload::ProtoNet60Way => {
+            let backbone = Conv4Config { fast_kernels, ..Conv4Config::new(1) };
+            let net = ProtoNet::new(ProtoNetConfig::default(), backbone, &mut rng, &Device::Cpu)?;
+            let ep = episode(&mut rng, EpisodeSpec::new(60, 1, 5), 28)?;
+            learner_step(Box::new(net), ep, adam_config)?
+        }
+    };
+    Ok(Prepared { step })
+}
+
+fn classifier_step(net: &Conv4, params: &ParamSet, adam: &mut Adam, x: &Tensor, y: &Tensor) -> Result<()> {
+    let p = params.values();
+    let emb = net.forward(&p, x, BnMode::Batch(None))?;
+    let logits = emb.matmul(&p.get("head.weight")?.t()?)?.broadcast_add(p.get("head.bias")?)?;
+    let loss = ops::cross_entropy(&logits, y)?;
+    let grads = loss.backward()?;
+    adam.step(&grads, 1e-3)
+}
+
+fn learner_step(
+    mut learner: Box<dyn Learner>,
+    ep: Episode,
+    adam_config: AdamConfig,
+) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let mut adam = Adam::new(learner.params(), adam_config)?;
+    Ok(Box::new(move || {
+        let out = learner.episode_loss(&ep)?;
+        let grads = out.loss.backward()?;
+        adam.step(&grads, 1e-3)
+    }))
+}
+
+/// Wall-clock milliseconds of `reps` steps after `warmup` untimed ones.
+pub fn time(prepared: &mut Prepared, warmup: usize, reps: usize) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        prepared.step()?;
+    }
+    let mut samples = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        prepared.step()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(samples)
+}
+
+/// The median of `samples` (the mean of the middle two for an even count).
+pub fn median(samples: &[f64]) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}

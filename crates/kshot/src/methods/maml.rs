@@ -1,0 +1,253 @@
+//! MAML (Finn, Abbeel & Levine 2017): θ is adapted to a task by K steps of SGD on the support loss,
+//! φ = θ − α∇L_S(θ) (repeated), and meta-trained on the query loss of φ.
+//!
+//! The meta-gradient is exact to second order. candle drops the gradients of non-leaf tensors, so the
+//! inner loop cannot be differentiated by unrolling it; instead the trajectory θ_0 … θ_K is kept as
+//! leaves with their gradient graphs, and the meta-gradient is pulled back through each step with
+//! Hessian-vector products:
+//!
+//!   v_K = ∇L_Q(θ_K),   v_k = (I − α H_k) v_{k+1} = v_{k+1} − α ∇_θ(∇L_S(θ_k) · v_{k+1}),
+//!
+//! and dL_Q/dθ = v_0. First-order MAML stops at v_K. Batch norm uses the statistics of the current
+//! batch at training and at test time, as in the paper.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{Classifier, EpisodeOutput, Learner};
+use crate::data::Episode;
+use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MamlConfig {
+    /// Classes per task: the width of the output layer.
+    pub ways: usize,
+    /// Inner SGD steps during meta-training.
+    pub inner_steps: usize,
+    /// Inner SGD steps when adapting to a test task.
+    pub inner_steps_test: usize,
+    /// Inner step size α.
+    pub inner_lr: f64,
+    /// Drop the second-order term (FOMAML).
+    pub first_order: bool,
+}
+
+impl Default for MamlConfig {
+    fn default() -> Self {
+        Self { ways: 5, inner_steps: 1, inner_steps_test: 3, inner_lr: 0.4, first_order: false }
+    }
+}
+
+/// The meta-gradient of one task, by parameter name.
+pub struct TaskGradient {
+    pub grads: Params,
+    pub query_loss: f64,
+    pub query_accuracy: f64,
+}
+
+pub struct Maml {
+    pub config: MamlConfig,
+    backbone: Conv4,
+    params: ParamSet,
+}
+
+impl Maml {
+    /// A Conv4 backbone for `height`×`width` inputs with a linear `ways`-unit output layer.
+    pub fn new(
+        config: MamlConfig,
+        backbone: Conv4Config,
+        (height, width): (usize, usize),
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let dim = backbone.embedding_dim(height, width);
+        if dim == 0 {
+            candle_core::bail!(
+                "{height}×{width} images are too small for a {}-block Conv4 (each block halves them); use larger images or fewer blocks",
+                backbone.blocks
+            )
+        }
+        let backbone = Conv4::new(backbone);
+        let mut params = backbone.init(rng, device)?;
+        params.push("head.weight", init::torch_default(rng, &[config.ways, dim], dim, device)?)?;
+        params.push("head.bias", init::torch_default(rng, &[config.ways], dim, device)?)?;
+        Ok(Self { config, backbone, params })
+    }
+
+    pub fn backbone(&self) -> &Conv4 {
+        &self.backbone
+    }
+
+    /// [B, ways] logits with batch statistics of `x`.
+    pub fn logits(&self, params: &Params, x: &Tensor) -> Result<Tensor> {
+        let emb = self.backbone.forward(params, x, BnMode::Batch(None))?;
+        emb.matmul(&params.get("head.weight")?.t()?)?.broadcast_add(params.get("head.bias")?)
+    }
+
+    fn loss(&self, params: &Params, x: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+        let logits = self.logits(params, x)?;
+        Ok((ops::cross_entropy(&logits, labels)?, logits))
+    }
+
+    /// φ after `steps` inner SGD steps from `theta`, without a graph back to θ (for inference).
+    pub fn adapt_params(&self, theta: &Params, support: &Tensor, labels: &Tensor, steps: usize) -> Result<Params> {
+        let names: Vec<String> = theta.iter().map(|(n, _)| n.clone()).collect();
+        let mut current: Vec<Tensor> = theta.iter().map(|(_, t)| t.detach()).collect();
+        for _ in 0..steps {
+            let (_, g) = self.support_gradient(&names, &current, support, labels)?;
+            current = sgd_step(&current, &g, self.config.inner_lr, true)?;
+        }
+        Ok(to_params(&names, &current))
+    }
+
+    /// Leaves at `values` and the support-loss gradient there, still attached to its graph.
+    fn support_gradient(
+        &self,
+        names: &[String],
+        values: &[Tensor],
+        support: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(Vec<Var>, Vec<Tensor>)> {
+        let vars = values.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
+        let params = to_params(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+        let (loss, _) = self.loss(&params, support, labels)?;
+        let store = loss.backward()?;
+        let grads = vars.iter().map(|v| grad_or_zeros(&store, v)).collect::<Result<Vec<_>>>()?;
+        Ok((vars, grads))
+    }
+
+    /// dL_Q(φ(θ))/dθ for one task, with `steps` inner steps from `theta`.
+    pub fn task_gradient(&self, theta: &Params, episode: &Episode, steps: usize) -> Result<TaskGradient> {
+        let alpha = self.config.inner_lr;
+        let names: Vec<String> = theta.iter().map(|(n, _)| n.clone()).collect();
+        let support_labels = episode.support_labels_tensor()?;
+        let query_labels = episode.query_labels_tensor()?;
+
+        let mut trajectory = Vec::with_capacity(steps);
+        let mut current: Vec<Tensor> = theta.iter().map(|(_, t)| t.detach()).collect();
+        for _ in 0..steps {
+            let (vars, g) = self.support_gradient(&names, &current, &episode.support, &support_labels)?;
+            current = sgd_step(&current, &g, alpha, true)?;
+            if !self.config.first_order {
+                trajectory.push((vars, g));
+            }
+        }
+
+        let vars = current.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
+        let params = to_params(&names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+        let (loss, logits) = self.loss(&params, &episode.query, &query_labels)?;
+        let query_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let query_accuracy = ops::accuracy(&logits, &query_labels)?;
+        let store = loss.backward()?;
+        let mut v = vars.iter().map(|var| Ok(grad_or_zeros(&store, var)?.detach())).collect::<Result<Vec<_>>>()?;
+
+        for (vars, g) in trajectory.iter().rev() {
+            let mut dot: Option<Tensor> = None;
+            for (gi, vi) in g.iter().zip(&v) {
+                let term = (gi * vi)?.sum_all()?;
+                dot = Some(match dot {
+                    Some(d) => (d + term)?,
+                    None => term,
+                });
+            }
+            let Some(dot) = dot else { break };
+            let store = dot.backward()?;
+            let hv = vars.iter().map(|var| grad_or_zeros(&store, var)).collect::<Result<Vec<_>>>()?;
+            v = sgd_step(&v, &hv, alpha, true)?;
+        }
+        Ok(TaskGradient { grads: to_params(&names, &v), query_loss, query_accuracy })
+    }
+}
+
+fn to_params(names: &[String], values: &[Tensor]) -> Params {
+    let mut p = Params::new();
+    for (n, t) in names.iter().zip(values) {
+        p.insert(n.clone(), t.clone());
+    }
+    p
+}
+
+fn grad_or_zeros(store: &candle_core::backprop::GradStore, var: &Var) -> Result<Tensor> {
+    match store.get(var.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => var.as_tensor().zeros_like(),
+    }
+}
+
+/// x − α·g, detached when `detach` (the result is a new starting point, not part of a graph).
+fn sgd_step(x: &[Tensor], g: &[Tensor], alpha: f64, detach: bool) -> Result<Vec<Tensor>> {
+    x.iter()
+        .zip(g)
+        .map(|(x, g)| {
+            let g = if detach { g.detach() } else { g.clone() };
+            (x - (g * alpha)?).map(|t| if detach { t.detach() } else { t })
+        })
+        .collect()
+}
+
+struct Adapted<'a> {
+    net: &'a Maml,
+    params: Params,
+}
+
+impl Classifier for Adapted<'_> {
+    fn logits(&self, query: &Tensor) -> Result<Tensor> {
+        self.net.logits(&self.params, query)
+    }
+}
+
+impl Learner for Maml {
+    fn method(&self) -> &'static str {
+        if self.config.first_order {
+            "fomaml"
+        } else {
+            "maml"
+        }
+    }
+
+    fn params(&self) -> &ParamSet {
+        &self.params
+    }
+
+    fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
+        if ways != self.config.ways {
+            candle_core::bail!("this MAML model has a {}-way output layer; evaluate it with --ways {}", self.config.ways, self.config.ways)
+        }
+        let labels = Tensor::new(labels, support.device())?;
+        let params = self.adapt_params(&self.params.detached_values(), support, &labels, self.config.inner_steps_test)?;
+        Ok(Box::new(Adapted { net: self, params }))
+    }
+
+    /// A surrogate whose value is the query loss and whose gradient with respect to θ is the exact
+    /// MAML meta-gradient: Σ θ·g − stop(Σ θ·g) + stop(L_Q).
+    fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
+        let theta = self.params.detached_values();
+        let task = self.task_gradient(&theta, episode, self.config.inner_steps)?;
+        let mut linear: Option<Tensor> = None;
+        for (name, var) in self.params.iter() {
+            let g = task.grads.get(name)?;
+            let term = (var.as_tensor() * g)?.sum_all()?;
+            linear = Some(match linear {
+                Some(l) => (l + term)?,
+                None => term,
+            });
+        }
+        let linear = linear.expect("MAML has parameters");
+        let value = Tensor::new(task.query_loss as f32, linear.device())?.to_dtype(linear.dtype())?;
+        let loss = ((&linear - linear.detach())? + value)?;
+        Ok(EpisodeOutput { loss, accuracy: task.query_accuracy })
+    }
+
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+
+    fn load_buffers(
+        &mut self,
+        _tensors: &std::collections::HashMap<String, Tensor>,
+        _origin: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+}

@@ -21,6 +21,10 @@ pub struct BenchArgs {
     /// Untimed repetitions before timing.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Alternate kshot and PyTorch this many times per workload (reps are split between rounds),
+    /// so that both see the same machine conditions.
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
     /// Threads for both kshot and PyTorch.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -64,22 +68,38 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         None => None,
     };
     let kernels = if a.composite_kernels { "composite" } else { "fused" };
-    println!("kshot {} ({kernels} kernels) vs PyTorch, {} threads, median of {} after {} warm-up", kshot::VERSION, a.threads, a.reps, a.warmup);
+    println!(
+        "kshot {} ({kernels} kernels) vs PyTorch, {} threads: median of {} steps in {} alternating rounds, after {} warm-up steps",
+        kshot::VERSION,
+        a.threads,
+        a.reps,
+        a.rounds,
+        a.warmup
+    );
     println!("| workload | kshot ms | PyTorch ms | kshot / PyTorch |");
     println!("|---|---:|---:|---:|");
     let mut torch_version = None;
+    let rounds = a.rounds.clamp(1, a.reps.max(1));
     for w in workloads {
         let mut prepared = bench::prepare(w, !a.composite_kernels)?;
-        let ours = median(&bench::time(&mut prepared, a.warmup, a.reps)?);
-        drop(prepared);
-        let theirs = match (&a.pytorch, &script) {
-            (Some(python), Some(script)) => {
-                let (samples, version) = run_reference(python, script, w, &a)?;
+        bench::time(&mut prepared, a.warmup, 0)?;
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let reps = a.reps / rounds + usize::from(round < a.reps % rounds);
+            let kshot_round = bench::time(&mut prepared, 0, reps)?;
+            eprint!("{} round {}: kshot {:.1} ms", w.name(), round + 1, median(&kshot_round));
+            ours.extend(kshot_round);
+            if let (Some(python), Some(script)) = (&a.pytorch, &script) {
+                let (samples, version) = run_reference(python, script, w, reps, &a)?;
+                eprint!(", PyTorch {:.1} ms", median(&samples));
                 torch_version = Some(version);
-                Some(median(&samples))
+                theirs.extend(samples);
             }
-            _ => None,
-        };
+            eprintln!();
+        }
+        drop(prepared);
+        let ours = median(&ours);
+        let theirs = (!theirs.is_empty()).then(|| median(&theirs));
         match theirs {
             Some(t) => println!("| {} | {ours:.1} | {t:.1} | {:.2} |", w.describe(), ours / t),
             None => println!("| {} | {ours:.1} | – | – |", w.describe()),
@@ -98,12 +118,13 @@ fn run_reference(
     python: &PathBuf,
     script: &PathBuf,
     w: Workload,
+    reps: usize,
     a: &BenchArgs,
 ) -> anyhow::Result<(Vec<f64>, String)> {
     let out = Command::new(python)
         .arg(script)
         .args(["--workload", w.name()])
-        .args(["--reps", &a.reps.to_string(), "--warmup", &a.warmup.to_string(), "--threads", &a.threads.to_string()])
+        .args(["--reps", &reps.to_string(), "--warmup", &a.warmup.to_string(), "--threads", &a.threads.to_string()])
         .output()
         .with_context(|| format!("cannot run {}; pass --pytorch a Python that has torch installed", python.display()))?;
     if !out.status.success() {

@@ -467,3 +467,100 @@ fn conv4_second_order_fast_matches_composite() -> Result<()> {
     }
     Ok(())
 }
+
+fn fixed_stats(c: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mean = (0..c).map(|_| rng.random_range(-0.5..0.5)).collect();
+    let var = (0..c).map(|_| rng.random_range(0.2..2.0)).collect();
+    (mean, var)
+}
+
+fn composite_bn_relu_fixed(x: &Tensor, gamma: &Tensor, beta: &Tensor, (m, v): &(Vec<f64>, Vec<f64>)) -> Result<Tensor> {
+    ops::batch_norm_fixed(x, m, v, gamma, beta, 1e-5)?.relu()
+}
+
+fn fast_bn_relu_fixed(x: &Tensor, gamma: &Tensor, beta: &Tensor, (m, v): &(Vec<f64>, Vec<f64>)) -> Result<Tensor> {
+    kernels::batch_norm_relu_fixed(x, m, v, gamma, beta, 1e-5)
+}
+
+#[test]
+fn batch_norm_fixed_matches_composite() -> Result<()> {
+    setup();
+    for dtype in DTYPES {
+        for (i, d) in [[3, 4, 5, 5], [2, 3, 7, 7], [1, 2, 1, 1]].into_iter().enumerate() {
+            let x = uniform(130 + i as u64, &d, dtype)?;
+            let gamma = uniform(140 + i as u64, &[d[1]], dtype)?;
+            let beta = uniform(150 + i as u64, &[d[1]], dtype)?;
+            let stats = fixed_stats(d[1], 160 + i as u64);
+            let what = format!("batch_norm_relu_fixed {d:?} {dtype:?}");
+            let y = fast_bn_relu_fixed(&x, &gamma, &beta, &stats)?;
+            assert_close(&y, &composite_bn_relu_fixed(&x, &gamma, &beta, &stats)?, tol(dtype), &what);
+            let theta = [x, gamma, beta];
+            let g = gradient(&|t| quad(&fast_bn_relu_fixed(&t[0], &t[1], &t[2], &stats)?, 5), &theta)?;
+            let g_ref = gradient(&|t| quad(&composite_bn_relu_fixed(&t[0], &t[1], &t[2], &stats)?, 5), &theta)?;
+            for (g, g_ref) in g.iter().zip(&g_ref) {
+                assert_close(g, g_ref, 10.0 * tol(dtype), &format!("{what} gradient"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_fixed_derivatives_are_exact() -> Result<()> {
+    setup();
+    let d = [3, 2, 3, 3];
+    let x = uniform(170, &d, DType::F64)?;
+    let gamma = uniform(171, &[2], DType::F64)?.affine(1.0, 0.5)?;
+    let beta = uniform(172, &[2], DType::F64)?;
+    let stats = fixed_stats(2, 173);
+    let fast = |t: &[Tensor]| quad(&fast_bn_relu_fixed(&t[0], &t[1], &t[2], &stats)?, 6);
+    let composite = |t: &[Tensor]| quad(&composite_bn_relu_fixed(&t[0], &t[1], &t[2], &stats)?, 6);
+    check_derivatives(&fast, &composite, &[x, gamma, beta], "batch_norm_relu_fixed")
+}
+
+#[test]
+fn squared_euclidean_matches_composite() -> Result<()> {
+    setup();
+    for dtype in DTYPES {
+        for (i, (n, m, d)) in [(7, 3, 5), (20, 5, 64), (1, 1, 1), (4, 6, 9)].into_iter().enumerate() {
+            let a = uniform(180 + i as u64, &[n, d], dtype)?;
+            let b = uniform(190 + i as u64, &[m, d], dtype)?;
+            let what = format!("squared_euclidean {n}×{m}×{d} {dtype:?}");
+            let y = kernels::squared_euclidean(&a, &b)?;
+            assert_close(&y, &ops::squared_euclidean(&a, &b)?, 10.0 * tol(dtype), &what);
+            let theta = [a, b];
+            let g = gradient(&|t| quad(&kernels::squared_euclidean(&t[0], &t[1])?, 7), &theta)?;
+            let g_ref = gradient(&|t| quad(&ops::squared_euclidean(&t[0], &t[1])?, 7), &theta)?;
+            for (g, g_ref) in g.iter().zip(&g_ref) {
+                assert_close(g, g_ref, 10.0 * tol(dtype), &format!("{what} gradient"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn squared_euclidean_derivatives_are_exact() -> Result<()> {
+    setup();
+    let a = uniform(200, &[5, 4], DType::F64)?;
+    let b = uniform(201, &[3, 4], DType::F64)?;
+    let fast = |t: &[Tensor]| quad(&kernels::squared_euclidean(&t[0], &t[1])?, 8);
+    let composite = |t: &[Tensor]| quad(&ops::squared_euclidean(&t[0], &t[1])?, 8);
+    check_derivatives(&fast, &composite, &[a, b], "squared_euclidean")
+}
+
+#[test]
+fn squared_euclidean_is_exact_near_zero() -> Result<()> {
+    setup();
+    // A row almost equal to a prototype: the expanded form |a|² + |b|² - 2a·b cancels to noise.
+    let b = (uniform(210, &[1, 64], DType::F32)? + 100.0)?;
+    let a = (&b + 1e-3)?;
+    let d = kernels::squared_euclidean(&a, &b)?.to_vec2::<f32>()?[0][0] as f64;
+    let (av, bv) = (values(&a)?, values(&b)?);
+    let exact: f64 = av.iter().zip(&bv).map(|(x, y)| (x - y).powi(2)).sum();
+    assert!((d - exact).abs() < 1e-5 * exact, "distance {d} vs {exact}");
+    let expanded = ops::squared_euclidean(&a, &b)?.to_vec2::<f32>()?[0][0] as f64;
+    assert!((expanded - exact).abs() > 1e-2 * exact, "the expanded form was expected to cancel badly here");
+    Ok(())
+}

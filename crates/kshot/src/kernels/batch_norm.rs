@@ -377,3 +377,79 @@ fn bn_relu_vjp_fwd<T: Real>(
     }
     Ok(storage(out, 2 * numel + 2 * c))
 }
+
+/// Evaluation-mode batch norm followed by ReLU, with fixed statistics (e.g. running averages):
+/// y = relu(γ·(x - μ)/√(σ² + ε) + β). The per-channel scale and shift are formed from γ and β in
+/// candle ops, so gradients reach γ and β; the fused op applies them.
+pub fn batch_norm_relu_fixed(
+    x: &Tensor,
+    mean: &[f64],
+    var: &[f64],
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    if mean.len() != c || var.len() != c || gamma.dims() != [c] || beta.dims() != [c] {
+        bail!("batch norm: statistics and parameters must have one entry per channel ({c})");
+    }
+    let dev = x.device();
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let inv_std = Tensor::new(inv_std.as_slice(), dev)?.to_dtype(x.dtype())?;
+    let mean = Tensor::new(mean, dev)?.to_dtype(x.dtype())?;
+    let scale = (gamma * inv_std)?;
+    let shift = (beta - (&scale * mean)?)?;
+    let ss = Tensor::stack(&[&scale, &shift], 0)?;
+    x.contiguous()?.apply_op2(&ss, ScaleShiftRelu)
+}
+
+/// relu(x·scale + shift) per channel, with [scale; shift] stacked as [2, C]. Its backward, in
+/// candle ops with the ReLU mask held constant, is exact to every order.
+struct ScaleShiftRelu;
+
+impl CustomOp2 for ScaleShiftRelu {
+    fn name(&self) -> &'static str {
+        "kshot-scale-shift-relu"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ss: &CpuStorage, sl: &Layout) -> Result<(CpuStorage, Shape)> {
+        same_dtype(xs, ss)?;
+        dispatch!(xs, scale_shift_relu_fwd(xs, xl, ss, sl))
+    }
+
+    fn bwd(&self, x: &Tensor, ss: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = ss.dim(1)?;
+        let mask = y.detach().gt(0.0)?.to_dtype(y.dtype())?;
+        let gz = (dy * mask)?;
+        let per_channel = |t: Tensor| t.reshape((1, c, 1, 1));
+        let dx = if x.track_op() { Some(gz.broadcast_mul(&per_channel(ss.get(0)?)?)?) } else { None };
+        let dss = if ss.track_op() {
+            let sum = |t: &Tensor| t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3)?.flatten_all();
+            Some(Tensor::stack(&[&sum(&(&gz * x)?)?, &sum(&gz)?], 0)?)
+        } else {
+            None
+        };
+        Ok((dx, dss))
+    }
+}
+
+fn scale_shift_relu_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ss: &CpuStorage, sl: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (x, s) = (slice::<T>(xs, xl)?, slice::<T>(ss, sl)?);
+    let (_, c, hw) = bchw(xl)?;
+    if s.len() != 2 * c {
+        bail!("batch norm: scale and shift must be [2, {c}]");
+    }
+    let mut y = vec![zero::<T>(); x.len()];
+    if !y.is_empty() {
+        y.par_chunks_mut(c * hw).zip(x.par_chunks(c * hw)).for_each(|(y, x)| {
+            for (ch, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                let (scale, shift) = (s[ch], s[c + ch]);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    let z = x * scale + shift;
+                    *y = if z > zero() { z } else { zero() };
+                }
+            }
+        });
+    }
+    Ok(storage(y, xl.shape().clone()))
+}

@@ -113,24 +113,29 @@ fn images_per_block(batch: usize, hw: usize) -> usize {
 /// x[j, ci, oh + kh - 1, ow + kw - 1], or 0 in the padding.
 fn im2col<T: Real>(x: &[T], n: usize, c: usize, h: usize, w: usize) -> Vec<T> {
     let hw = h * w;
-    let cols = n * hw;
-    let mut col = vec![zero(); c * 9 * cols];
-    for (row, dst) in col.chunks_mut(cols).enumerate() {
+    // Every element is written exactly once, in order, so the buffer is never zero-filled first.
+    let mut col = Vec::with_capacity(c * 9 * n * hw);
+    for row in 0..c * 9 {
         let (ci, kh, kw) = (row / 9, row % 9 / 3, row % 3);
         for j in 0..n {
             let plane = &x[(j * c + ci) * hw..][..hw];
-            let dst = &mut dst[j * hw..][..hw];
             for oh in 0..h {
                 let ih = oh + kh;
                 if ih == 0 || ih > h {
+                    col.resize(col.len() + w, zero());
                     continue;
                 }
                 let src = &plane[(ih - 1) * w..][..w];
-                let d = &mut dst[oh * w..][..w];
                 match kw {
-                    0 => d[1..].copy_from_slice(&src[..w - 1]),
-                    1 => d.copy_from_slice(src),
-                    _ => d[..w - 1].copy_from_slice(&src[1..]),
+                    0 => {
+                        col.push(zero());
+                        col.extend_from_slice(&src[..w - 1]);
+                    }
+                    1 => col.extend_from_slice(src),
+                    _ => {
+                        col.extend_from_slice(&src[1..]);
+                        col.push(zero());
+                    }
                 }
             }
         }
@@ -147,6 +152,9 @@ fn swap_outer<T: Real>(src: &[T], n: usize, c: usize, hw: usize, dst: &mut [T]) 
     }
 }
 
+/// Planes at least this large get one gemm per image; smaller ones are batched into one gemm.
+const DIRECT_MIN_PLANE: usize = 128;
+
 fn conv_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
     let (x, w) = (slice::<T>(xs, xl)?, slice::<T>(ws, wl)?);
     let (b, ci, h, wd) = xl.shape().dims4()?;
@@ -159,9 +167,17 @@ fn conv_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout)
             let n = out.len() / (co * hw);
             let cols = n * hw;
             let col = im2col(&x[blk * nb * ci * hw..][..n * ci * hw], n, ci, h, wd);
-            let mut y = vec![zero(); co * cols];
-            matmul((co, cols, k), &mut y, false, Mat::rows(w, k), Mat::rows(&col, cols));
-            swap_outer(&y, co, n, hw, out);
+            if hw >= DIRECT_MIN_PLANE {
+                // One gemm per image, straight into its [co, hw] slice of the output.
+                for (j, out) in out.chunks_mut(co * hw).enumerate() {
+                    let rhs = Mat { data: &col[j * hw..], rs: cols, cs: 1 };
+                    matmul((co, hw, k), out, false, Mat::rows(w, k), rhs);
+                }
+            } else {
+                let mut y = vec![zero(); co * cols];
+                matmul((co, cols, k), &mut y, false, Mat::rows(w, k), Mat::rows(&col, cols));
+                swap_outer(&y, co, n, hw, out);
+            }
         });
     }
     Ok(storage(out, (b, co, h, wd)))

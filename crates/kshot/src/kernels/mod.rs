@@ -8,6 +8,7 @@
 mod batch_norm;
 mod conv;
 mod cpu;
+mod distance;
 mod pool;
 
 use candle_core::{Result, Tensor};
@@ -29,4 +30,21 @@ pub fn batch_norm_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64
 /// to the first maximum of the window in row-major order.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     pool::max_pool2x2(x)
+}
+
+/// Evaluation-mode batch norm followed by ReLU, with fixed per-channel statistics.
+pub fn batch_norm_relu_fixed(
+    x: &Tensor,
+    mean: &[f64],
+    var: &[f64],
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    batch_norm::batch_norm_relu_fixed(x, mean, var, gamma, beta, eps)
+}
+
+/// Pairwise squared Euclidean distances between the rows of `a` [N, D] and `b` [M, D]: [N, M].
+pub fn squared_euclidean(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    distance::squared_euclidean(a, b)
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{class_means_matrix, Classifier, EpisodeOutput, Learner};
 use crate::data::Episode;
+use crate::kernels;
 use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet, Params, RunningStats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -55,6 +56,9 @@ impl ProtoNet {
     /// [M, ways] logits of query embeddings against prototypes.
     pub fn logits(&self, query: &Tensor, prototypes: &Tensor) -> Result<Tensor> {
         match self.config.distance {
+            Distance::Euclidean if self.backbone.config.fast_kernels => {
+                kernels::squared_euclidean(query, prototypes)?.neg()
+            }
             Distance::Euclidean => ops::squared_euclidean(query, prototypes)?.neg(),
             Distance::Cosine => ops::cosine_similarity(query, prototypes, 1e-8)? * self.config.cosine_scale,
         }

@@ -162,6 +162,9 @@ impl Conv4 {
                     }
                     y
                 }
+                BnMode::Running(r) if c.fast_kernels => {
+                    kernels::batch_norm_relu_fixed(&h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps)?
+                }
                 BnMode::Running(r) => {
                     ops::batch_norm_fixed(&h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps)?.relu()?
                 }

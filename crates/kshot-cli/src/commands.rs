@@ -116,6 +116,21 @@ struct TrainArgs {
     /// Use candle's composite ops instead of kshot's fused kernels (slower; for checking).
     #[arg(long)]
     composite_kernels: bool,
+    /// Episodes (tasks) per optimiser update.
+    #[arg(long)]
+    meta_batch: Option<usize>,
+    /// MAML: inner SGD steps during meta-training.
+    #[arg(long)]
+    inner_steps: Option<usize>,
+    /// MAML: inner SGD steps when adapting to a test task.
+    #[arg(long)]
+    inner_steps_test: Option<usize>,
+    /// MAML: inner step size α.
+    #[arg(long)]
+    inner_lr: Option<f64>,
+    /// MAML: drop the second-order term (same as --method fomaml).
+    #[arg(long)]
+    first_order: bool,
     /// Checkpoint and stop after this many minutes of this session (resume continues the run).
     #[arg(long, value_name = "MINUTES")]
     max_minutes: Option<f64>,
@@ -194,7 +209,13 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
         c.data.split = s.clone();
     }
     let subsets = data::split_subsets(&c.data.dataset, &c.data.split)?;
-    c.data.train_subset = a.train_subset.clone().unwrap_or_else(|| subsets.train.to_string());
+    // The preset's own training subset (e.g. MAML's `trainval`) stands unless the split changed.
+    if a.dataset.is_some() || a.split.is_some() || a.preset.is_none() {
+        c.data.train_subset = subsets.train.to_string();
+    }
+    if let Some(t) = &a.train_subset {
+        c.data.train_subset = t.clone();
+    }
     c.data.test_subset = subsets.test.to_string();
     if subsets.val.is_none() {
         c.validation = None;
@@ -255,6 +276,20 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
         v.episodes = n;
     }
     c.backbone.fast_kernels = !a.composite_kernels;
+    if let Some(n) = a.meta_batch {
+        c.meta_batch = n.max(1);
+    }
+    c.maml.ways = c.train.ways;
+    if let Some(n) = a.inner_steps {
+        c.maml.inner_steps = n;
+    }
+    if let Some(n) = a.inner_steps_test {
+        c.maml.inner_steps_test = n;
+    }
+    if let Some(lr) = a.inner_lr {
+        c.maml.inner_lr = lr;
+    }
+    c.maml.first_order |= a.first_order || c.method == "fomaml";
     Ok(c)
 }
 

@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{EpisodeSpec, Grouping};
-use crate::methods::ProtoNetConfig;
+use crate::methods::{MamlConfig, ProtoNetConfig};
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
 
@@ -43,13 +43,18 @@ pub struct RunConfig {
     pub data: DataConfig,
     /// Training episodes.
     pub train: EpisodeSpec,
-    /// Total training episodes.
+    /// Total training steps (optimiser updates). Each step draws `meta_batch` episodes.
     pub episodes: u64,
+    /// Episodes (tasks) per optimiser update; the step's loss is their mean.
+    #[serde(default = "one")]
+    pub meta_batch: usize,
     pub seed: u64,
     pub adam: AdamConfig,
     pub schedule: StepDecay,
     pub backbone: Conv4Config,
     pub protonet: ProtoNetConfig,
+    #[serde(default)]
+    pub maml: MamlConfig,
     pub checkpoint_every: u64,
     pub validation: Option<Validation>,
     /// Test episodes of the protocol (what `kshot eval` uses unless told otherwise).
@@ -69,4 +74,8 @@ impl RunConfig {
         let text = serde_json::to_string_pretty(self)?;
         crate::checkpoint::write_atomic(path, text.as_bytes())
     }
+}
+
+fn one() -> usize {
+    1
 }

@@ -123,8 +123,11 @@ pub fn train(
         }
         let started = Instant::now();
         let lr = config.schedule.at(done);
-        let episode = sampler.episode(config.seed, done, &device)?;
-        let out = learner.episode_loss(&episode)?;
+        let batch = config.meta_batch.max(1) as u64;
+        let episodes = (done * batch..(done + 1) * batch)
+            .map(|index| sampler.episode(config.seed, index, &device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let out = learner.meta_batch_loss(&episodes)?;
         let loss = out.loss.to_scalar::<f32>()? as f64;
         if !loss.is_finite() {
             bail!("training diverged at episode {done} (loss {loss}); lower the learning rate (--lr)");

@@ -12,6 +12,7 @@
 //! batch at training and at test time, as in the paper.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use rayon::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,8 @@ pub struct TaskGradient {
 
 pub struct Maml {
     pub config: MamlConfig,
+    /// Run the tasks of a meta-batch in parallel (the result is the same either way).
+    pub parallel_tasks: bool,
     backbone: Conv4,
     params: ParamSet,
 }
@@ -72,7 +75,7 @@ impl Maml {
         let mut params = backbone.init(rng, device)?;
         params.push("head.weight", init::torch_default(rng, &[config.ways, dim], dim, device)?)?;
         params.push("head.bias", init::torch_default(rng, &[config.ways], dim, device)?)?;
-        Ok(Self { config, backbone, params })
+        Ok(Self { config, parallel_tasks: true, backbone, params })
     }
 
     pub fn backbone(&self) -> &Conv4 {
@@ -160,6 +163,37 @@ impl Maml {
     }
 }
 
+impl Maml {
+    /// A loss whose value is the mean query loss of `tasks` and whose gradient with respect to θ is
+    /// their mean meta-gradient: Σ θ·ḡ − stop(Σ θ·ḡ) + stop(mean L_Q).
+    fn surrogate(&self, tasks: &[TaskGradient]) -> Result<EpisodeOutput> {
+        let n = tasks.len().max(1) as f64;
+        let mut linear: Option<Tensor> = None;
+        for (name, var) in self.params.iter() {
+            let mut g: Option<Tensor> = None;
+            for task in tasks {
+                let t = task.grads.get(name)?;
+                g = Some(match g {
+                    Some(acc) => (acc + t)?,
+                    None => t.clone(),
+                });
+            }
+            let Some(g) = g else { candle_core::bail!("a meta-batch needs at least one task") };
+            let term = (var.as_tensor() * (g / n)?.to_dtype(var.dtype())?)?.sum_all()?;
+            linear = Some(match linear {
+                Some(l) => (l + term)?,
+                None => term,
+            });
+        }
+        let linear = linear.ok_or_else(|| candle_core::Error::Msg("MAML has no parameters".into()))?;
+        let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
+        let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
+        let value = Tensor::new(query_loss, linear.device())?.to_dtype(linear.dtype())?;
+        let loss = ((&linear - linear.detach())? + value)?;
+        Ok(EpisodeOutput { loss, accuracy })
+    }
+}
+
 fn to_params(names: &[String], values: &[Tensor]) -> Params {
     let mut p = Params::new();
     for (n, t) in names.iter().zip(values) {
@@ -219,24 +253,23 @@ impl Learner for Maml {
         Ok(Box::new(Adapted { net: self, params }))
     }
 
-    /// A surrogate whose value is the query loss and whose gradient with respect to θ is the exact
-    /// MAML meta-gradient: Σ θ·g − stop(Σ θ·g) + stop(L_Q).
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
         let theta = self.params.detached_values();
         let task = self.task_gradient(&theta, episode, self.config.inner_steps)?;
-        let mut linear: Option<Tensor> = None;
-        for (name, var) in self.params.iter() {
-            let g = task.grads.get(name)?;
-            let term = (var.as_tensor() * g)?.sum_all()?;
-            linear = Some(match linear {
-                Some(l) => (l + term)?,
-                None => term,
-            });
-        }
-        let linear = linear.expect("MAML has parameters");
-        let value = Tensor::new(task.query_loss as f32, linear.device())?.to_dtype(linear.dtype())?;
-        let loss = ((&linear - linear.detach())? + value)?;
-        Ok(EpisodeOutput { loss, accuracy: task.query_accuracy })
+        self.surrogate(&[task])
+    }
+
+    /// Tasks run in parallel, one per thread, when [`Maml::parallel_tasks`] is set: with small
+    /// support sets that keeps both cores busier than splitting each task's small ops.
+    fn meta_batch_loss(&mut self, episodes: &[Episode]) -> Result<EpisodeOutput> {
+        let theta = self.params.detached_values();
+        let steps = self.config.inner_steps;
+        let tasks: Vec<TaskGradient> = if self.parallel_tasks && episodes.len() > 1 {
+            episodes.par_iter().map(|ep| self.task_gradient(&theta, ep, steps)).collect::<Result<_>>()?
+        } else {
+            episodes.iter().map(|ep| self.task_gradient(&theta, ep, steps)).collect::<Result<_>>()?
+        };
+        self.surrogate(&tasks)
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {

@@ -38,6 +38,24 @@ pub trait Learner {
     /// Training mode: may update non-trainable state such as batch-norm running statistics.
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput>;
 
+    /// The mean query loss of a meta-batch of episodes. Learners whose tasks are independent
+    /// override this to run them in parallel.
+    fn meta_batch_loss(&mut self, episodes: &[Episode]) -> Result<EpisodeOutput> {
+        let mut total: Option<Tensor> = None;
+        let mut accuracy = 0.0;
+        for ep in episodes {
+            let out = self.episode_loss(ep)?;
+            accuracy += out.accuracy;
+            total = Some(match total {
+                Some(t) => (t + out.loss)?,
+                None => out.loss,
+            });
+        }
+        let n = episodes.len().max(1) as f64;
+        let total = total.ok_or_else(|| candle_core::Error::Msg("a meta-batch needs at least one episode".into()))?;
+        Ok(EpisodeOutput { loss: (total / n)?, accuracy: accuracy / n })
+    }
+
     /// Non-trainable state saved beside the parameters (e.g. batch-norm running statistics).
     fn buffers(&self) -> Result<Vec<(String, Tensor)>>;
 
@@ -63,7 +81,7 @@ pub fn class_means_matrix(labels: &[u32], ways: usize, device: &candle_core::Dev
 }
 
 /// The methods `kshot train --method` accepts.
-pub const METHODS: &[&str] = &["protonet"];
+pub const METHODS: &[&str] = &["protonet", "maml", "fomaml"];
 
 /// A fresh learner for `config`, its parameters drawn from `rng`.
 pub fn build(
@@ -73,6 +91,24 @@ pub fn build(
 ) -> anyhow::Result<Box<dyn Learner>> {
     match config.method.as_str() {
         "protonet" => Ok(Box::new(ProtoNet::new(config.protonet, config.backbone, rng, device)?)),
+        "maml" | "fomaml" => {
+            let maml = MamlConfig { first_order: config.method == "fomaml" || config.maml.first_order, ..config.maml };
+            anyhow::ensure!(
+                maml.ways == config.train.ways,
+                "MAML's output layer has {} units but training episodes are {}-way; set --train-ways and --ways alike",
+                maml.ways,
+                config.train.ways
+            );
+            if !maml.first_order {
+                anyhow::ensure!(
+                    crate::autograd::second_order_available(),
+                    "second-order MAML needs {} set before any backward pass; use --method fomaml for first order",
+                    crate::autograd::KEEP_GRAPH_VAR
+                );
+            }
+            let size = config.data.image_size;
+            Ok(Box::new(Maml::new(maml, config.backbone, (size, size), rng, device)?))
+        }
         other => anyhow::bail!("unknown method `{other}`; choose one of: {}", METHODS.join(", ")),
     }
 }

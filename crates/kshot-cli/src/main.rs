@@ -13,7 +13,18 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (v3 numbering, as libmimalloc-sys builds it by default).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keep freed memory for reuse instead of returning it to the OS after 10 ms: every training step
+/// frees and reallocates the same large buffers, and re-faulting them cost a third of a MAML step.
+fn keep_freed_memory() {
+    // SAFETY: sets a plain integer option before any thread of ours is started.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = commands::Cli::parse();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -164,7 +164,11 @@ fn check_derivatives(fast: Loss, composite: Loss, theta: &[Tensor], what: &str) 
     Ok(())
 }
 
-const CONV_SHAPES: [([usize; 4], usize); 5] = [
+/// 12×12 planes (one gemm per image, written straight into the output) and smaller ones (batched
+/// into one gemm), with batches above and below the 8 blocks the kernels aim for.
+const CONV_SHAPES: [([usize; 4], usize); 7] = [
+    ([3, 2, 12, 12], 16),
+    ([9, 2, 12, 11], 5),
     ([2, 3, 7, 7], 4),
     ([3, 2, 5, 5], 5),
     ([9, 4, 5, 5], 3),
@@ -195,7 +199,7 @@ fn conv_matches_composite() -> Result<()> {
 #[test]
 fn conv_derivatives_are_exact() -> Result<()> {
     setup();
-    for (i, (xd, co)) in [([2, 2, 5, 5], 3), ([3, 2, 4, 3], 2)].into_iter().enumerate() {
+    for (i, (xd, co)) in [([2, 2, 5, 5], 3), ([3, 2, 4, 3], 2), ([2, 2, 12, 12], 16)].into_iter().enumerate() {
         let x = uniform(10 + i as u64, &xd, DType::F64)?;
         let w = uniform(20 + i as u64, &[co, xd[1], 3, 3], DType::F64)?;
         let fast = |t: &[Tensor]| quad(&kernels::conv3x3(&t[0], &t[1])?, 3);

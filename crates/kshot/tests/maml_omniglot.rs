@@ -6,17 +6,11 @@ mod common;
 
 use std::sync::atomic::AtomicBool;
 
-use kshot::data::{self, EpisodeSampler, EpisodeSpec, Grouping};
-use kshot::{eval, presets, train};
+use kshot::data::EpisodeSpec;
+use kshot::{presets, train};
 
 #[test]
 fn maml_short_run_beats_chance_and_its_untrained_self() {
-    let root = common::data_root();
-    let cache = std::env::temp_dir().join(format!("kshot-test-cache-maml-{}", std::process::id()));
-    std::env::set_var("KSHOT_CACHE", &cache);
-    let train_set = data::load(&root, "omniglot", "vinyals", "train", 28).unwrap();
-    let test_set = data::load(&root, "omniglot", "vinyals", "test", 28).unwrap();
-
     let mut config = (presets::find("maml-omniglot-5w1s").unwrap().build)();
     config.data.train_subset = "train".into();
     config.train = EpisodeSpec::new(5, 1, 5);
@@ -24,21 +18,10 @@ fn maml_short_run_beats_chance_and_its_untrained_self() {
     config.episodes = 80;
     config.schedule.lr = 3e-3;
     config.checkpoint_every = 80;
-    let dir = std::env::temp_dir().join(format!("kshot-maml-omniglot-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-
-    let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 15), Grouping::Any).unwrap();
-    let untrained = train::new_learner(&config).unwrap();
-    let before = eval::evaluate(untrained.as_ref(), &sampler, 100, 0, |_| {}).unwrap();
-
-    train::train(&dir, &config, &train_set, None, false, &AtomicBool::new(false), |_| {}).unwrap();
-    let (_, learner) = train::load_learner(&dir).unwrap();
-    let after = eval::evaluate(learner.as_ref(), &sampler, 100, 0, |_| {}).unwrap();
-    eprintln!("MAML 5-way 1-shot on held-out classes: untrained {:.3}, after 80 meta-batches of 4 {:.3}", before.accuracy, after.accuracy);
-    assert!(after.accuracy > 0.45, "accuracy {} after 80 meta-iterations (chance 0.2)", after.accuracy);
-    assert!(after.accuracy > before.accuracy + 0.15, "meta-training must help: {} → {}", before.accuracy, after.accuracy);
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&cache);
+    let (before, after) = common::omniglot_before_and_after(&config, "maml");
+    eprintln!("MAML 5-way 1-shot on held-out classes: untrained {before:.3}, after 80 meta-batches of 4 {after:.3}");
+    assert!(after > 0.45, "accuracy {after} after 80 meta-iterations (chance 0.2)");
+    assert!(after > before + 0.15, "meta-training must help: {before} → {after}");
 }
 
 fn model_values(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {

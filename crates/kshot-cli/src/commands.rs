@@ -51,6 +51,12 @@ enum FetchDataset {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum TwinArg {
+    Conv4,
+    Koch,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DistanceArg {
     Euclidean,
     Cosine,
@@ -114,6 +120,36 @@ struct TrainArgs {
     /// Use candle's composite ops instead of kshot's fused kernels (slower; for checking).
     #[arg(long)]
     composite_kernels: bool,
+    /// Matching Networks: full-context embeddings (biLSTM over the support, attention LSTM for queries).
+    #[arg(long)]
+    fce: bool,
+    /// Matching Networks: read steps of the attention LSTM (with --fce).
+    #[arg(long)]
+    fce_steps: Option<usize>,
+    /// Matching Networks: multiply cosine similarities by this before the attention softmax (paper: 1).
+    #[arg(long)]
+    attention_scale: Option<f64>,
+    /// Siamese: the twin network (conv4: reduced, 28x28; koch: the paper's 105x105 network).
+    #[arg(long, value_enum)]
+    twin: Option<TwinArg>,
+    /// Siamese: units of the sigmoid embedding layer.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Siamese: pairs per training step (half same, half different).
+    #[arg(long)]
+    pairs: Option<usize>,
+    /// Siamese: fraction of the different pairs drawn from one alphabet.
+    #[arg(long)]
+    within_group_negatives: Option<f64>,
+    /// Siamese: no affine distortions.
+    #[arg(long)]
+    no_augment: bool,
+    /// Baseline / Baseline++: images per pretraining mini-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Baseline / Baseline++: fine-tuning epochs over each test support set.
+    #[arg(long)]
+    finetune_epochs: Option<usize>,
     /// Checkpoint and stop after this many minutes of this session (resume continues the run).
     #[arg(long, value_name = "MINUTES")]
     max_minutes: Option<f64>,
@@ -145,6 +181,20 @@ struct EvalArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Score a fixed benchmark instead of random episodes (lake-20way: Lake et al.'s 20 runs of
+    /// 20-way within-alphabet one-shot classification, omniglot/all_runs.zip).
+    #[arg(long, value_enum)]
+    benchmark: Option<BenchmarkArg>,
+    /// Score the Lake benchmark even though the run trained on classes outside Omniglot's
+    /// background alphabets (the score is then contaminated and reported as such).
+    #[arg(long)]
+    allow_contaminated: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchmarkArg {
+    #[value(name = "lake-20way")]
+    Lake20way,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -252,6 +302,39 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
         v.episodes = n;
     }
     c.backbone.fast_kernels = !a.composite_kernels;
+    if a.fce {
+        c.matching.fce = true;
+    }
+    if let Some(k) = a.fce_steps {
+        c.matching.fce_steps = k;
+    }
+    if let Some(s) = a.attention_scale {
+        c.matching.attention_scale = s;
+    }
+    if let Some(t) = a.twin {
+        c.siamese.twin = match t {
+            TwinArg::Conv4 => kshot::methods::siamese::Twin::Conv4,
+            TwinArg::Koch => kshot::methods::siamese::Twin::Koch,
+        };
+    }
+    if let Some(h) = a.hidden {
+        c.siamese.hidden = h;
+    }
+    if let Some(p) = a.pairs {
+        c.siamese.pairs = p;
+    }
+    if let Some(f) = a.within_group_negatives {
+        c.siamese.within_group_negatives = f;
+    }
+    if a.no_augment {
+        c.siamese.augment = false;
+    }
+    if let Some(b) = a.batch_size {
+        c.baseline.batch_size = b;
+    }
+    if let Some(e) = a.finetune_epochs {
+        c.baseline.finetune_epochs = e;
+    }
     Ok(c)
 }
 
@@ -369,6 +452,9 @@ fn data_root_for(flag: Option<&Path>, config: &RunConfig) -> anyhow::Result<Path
 fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let (config, learner) = train::load_learner(&a.run)?;
     let root = data_root_for(a.data_dir.as_deref(), &config)?;
+    if let Some(BenchmarkArg::Lake20way) = a.benchmark {
+        return run_lake(&a, &config, learner.as_ref(), &root);
+    }
     let d = &config.data;
     let subset = a.subset.clone().unwrap_or_else(|| d.test_subset.clone());
     let set = data::load(&root, &d.dataset, &d.split, &subset, d.image_size)?;
@@ -416,6 +502,51 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             a.seed,
             100.0 * report.accuracy,
             100.0 * report.ci95
+        );
+    }
+    Ok(())
+}
+
+fn run_lake(
+    a: &EvalArgs,
+    config: &RunConfig,
+    learner: &dyn kshot::methods::Learner,
+    root: &Path,
+) -> anyhow::Result<()> {
+    let contaminated = eval::lake_benchmark_ineligibility(config);
+    if let Some(why) = &contaminated {
+        if !a.allow_contaminated {
+            bail!("refusing --benchmark lake-20way: {why}; pass --allow-contaminated to score it anyway");
+        }
+        eprintln!("WARNING: CONTAMINATED SCORE: {why}");
+    }
+    let path = data::lake_runs::archive_path(root);
+    let runs = data::lake_runs::load(&path)?;
+    let report = eval::evaluate_lake(learner, &runs, config.data.image_size)?;
+    if a.json {
+        let json = serde_json::json!({
+            "method": config.method,
+            "benchmark": "lake-20way",
+            "runs": report.runs.len(),
+            "per_run_error": report.runs.iter().map(|r| r.1).collect::<Vec<_>>(),
+            "error": report.error / 100.0,
+            "accuracy": report.accuracy / 100.0,
+            "contaminated": contaminated.is_some(),
+            "run": a.run.display().to_string(),
+            "kshot_version": kshot::VERSION,
+        });
+        println!("{json}");
+    } else {
+        for (name, err) in &report.runs {
+            println!(" {name} (error {err:.1}%)");
+        }
+        println!(
+            "{} on Lake's 20-way within-alphabet one-shot benchmark ({} runs): average error {:.2}%, accuracy {:.2}%{}",
+            config.method,
+            report.runs.len(),
+            report.error,
+            report.accuracy,
+            if contaminated.is_some() { " (CONTAMINATED: not trained on the background alphabets only)" } else { "" }
         );
     }
     Ok(())

@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{EpisodeSpec, Grouping};
-use crate::methods::ProtoNetConfig;
+use crate::methods::{BaselineConfig, MatchingConfig, ProtoNetConfig, SiameseConfig};
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
 
@@ -50,6 +50,12 @@ pub struct RunConfig {
     pub schedule: StepDecay,
     pub backbone: Conv4Config,
     pub protonet: ProtoNetConfig,
+    #[serde(default)]
+    pub matching: MatchingConfig,
+    #[serde(default)]
+    pub siamese: SiameseConfig,
+    #[serde(default)]
+    pub baseline: BaselineConfig,
     pub checkpoint_every: u64,
     pub validation: Option<Validation>,
     /// Test episodes of the protocol (what `kshot eval` uses unless told otherwise).

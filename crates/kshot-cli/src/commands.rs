@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Meta-train a learner (or continue one with --resume).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score a trained run on fixed, seeded test episodes: mean accuracy ± 95% CI.
     Eval(EvalArgs),
     /// Download and verify datasets.
@@ -199,7 +199,7 @@ enum BenchmarkArg {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train(args) => run_train(args),
+        Command::Train(args) => run_train(*args),
         Command::Eval(args) => run_eval(args),
         Command::Data { command: DataCommand::Fetch { dataset: FetchDataset::Omniglot, data_dir } } => {
             let root = data::resolve_root(data_dir.as_deref())?;

@@ -17,10 +17,7 @@ fn matching_short_run_beats_chance_and_its_untrained_self() {
     let train_set = data::load(&root, "omniglot", "vinyals", "train", 28).unwrap();
     let test_set = data::load(&root, "omniglot", "vinyals", "test", 28).unwrap();
 
-    let mut config = presets::find("matching-omniglot-20way-1shot")
-        .unwrap()
-        .build
-        .clone()();
+    let mut config = (presets::find("matching-omniglot-20way-1shot").unwrap().build)();
     config.train = EpisodeSpec::new(20, 1, 5);
     config.episodes = 100;
     // The paper's scale 1 learns too slowly for a 100-episode test (67% after 100 episodes).

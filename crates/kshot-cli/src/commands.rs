@@ -362,13 +362,18 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         (Some(_), Some(val)) => Some(data::load(&root, &d.dataset, &d.split, val, d.image_size)?),
         _ => None,
     };
+    // Siamese and Baseline own their training step: pairs and mini-batches, not episodes.
+    let unit = match config.method.as_str() {
+        "siamese" => format!("training steps of {} same/different pairs", config.siamese.pairs),
+        "baseline" | "baseline++" => format!("training mini-batches of {} images", config.baseline.batch_size),
+        _ => format!("training episodes of {}", config.train),
+    };
     eprintln!(
-        "{} {}: {} classes, {} training episodes of {}; run directory {}",
+        "{} {}: {} classes, {} {unit}; run directory {}",
         if resume { "resuming" } else { "training" },
         config.method,
         train_set.classes.len(),
         config.episodes,
-        config.train,
         run_dir.display()
     );
 

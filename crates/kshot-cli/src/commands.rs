@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Meta-train a learner (or continue one with --resume).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Score a trained run on fixed, seeded test episodes: mean accuracy ± 95% CI.
     Eval(EvalArgs),
     /// Download and verify datasets.
@@ -50,6 +50,12 @@ enum DataCommand {
 #[derive(Clone, Copy, ValueEnum)]
 enum FetchDataset {
     Omniglot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TwinArg {
+    Conv4,
+    Koch,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -131,6 +137,36 @@ struct TrainArgs {
     /// MAML: drop the second-order term (same as --method fomaml).
     #[arg(long)]
     first_order: bool,
+    /// Matching Networks: full-context embeddings (biLSTM over the support, attention LSTM for queries).
+    #[arg(long)]
+    fce: bool,
+    /// Matching Networks: read steps of the attention LSTM (with --fce).
+    #[arg(long)]
+    fce_steps: Option<usize>,
+    /// Matching Networks: multiply cosine similarities by this before the attention softmax (paper: 1).
+    #[arg(long)]
+    attention_scale: Option<f64>,
+    /// Siamese: the twin network (conv4: reduced, 28x28; koch: the paper's 105x105 network).
+    #[arg(long, value_enum)]
+    twin: Option<TwinArg>,
+    /// Siamese: units of the sigmoid embedding layer.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Siamese: pairs per training step (half same, half different).
+    #[arg(long)]
+    pairs: Option<usize>,
+    /// Siamese: fraction of the different pairs drawn from one alphabet.
+    #[arg(long)]
+    within_group_negatives: Option<f64>,
+    /// Siamese: no affine distortions.
+    #[arg(long)]
+    no_augment: bool,
+    /// Baseline / Baseline++: images per pretraining mini-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Baseline / Baseline++: fine-tuning epochs over each test support set.
+    #[arg(long)]
+    finetune_epochs: Option<usize>,
     /// Checkpoint and stop after this many minutes of this session (resume continues the run).
     #[arg(long, value_name = "MINUTES")]
     max_minutes: Option<f64>,
@@ -162,11 +198,25 @@ struct EvalArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Score a fixed benchmark instead of random episodes (lake-20way: Lake et al.'s 20 runs of
+    /// 20-way within-alphabet one-shot classification, omniglot/all_runs.zip).
+    #[arg(long, value_enum)]
+    benchmark: Option<BenchmarkArg>,
+    /// Score the Lake benchmark even though the run trained on classes outside Omniglot's
+    /// background alphabets (the score is then contaminated and reported as such).
+    #[arg(long)]
+    allow_contaminated: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchmarkArg {
+    #[value(name = "lake-20way")]
+    Lake20way,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train(args) => run_train(args),
+        Command::Train(args) => run_train(*args),
         Command::Eval(args) => run_eval(args),
         Command::Data { command: DataCommand::Fetch { dataset: FetchDataset::Omniglot, data_dir } } => {
             let root = data::resolve_root(data_dir.as_deref())?;
@@ -290,6 +340,39 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
         c.maml.inner_lr = lr;
     }
     c.maml.first_order |= a.first_order || c.method == "fomaml";
+    if a.fce {
+        c.matching.fce = true;
+    }
+    if let Some(k) = a.fce_steps {
+        c.matching.fce_steps = k;
+    }
+    if let Some(s) = a.attention_scale {
+        c.matching.attention_scale = s;
+    }
+    if let Some(t) = a.twin {
+        c.siamese.twin = match t {
+            TwinArg::Conv4 => kshot::methods::siamese::Twin::Conv4,
+            TwinArg::Koch => kshot::methods::siamese::Twin::Koch,
+        };
+    }
+    if let Some(h) = a.hidden {
+        c.siamese.hidden = h;
+    }
+    if let Some(p) = a.pairs {
+        c.siamese.pairs = p;
+    }
+    if let Some(f) = a.within_group_negatives {
+        c.siamese.within_group_negatives = f;
+    }
+    if a.no_augment {
+        c.siamese.augment = false;
+    }
+    if let Some(b) = a.batch_size {
+        c.baseline.batch_size = b;
+    }
+    if let Some(e) = a.finetune_epochs {
+        c.baseline.finetune_epochs = e;
+    }
     Ok(c)
 }
 
@@ -317,13 +400,18 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         (Some(_), Some(val)) => Some(data::load(&root, &d.dataset, &d.split, val, d.image_size)?),
         _ => None,
     };
+    // Siamese and Baseline own their training step: pairs and mini-batches, not episodes.
+    let unit = match config.method.as_str() {
+        "siamese" => format!("training steps of {} same/different pairs", config.siamese.pairs),
+        "baseline" | "baseline++" => format!("training mini-batches of {} images", config.baseline.batch_size),
+        _ => format!("training episodes of {}", config.train),
+    };
     eprintln!(
-        "{} {}: {} classes, {} training episodes of {}; run directory {}",
+        "{} {}: {} classes, {} {unit}; run directory {}",
         if resume { "resuming" } else { "training" },
         config.method,
         train_set.classes.len(),
         config.episodes,
-        config.train,
         run_dir.display()
     );
 
@@ -407,6 +495,9 @@ fn data_root_for(flag: Option<&Path>, config: &RunConfig) -> anyhow::Result<Path
 fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let (config, learner) = train::load_learner(&a.run)?;
     let root = data_root_for(a.data_dir.as_deref(), &config)?;
+    if let Some(BenchmarkArg::Lake20way) = a.benchmark {
+        return run_lake(&a, &config, learner.as_ref(), &root);
+    }
     let d = &config.data;
     let subset = a.subset.clone().unwrap_or_else(|| d.test_subset.clone());
     let set = data::load(&root, &d.dataset, &d.split, &subset, d.image_size)?;
@@ -454,6 +545,51 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             a.seed,
             100.0 * report.accuracy,
             100.0 * report.ci95
+        );
+    }
+    Ok(())
+}
+
+fn run_lake(
+    a: &EvalArgs,
+    config: &RunConfig,
+    learner: &dyn kshot::methods::Learner,
+    root: &Path,
+) -> anyhow::Result<()> {
+    let contaminated = eval::lake_benchmark_ineligibility(config);
+    if let Some(why) = &contaminated {
+        if !a.allow_contaminated {
+            bail!("refusing --benchmark lake-20way: {why}; pass --allow-contaminated to score it anyway");
+        }
+        eprintln!("WARNING: CONTAMINATED SCORE: {why}");
+    }
+    let path = data::lake_runs::archive_path(root);
+    let runs = data::lake_runs::load(&path)?;
+    let report = eval::evaluate_lake(learner, &runs, config.data.image_size)?;
+    if a.json {
+        let json = serde_json::json!({
+            "method": config.method,
+            "benchmark": "lake-20way",
+            "runs": report.runs.len(),
+            "per_run_error": report.runs.iter().map(|r| r.1).collect::<Vec<_>>(),
+            "error": report.error / 100.0,
+            "accuracy": report.accuracy / 100.0,
+            "contaminated": contaminated.is_some(),
+            "run": a.run.display().to_string(),
+            "kshot_version": kshot::VERSION,
+        });
+        println!("{json}");
+    } else {
+        for (name, err) in &report.runs {
+            println!(" {name} (error {err:.1}%)");
+        }
+        println!(
+            "{} on Lake's 20-way within-alphabet one-shot benchmark ({} runs): average error {:.2}%, accuracy {:.2}%{}",
+            config.method,
+            report.runs.len(),
+            report.error,
+            report.accuracy,
+            if contaminated.is_some() { " (CONTAMINATED: not trained on the background alphabets only)" } else { "" }
         );
     }
     Ok(())

@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{EpisodeSpec, Grouping};
-use crate::methods::{MamlConfig, ProtoNetConfig};
+use crate::methods::{BaselineConfig, MamlConfig, MatchingConfig, ProtoNetConfig, SiameseConfig};
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
 
@@ -55,6 +55,12 @@ pub struct RunConfig {
     pub protonet: ProtoNetConfig,
     #[serde(default)]
     pub maml: MamlConfig,
+    #[serde(default)]
+    pub matching: MatchingConfig,
+    #[serde(default)]
+    pub siamese: SiameseConfig,
+    #[serde(default)]
+    pub baseline: BaselineConfig,
     pub checkpoint_every: u64,
     pub validation: Option<Validation>,
     /// Test episodes of the protocol (what `kshot eval` uses unless told otherwise).

@@ -66,3 +66,55 @@ pub fn evaluate(
         per_episode,
     })
 }
+
+/// Why a run may not be scored on Lake's benchmark, if it may not: the benchmark's characters come
+/// from Omniglot's 20 evaluation alphabets, so only a run trained on the 30 background alphabets
+/// (`--split lake`, subset `background`) has never seen them.
+pub fn lake_benchmark_ineligibility(config: &crate::config::RunConfig) -> Option<String> {
+    let d = &config.data;
+    if d.dataset == "omniglot" && d.split == "lake" && d.train_subset == "background" {
+        None
+    } else {
+        Some(format!(
+            "this run trained on {}/{} ({}), which is not Omniglot's background alphabets only; Lake's 20-way benchmark \
+             uses the evaluation alphabets, so its score would be contaminated (train with --split lake)",
+            d.dataset, d.split, d.train_subset
+        ))
+    }
+}
+
+/// Scores `learner` on every run of Lake's 20-way one-shot benchmark, each run as one 20-way 1-shot
+/// task (support: the 20 training images, query: the 20 test images), at `image_size`×`image_size`
+/// pixels, scored exactly as Lake's demo ([`crate::data::lake_runs::score_run`]).
+pub fn evaluate_lake(
+    learner: &dyn Learner,
+    runs: &[crate::data::lake_runs::LakeRun],
+    image_size: usize,
+) -> anyhow::Result<crate::data::lake_runs::LakeReport> {
+    crate::autograd::init();
+    let device = Device::Cpu;
+    let to_tensor = |images: &[crate::data::lake_runs::LumaImage]| -> Result<candle_core::Tensor> {
+        let data: Vec<f32> = images
+            .iter()
+            .flat_map(|im| im.ink(image_size))
+            .map(|v| v as f32 / 255.0)
+            .collect();
+        candle_core::Tensor::from_vec(data, (images.len(), 1, image_size, image_size), &device)
+    };
+    let mut errors = Vec::with_capacity(runs.len());
+    for run in runs {
+        let support = to_tensor(&run.train)?;
+        let query = to_tensor(&run.test)?;
+        let labels: Vec<u32> = (0..run.train.len() as u32).collect();
+        let classifier = learner.adapt(&support, &labels, run.train.len())?;
+        let logits = classifier
+            .logits(&query)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec2::<f64>()?;
+        errors.push((
+            run.name.clone(),
+            crate::data::lake_runs::score_run(run, &logits)?,
+        ));
+    }
+    Ok(crate::data::lake_runs::LakeReport::from_runs(errors))
+}

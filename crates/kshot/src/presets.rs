@@ -2,7 +2,8 @@
 
 use crate::config::{DataConfig, RunConfig, Validation};
 use crate::data::{EpisodeSpec, Grouping};
-use crate::methods::{MamlConfig, ProtoNetConfig};
+use crate::methods::siamese::Twin;
+use crate::methods::{BaselineConfig, MamlConfig, MatchingConfig, ProtoNetConfig, SiameseConfig};
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
 
@@ -44,6 +45,46 @@ pub const PRESETS: &[Preset] = &[
         summary: "Finn et al. 2017, Omniglot 20-way 5-shot: 5 inner steps α=0.1 (5 at test), meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; 600 test tasks",
         build: || maml_omniglot(20, 5),
     },
+    Preset {
+        name: "matching-omniglot-5way-1shot",
+        summary: "Vinyals et al. 2016, Omniglot (Vinyals split): Matching Networks, cosine attention, no FCE (--fce adds it); train and test 5-way 1-shot 15-query, Adam 1e-3",
+        build: || matching_omniglot(5, 1),
+    },
+    Preset {
+        name: "matching-omniglot-5way-5shot",
+        summary: "Matching Networks, Omniglot: train and test 5-way 5-shot",
+        build: || matching_omniglot(5, 5),
+    },
+    Preset {
+        name: "matching-omniglot-20way-1shot",
+        summary: "Matching Networks, Omniglot: train and test 20-way 1-shot",
+        build: || matching_omniglot(20, 1),
+    },
+    Preset {
+        name: "matching-omniglot-20way-5shot",
+        summary: "Matching Networks, Omniglot: train and test 20-way 5-shot",
+        build: || matching_omniglot(20, 5),
+    },
+    Preset {
+        name: "siamese-omniglot-koch",
+        summary: "Koch et al. 2015: 105x105 twin (conv 64@10, 128@7, 128@4, 256@4, 4096 sigmoid units), Lake background alphabets, 128 pairs a step, affine distortions; Lake 20-way test (far beyond a 2-core CPU)",
+        build: || siamese_omniglot(Twin::Koch),
+    },
+    Preset {
+        name: "siamese-omniglot-28",
+        summary: "Siamese networks, reduced: Conv4 twin + 256 sigmoid units on 28x28, Lake background alphabets, 128 pairs a step (half the negatives from one alphabet), affine distortions; Lake 20-way test",
+        build: || siamese_omniglot(Twin::Conv4),
+    },
+    Preset {
+        name: "baseline-omniglot",
+        summary: "Chen et al. 2019 Baseline: Conv4 + linear head over all 4112 Vinyals training classes, mini-batches of 64, Adam 1e-3; test: fine-tune a new head on the support set (100 epochs, batch 4, SGD 0.01)",
+        build: || baseline_omniglot("baseline"),
+    },
+    Preset {
+        name: "baseline++-omniglot",
+        summary: "Chen et al. 2019 Baseline++: as baseline-omniglot with a cosine head (scale 10 in pretraining, 2 when fine-tuning)",
+        build: || baseline_omniglot("baseline++"),
+    },
 ];
 
 pub fn find(name: &str) -> anyhow::Result<&'static Preset> {
@@ -77,6 +118,9 @@ fn protonet_omniglot(shots: usize) -> RunConfig {
         protonet: ProtoNetConfig::default(),
         maml: MamlConfig::default(),
         meta_batch: 1,
+        matching: MatchingConfig::default(),
+        siamese: SiameseConfig::default(),
+        baseline: BaselineConfig::default(),
         checkpoint_every: 500,
         validation: Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 200, every: 1000 }),
         test: EpisodeSpec::new(5, shots, 15),
@@ -104,6 +148,45 @@ fn maml_omniglot(ways: usize, shots: usize) -> RunConfig {
     c.test = EpisodeSpec::new(ways, shots, shots);
     c.test_episodes = 600;
     c.checkpoint_every = 100;
+    c
+}
+
+fn matching_omniglot(ways: usize, shots: usize) -> RunConfig {
+    let mut c = protonet_omniglot(shots);
+    c.method = "matching".into();
+    c.train = EpisodeSpec::new(ways, shots, 15);
+    c.test = EpisodeSpec::new(ways, shots, 15);
+    c.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    if let Some(v) = &mut c.validation {
+        v.spec = c.test;
+    }
+    c
+}
+
+/// Siamese networks train on Lake's background alphabets and are scored on the Lake benchmark.
+fn siamese_omniglot(twin: Twin) -> RunConfig {
+    let mut c = protonet_omniglot(1);
+    c.method = "siamese".into();
+    c.data.split = "lake".into();
+    c.data.train_subset = "background".into();
+    c.data.test_subset = "evaluation".into();
+    c.validation = None;
+    c.test = EpisodeSpec::new(20, 1, 1);
+    c.schedule = StepDecay { lr: 1e-3, step: 5000, gamma: 0.5 };
+    c.siamese = match twin {
+        Twin::Koch => SiameseConfig { twin, hidden: 4096, ..SiameseConfig::default() },
+        Twin::Conv4 => SiameseConfig { twin, within_group_negatives: 0.5, ..SiameseConfig::default() },
+    };
+    if twin == Twin::Koch {
+        c.data.image_size = 105;
+    }
+    c
+}
+
+fn baseline_omniglot(method: &str) -> RunConfig {
+    let mut c = protonet_omniglot(1);
+    c.method = method.into();
+    c.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
     c
 }
 

@@ -85,6 +85,7 @@ pub fn train(
 ) -> anyhow::Result<Summary> {
     crate::autograd::init();
     let device = Device::Cpu;
+    let config = &fit_to_training_set(config, train_set)?;
     let mut learner = new_learner(config)?;
     let mut adam = Adam::new(learner.params(), config.adam)?;
     let checkpoint_path = run_dir.join(CHECKPOINT_FILE);
@@ -123,11 +124,16 @@ pub fn train(
         }
         let started = Instant::now();
         let lr = config.schedule.at(done);
-        let batch = config.meta_batch.max(1) as u64;
-        let episodes = (done * batch..(done + 1) * batch)
-            .map(|index| sampler.episode(config.seed, index, &device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let out = learner.meta_batch_loss(&episodes)?;
+        let out = match learner.own_training_step(train_set, config.seed, done)? {
+            Some(out) => out,
+            None => {
+                let batch = config.meta_batch.max(1) as u64;
+                let episodes = (done * batch..(done + 1) * batch)
+                    .map(|index| sampler.episode(config.seed, index, &device))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                learner.meta_batch_loss(&episodes)?
+            }
+        };
         let loss = out.loss.to_scalar::<f32>()? as f64;
         if !loss.is_finite() {
             bail!("training diverged at episode {done} (loss {loss}); lower the learning rate (--lr)");
@@ -156,6 +162,24 @@ pub fn train(
         save_checkpoint(run_dir, learner.as_ref(), &adam, done, seconds, &mut pending)?;
     }
     Ok(Summary { episodes_done: done, seconds, interrupted })
+}
+
+/// Fills in what a config learns from its training set: the number of base classes of a
+/// Baseline head. A set that does not match a value already recorded is an error.
+pub fn fit_to_training_set(config: &RunConfig, train_set: &ImageSet) -> anyhow::Result<RunConfig> {
+    let mut c = config.clone();
+    if c.method.starts_with("baseline") {
+        let n = train_set.classes.len();
+        match c.baseline.classes {
+            0 => c.baseline.classes = n,
+            k if k != n => bail!(
+                "the run's baseline head has {k} classes but the training set {} has {n}; train on the set the run was started with",
+                train_set.name
+            ),
+            _ => {}
+        }
+    }
+    Ok(c)
 }
 
 fn save_checkpoint(

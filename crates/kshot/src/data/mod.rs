@@ -1,6 +1,8 @@
 //! Datasets as class-indexed u8 images, and the episode sampler.
 
+pub mod augment;
 pub mod cache;
+pub mod lake_runs;
 pub mod download;
 pub mod episode;
 pub mod omniglot;

@@ -731,7 +731,7 @@ fn read_image(zip: Option<&mut zip::ZipArchive<Cursor<&[u8]>>>, r: &ImageRef) ->
 }
 
 /// Decodes a PNG (any bit depth / colour type) to 8-bit luma, transparent pixels as white.
-fn decode_luma(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
+pub(crate) fn decode_luma(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
     let bad = |e: png::DecodingError| anyhow!("could not decode PNG ({e})");
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::normalize_to_color8());

@@ -1,16 +1,22 @@
 //! Learners, one file per method. A learner with meta-parameters θ turns a support set into a
 //! task classifier, f_θ(S) = m_ψ, and is meta-trained on the query loss of that classifier.
 
+pub mod baseline;
 pub mod maml;
+pub mod matching;
 pub mod protonet;
+pub mod siamese;
 
 use candle_core::{Result, Tensor};
 
-use crate::data::Episode;
+use crate::data::{Episode, ImageSet};
 use crate::nn::ParamSet;
 
+pub use baseline::{Baseline, BaselineConfig, Head};
 pub use maml::{Maml, MamlConfig};
+pub use matching::{MatchingConfig, MatchingNet};
 pub use protonet::{Distance, ProtoNet, ProtoNetConfig};
+pub use siamese::{Siamese, SiameseConfig};
 
 /// m_ψ: scores query images against the classes of one task.
 pub trait Classifier {
@@ -56,6 +62,16 @@ pub trait Learner {
         Ok(EpisodeOutput { loss: (total / n)?, accuracy: accuracy / n })
     }
 
+    /// Methods whose training is not the query loss of episodes own their training step: Siamese
+    /// networks train on same/different pairs, Baseline / Baseline++ on ordinary mini-batches of
+    /// the base classes. Such a method returns the loss of training step `step`, drawn from `set`
+    /// deterministically in (`seed`, `step`) so that resume stays exact; the trainer then takes the
+    /// same gradient step, checkpoints and resumes as for episodic learners.
+    /// `None` (the default): the trainer draws an episode and calls [`Learner::episode_loss`].
+    fn own_training_step(&mut self, _set: &ImageSet, _seed: u64, _step: u64) -> Result<Option<EpisodeOutput>> {
+        Ok(None)
+    }
+
     /// Non-trainable state saved beside the parameters (e.g. batch-norm running statistics).
     fn buffers(&self) -> Result<Vec<(String, Tensor)>>;
 
@@ -81,7 +97,7 @@ pub fn class_means_matrix(labels: &[u32], ways: usize, device: &candle_core::Dev
 }
 
 /// The methods `kshot train --method` accepts.
-pub const METHODS: &[&str] = &["protonet", "maml", "fomaml"];
+pub const METHODS: &[&str] = &["protonet", "matching", "siamese", "baseline", "baseline++", "maml", "fomaml"];
 
 /// A fresh learner for `config`, its parameters drawn from `rng`.
 pub fn build(
@@ -108,6 +124,19 @@ pub fn build(
             }
             let size = config.data.image_size;
             Ok(Box::new(Maml::new(maml, config.backbone, (size, size), rng, device)?))
+        }
+        "matching" => {
+            let size = config.data.image_size;
+            Ok(Box::new(MatchingNet::new(config.matching, config.backbone, size, rng, device)?))
+        }
+        "siamese" => {
+            let size = config.data.image_size;
+            Ok(Box::new(Siamese::new(config.siamese, config.backbone, size, rng, device)?))
+        }
+        "baseline" | "baseline++" => {
+            let head = if config.method == "baseline" { Head::Linear } else { Head::Cosine };
+            let size = config.data.image_size;
+            Ok(Box::new(Baseline::new(config.baseline, head, config.backbone, size, rng, device)?))
         }
         other => anyhow::bail!("unknown method `{other}`; choose one of: {}", METHODS.join(", ")),
     }

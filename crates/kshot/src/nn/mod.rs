@@ -2,8 +2,10 @@
 
 pub mod conv4;
 pub mod init;
+pub mod lstm;
 pub mod ops;
 pub mod params;
 
 pub use conv4::{BnMode, Conv4, Conv4Config, RunningStats};
+pub use lstm::LstmCell;
 pub use params::{ParamSet, Params};

@@ -404,6 +404,9 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let unit = match config.method.as_str() {
         "siamese" => format!("training steps of {} same/different pairs", config.siamese.pairs),
         "baseline" | "baseline++" => format!("training mini-batches of {} images", config.baseline.batch_size),
+        _ if config.meta_batch > 1 => {
+            format!("meta-iterations of {} episodes of {} each", config.meta_batch, config.train)
+        }
         _ => format!("training episodes of {}", config.train),
     };
     eprintln!(

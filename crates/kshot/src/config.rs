@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{EpisodeSpec, Grouping};
-use crate::methods::{MamlConfig, ProtoNetConfig};
+use crate::methods::{MamlConfig, MetaLstmConfig, ProtoNetConfig, ReptileConfig};
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
 
@@ -55,6 +55,10 @@ pub struct RunConfig {
     pub protonet: ProtoNetConfig,
     #[serde(default)]
     pub maml: MamlConfig,
+    #[serde(default)]
+    pub reptile: ReptileConfig,
+    #[serde(default)]
+    pub meta_lstm: MetaLstmConfig,
     pub checkpoint_every: u64,
     pub validation: Option<Validation>,
     /// Test episodes of the protocol (what `kshot eval` uses unless told otherwise).

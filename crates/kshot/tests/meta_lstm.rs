@@ -153,12 +153,12 @@ fn meta_lstm_learns_held_out_synthetic_classes() {
     config.checkpoint_every = 100;
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
     let untrained = train::new_learner(&config).unwrap();
-    let before = kshot::eval::evaluate(untrained.as_ref(), &sampler, 50, 0, |_| {}).unwrap().accuracy;
+    let before = kshot::eval::evaluate(untrained.as_ref(), &sampler, 30, 0, |_| {}).unwrap().accuracy;
     let started = std::time::Instant::now();
     train::train(&dir, &config, &train_set, None, false, &AtomicBool::new(false), |_| {}).unwrap();
     let seconds = started.elapsed().as_secs_f64();
     let (_, learner) = train::load_learner(&dir).unwrap();
-    let after = kshot::eval::evaluate(learner.as_ref(), &sampler, 50, 0, |_| {}).unwrap().accuracy;
+    let after = kshot::eval::evaluate(learner.as_ref(), &sampler, 30, 0, |_| {}).unwrap().accuracy;
     eprintln!(
         "meta-lstm synthetic 5-way 1-shot: {before:.3} before, {after:.3} after {} episodes ({seconds:.1} s)",
         config.episodes

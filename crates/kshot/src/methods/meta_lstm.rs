@@ -75,8 +75,10 @@ pub fn cell_update(c_prev: &Tensor, grad: &Tensor, i: &Tensor, f: &Tensor) -> Re
     (f * c_prev)? - (i * grad)?
 }
 
+/// σ(x) = (1 + tanh(x/2)) / 2: three ops where 1/(1 + e^−x) takes four (every op of the unrolled
+/// graph is kept for the backward pass, [P, 4H] at a time).
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
+    x.affine(0.5, 0.0)?.tanh()?.affine(0.5, 0.5)
 }
 
 pub struct MetaLstm {

@@ -125,15 +125,33 @@ struct TrainArgs {
     /// Episodes (tasks) per optimiser update.
     #[arg(long)]
     meta_batch: Option<usize>,
-    /// MAML: inner SGD steps during meta-training.
+    /// MAML / Reptile / Meta-LSTM: inner steps (learner updates) during meta-training.
     #[arg(long)]
     inner_steps: Option<usize>,
-    /// MAML: inner SGD steps when adapting to a test task.
+    /// MAML / Reptile / Meta-LSTM: inner steps when adapting to a test task.
     #[arg(long)]
     inner_steps_test: Option<usize>,
-    /// MAML: inner step size α.
+    /// MAML: inner step size α. Reptile: inner Adam learning rate.
     #[arg(long)]
     inner_lr: Option<f64>,
+    /// Reptile: images per inner mini-batch during meta-training.
+    #[arg(long)]
+    inner_batch: Option<usize>,
+    /// Reptile: images per inner mini-batch at test time.
+    #[arg(long)]
+    inner_batch_test: Option<usize>,
+    /// Reptile: outer step size ε at the start of training (annealed linearly to --outer-step-final).
+    #[arg(long, alias = "outer-lr")]
+    outer_step: Option<f64>,
+    /// Reptile: outer step size ε at the end of training.
+    #[arg(long)]
+    outer_step_final: Option<f64>,
+    /// Reptile: score all queries of a test task in one batch (batch-norm statistics shared).
+    #[arg(long)]
+    transductive: bool,
+    /// Images per class in training episodes when it differs from --shots (Reptile's train shots).
+    #[arg(long)]
+    train_shots: Option<usize>,
     /// MAML: drop the second-order term (same as --method fomaml).
     #[arg(long)]
     first_order: bool,
@@ -198,6 +216,10 @@ struct EvalArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Reptile: score all queries of a task in one batch (true) or each with the support set
+    /// alone (false). Default: as the run was trained.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    transductive: Option<bool>,
     /// Score a fixed benchmark instead of random episodes (lake-20way: Lake et al.'s 20 runs of
     /// 20-way within-alphabet one-shot classification, omniglot/all_runs.zip).
     #[arg(long, value_enum)]
@@ -281,11 +303,17 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
         c.train.ways = w;
     }
     if let Some(k) = a.shots {
-        c.train.shots = k;
+        // Reptile trains on its own number of shots per class (the official --train-shots).
+        if c.method != "reptile" {
+            c.train.shots = k;
+        }
         c.test.shots = k;
         if let Some(v) = &mut c.validation {
             v.spec.shots = k;
         }
+    }
+    if let Some(k) = a.train_shots {
+        c.train.shots = k;
     }
     if let Some(q) = a.queries {
         c.train.queries = q;
@@ -330,14 +358,52 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
         c.meta_batch = n.max(1);
     }
     c.maml.ways = c.train.ways;
-    if let Some(n) = a.inner_steps {
-        c.maml.inner_steps = n;
+    c.reptile.ways = c.train.ways;
+    c.meta_lstm.ways = c.train.ways;
+    let reptile_only = [
+        ("--inner-batch", a.inner_batch.is_some()),
+        ("--inner-batch-test", a.inner_batch_test.is_some()),
+        ("--outer-step", a.outer_step.is_some()),
+        ("--outer-step-final", a.outer_step_final.is_some()),
+        ("--transductive", a.transductive),
+    ];
+    if let Some((flag, _)) = reptile_only.iter().find(|(_, given)| *given).filter(|_| c.method != "reptile") {
+        bail!("{flag} applies to --method reptile only (this run is {})", c.method);
     }
-    if let Some(n) = a.inner_steps_test {
-        c.maml.inner_steps_test = n;
-    }
-    if let Some(lr) = a.inner_lr {
-        c.maml.inner_lr = lr;
+    match c.method.as_str() {
+        "reptile" => {
+            let r = &mut c.reptile;
+            r.inner_steps = a.inner_steps.unwrap_or(r.inner_steps);
+            r.inner_steps_test = a.inner_steps_test.unwrap_or(r.inner_steps_test);
+            r.inner_lr = a.inner_lr.unwrap_or(r.inner_lr);
+            r.inner_batch = a.inner_batch.unwrap_or(r.inner_batch);
+            r.inner_batch_test = a.inner_batch_test.unwrap_or(r.inner_batch_test);
+            r.outer_step = a.outer_step.unwrap_or(r.outer_step);
+            r.outer_step_final = a.outer_step_final.unwrap_or(r.outer_step_final);
+            r.transductive |= a.transductive;
+            if r.inner_batch == 0 || r.inner_batch_test == 0 {
+                bail!("--inner-batch and --inner-batch-test must be at least 1");
+            }
+        }
+        "meta-lstm" => {
+            if a.inner_lr.is_some() {
+                bail!("--inner-lr does not apply to meta-lstm: its learning rates are the learned input gates");
+            }
+            let m = &mut c.meta_lstm;
+            m.inner_steps = a.inner_steps.unwrap_or(m.inner_steps);
+            m.inner_steps_test = a.inner_steps_test.unwrap_or(m.inner_steps_test);
+        }
+        _ => {
+            if let Some(n) = a.inner_steps {
+                c.maml.inner_steps = n;
+            }
+            if let Some(n) = a.inner_steps_test {
+                c.maml.inner_steps_test = n;
+            }
+            if let Some(lr) = a.inner_lr {
+                c.maml.inner_lr = lr;
+            }
+        }
     }
     c.maml.first_order |= a.first_order || c.method == "fomaml";
     if a.fce {
@@ -496,7 +562,14 @@ fn data_root_for(flag: Option<&Path>, config: &RunConfig) -> anyhow::Result<Path
 }
 
 fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
-    let (config, learner) = train::load_learner(&a.run)?;
+    let mut config = RunConfig::load(&a.run.join(train::CONFIG_FILE))?;
+    if let Some(t) = a.transductive {
+        if config.method != "reptile" {
+            bail!("--transductive applies to reptile runs only ({} is a {} run)", a.run.display(), config.method);
+        }
+        config.reptile.transductive = t;
+    }
+    let (config, learner) = train::load_learner_with(&a.run, config)?;
     let root = data_root_for(a.data_dir.as_deref(), &config)?;
     if let Some(BenchmarkArg::Lake20way) = a.benchmark {
         return run_lake(&a, &config, learner.as_ref(), &root);
@@ -535,6 +608,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             "accuracy": report.accuracy,
             "ci95": report.ci95,
             "seconds": report.seconds,
+            "transductive": (config.method == "reptile").then_some(config.reptile.transductive),
             "run": a.run.display().to_string(),
             "kshot_version": kshot::VERSION,
         });

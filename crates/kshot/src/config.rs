@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{EpisodeSpec, Grouping};
-use crate::methods::{BaselineConfig, MamlConfig, MatchingConfig, ProtoNetConfig, SiameseConfig};
+use crate::methods::{BaselineConfig, MamlConfig, MatchingConfig, MetaLstmConfig, ProtoNetConfig, ReptileConfig, SiameseConfig};
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
 
@@ -61,6 +61,10 @@ pub struct RunConfig {
     pub siamese: SiameseConfig,
     #[serde(default)]
     pub baseline: BaselineConfig,
+    #[serde(default)]
+    pub reptile: ReptileConfig,
+    #[serde(default)]
+    pub meta_lstm: MetaLstmConfig,
     pub checkpoint_every: u64,
     pub validation: Option<Validation>,
     /// Test episodes of the protocol (what `kshot eval` uses unless told otherwise).

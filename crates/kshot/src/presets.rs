@@ -3,7 +3,9 @@
 use crate::config::{DataConfig, RunConfig, Validation};
 use crate::data::{EpisodeSpec, Grouping};
 use crate::methods::siamese::Twin;
-use crate::methods::{BaselineConfig, MamlConfig, MatchingConfig, ProtoNetConfig, SiameseConfig};
+use crate::methods::{
+    BaselineConfig, MamlConfig, MatchingConfig, MetaLstmConfig, ProtoNetConfig, ReptileConfig, SiameseConfig,
+};
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
 
@@ -85,6 +87,41 @@ pub const PRESETS: &[Preset] = &[
         summary: "Chen et al. 2019 Baseline++: as baseline-omniglot with a cosine head (scale 10 in pretraining, 2 when fine-tuning)",
         build: || baseline_omniglot("baseline++"),
     },
+    Preset {
+        name: "reptile-omniglot-5w1s",
+        summary: "Nichol et al. 2018, official README, Omniglot 5-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 linearly over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive (--transductive for the transductive numbers)",
+        build: || reptile_omniglot(5, 1),
+    },
+    Preset {
+        name: "reptile-omniglot-5w5s",
+        summary: "Nichol et al. 2018, official README, Omniglot 5-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive",
+        build: || reptile_omniglot(5, 5),
+    },
+    Preset {
+        name: "reptile-omniglot-20w1s",
+        summary: "Nichol et al. 2018, official README, Omniglot 20-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
+        build: || reptile_omniglot(20, 1),
+    },
+    Preset {
+        name: "reptile-omniglot-20w5s",
+        summary: "Nichol et al. 2018, official README, Omniglot 20-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
+        build: || reptile_omniglot(20, 5),
+    },
+    Preset {
+        name: "meta-lstm-miniimagenet-5w1s",
+        summary: "Ravi & Larochelle 2017, miniImageNet 5-way 1-shot (needs a miniImageNet loader, not in this build): Conv4 learner with 32 filters, 84×84, T=12 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
+        build: || meta_lstm_mini_imagenet(1),
+    },
+    Preset {
+        name: "meta-lstm-miniimagenet-5w5s",
+        summary: "Ravi & Larochelle 2017, miniImageNet 5-way 5-shot (needs a miniImageNet loader, not in this build): Conv4 learner with 32 filters, 84×84, T=5 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
+        build: || meta_lstm_mini_imagenet(5),
+    },
+    Preset {
+        name: "meta-lstm-omniglot-5w1s",
+        summary: "Meta-LSTM on Omniglot 5-way 1-shot with the paper's 1-shot miniImageNet settings (not a protocol of the paper): Conv4 learner with 32 filters, T=12, 15 queries per class, LSTM 20 hidden, Adam 1e-3, 20 000 episodes; 600 test tasks",
+        build: meta_lstm_omniglot,
+    },
 ];
 
 pub fn find(name: &str) -> anyhow::Result<&'static Preset> {
@@ -117,6 +154,8 @@ fn protonet_omniglot(shots: usize) -> RunConfig {
         backbone: Conv4Config::new(1),
         protonet: ProtoNetConfig::default(),
         maml: MamlConfig::default(),
+        reptile: ReptileConfig::default(),
+        meta_lstm: MetaLstmConfig::default(),
         meta_batch: 1,
         matching: MatchingConfig::default(),
         siamese: SiameseConfig::default(),
@@ -187,6 +226,81 @@ fn baseline_omniglot(method: &str) -> RunConfig {
     let mut c = protonet_omniglot(1);
     c.method = method.into();
     c.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    c
+}
+
+/// Reptile on Omniglot with the official README's settings (openai/supervised-reptile): training
+/// tasks draw 10 images per class (`--train-shots 10`) and no query set, test tasks K shots and one
+/// query per class. Training classes as for MAML (`trainval`: 1200 characters with rotations).
+fn reptile_omniglot(ways: usize, shots: usize) -> RunConfig {
+    let mut c = protonet_omniglot(shots);
+    c.method = "reptile".into();
+    c.data.train_subset = "trainval".into();
+    c.train = EpisodeSpec::new(ways, 10, 0);
+    c.meta_batch = 5;
+    c.reptile = if ways == 5 {
+        ReptileConfig { ways, ..ReptileConfig::default() }
+    } else {
+        ReptileConfig {
+            ways,
+            inner_steps: 10,
+            inner_steps_test: 50,
+            inner_batch: 20,
+            inner_batch_test: 10,
+            inner_lr: 0.0005,
+            ..ReptileConfig::default()
+        }
+    };
+    c.episodes = if ways == 5 { 100_000 } else { 200_000 };
+    c.schedule = StepDecay { lr: 0.0, step: 0, gamma: 1.0 };
+    c.validation = None;
+    c.test = EpisodeSpec::new(ways, shots, 1);
+    c.test_episodes = 10_000;
+    c.checkpoint_every = 500;
+    c
+}
+
+/// Meta-LSTM as in Ravi & Larochelle 2017: a 32-filter Conv4 learner, 15 queries per class, T = 12
+/// updates for 1-shot and 5 for 5-shot, each on the whole support set (their batch sizes 5 / 25).
+fn meta_lstm_mini_imagenet(shots: usize) -> RunConfig {
+    let mut c = protonet_omniglot(shots);
+    c.method = "meta-lstm".into();
+    c.data = DataConfig {
+        dataset: "mini-imagenet".into(),
+        split: "ravi".into(),
+        train_subset: "train".into(),
+        test_subset: "test".into(),
+        image_size: 84,
+        grouping: Grouping::Any,
+        data_dir: None,
+    };
+    c.backbone = Conv4Config { hidden: 32, ..Conv4Config::new(3) };
+    c.train = EpisodeSpec::new(5, shots, 15);
+    let steps = if shots == 1 { 12 } else { 5 };
+    c.meta_lstm = MetaLstmConfig { ways: 5, inner_steps: steps, inner_steps_test: steps, ..MetaLstmConfig::default() };
+    c.episodes = 50_000;
+    c.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    c.validation = Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 100, every: 1000 });
+    c.test = EpisodeSpec::new(5, shots, 15);
+    c.test_episodes = 600;
+    c.checkpoint_every = 100;
+    c
+}
+
+/// Meta-LSTM's 1-shot settings on Omniglot 28×28 (runnable without miniImageNet).
+fn meta_lstm_omniglot() -> RunConfig {
+    let mut c = protonet_omniglot(1);
+    c.method = "meta-lstm".into();
+    c.data.train_subset = "trainval".into();
+    c.backbone.hidden = 32;
+    c.train = EpisodeSpec::new(5, 1, 15);
+    c.meta_lstm = MetaLstmConfig { ways: 5, ..MetaLstmConfig::default() };
+    c.episodes = 20_000;
+    c.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    c.validation = None;
+    c.test = EpisodeSpec::new(5, 1, 15);
+    c.test_episodes = 600;
+    c.checkpoint_every = 100;
     c
 }
 

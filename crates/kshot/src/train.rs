@@ -1,5 +1,6 @@
 //! The episodic trainer: sample an episode, take the learner's query loss, step Adam; checkpoint
-//! atomically and resume exactly.
+//! atomically and resume exactly. Learners that own their meta-update ([`Learner::owns_update`],
+//! e.g. Reptile) take it themselves through [`Learner::meta_step`] and the trainer's Adam stays idle.
 //!
 //! A run directory holds `config.json` (how to reproduce it), `checkpoint.safetensors` (parameters,
 //! buffers, optimiser state and progress, written in one atomic rename), `model.safetensors`
@@ -20,7 +21,7 @@ use crate::checkpoint::{load_tensors, save_tensors, write_atomic};
 use crate::config::RunConfig;
 use crate::data::{EpisodeSampler, ImageSet};
 use crate::eval::evaluate;
-use crate::methods::{self, Learner};
+use crate::methods::{self, Learner, Progress};
 use crate::optim::Adam;
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -62,7 +63,12 @@ pub fn new_learner(config: &RunConfig) -> anyhow::Result<Box<dyn Learner>> {
 
 /// Loads the trained learner of a run directory.
 pub fn load_learner(run_dir: &Path) -> anyhow::Result<(RunConfig, Box<dyn Learner>)> {
-    let config = RunConfig::load(&run_dir.join(CONFIG_FILE))?;
+    load_learner_with(run_dir, RunConfig::load(&run_dir.join(CONFIG_FILE))?)
+}
+
+/// Loads the trained weights of a run directory into a learner built from `config` (the run's own
+/// config with evaluation-time options changed, e.g. Reptile's transductive scoring).
+pub fn load_learner_with(run_dir: &Path, config: RunConfig) -> anyhow::Result<(RunConfig, Box<dyn Learner>)> {
     let mut learner = new_learner(&config)?;
     let path = run_dir.join(MODEL_FILE);
     let tensors = load_tensors(&path)?;
@@ -124,22 +130,32 @@ pub fn train(
         }
         let started = Instant::now();
         let lr = config.schedule.at(done);
-        let out = match learner.own_training_step(train_set, config.seed, done)? {
-            Some(out) => out,
-            None => {
-                let batch = config.meta_batch.max(1) as u64;
-                let episodes = (done * batch..(done + 1) * batch)
-                    .map(|index| sampler.episode(config.seed, index, &device))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                learner.meta_batch_loss(&episodes)?
+        let own = learner.own_training_step(train_set, config.seed, done)?;
+        let (loss, accuracy, lr) = if own.is_none() && learner.owns_update() {
+            // The learner updates its own parameters (e.g. Reptile); the trainer's Adam stays idle.
+            let episodes = meta_batch(&sampler, config, done, &device)?;
+            let progress = Progress { step: done, total: config.episodes, seed: config.seed };
+            let out = learner.meta_step(&episodes, progress)?;
+            if !out.loss.is_finite() {
+                bail!(
+                    "training diverged at episode {done} (loss {}); lower the inner learning rate (--inner-lr)",
+                    out.loss
+                );
             }
+            (out.loss, out.accuracy, out.step_size)
+        } else {
+            let out = match own {
+                Some(out) => out,
+                None => learner.meta_batch_loss(&meta_batch(&sampler, config, done, &device)?)?,
+            };
+            let loss = out.loss.to_scalar::<f32>()? as f64;
+            if !loss.is_finite() {
+                bail!("training diverged at episode {done} (loss {loss}); lower the learning rate (--lr)");
+            }
+            let grads = out.loss.backward()?;
+            adam.step(&grads, lr)?;
+            (loss, out.accuracy, lr)
         };
-        let loss = out.loss.to_scalar::<f32>()? as f64;
-        if !loss.is_finite() {
-            bail!("training diverged at episode {done} (loss {loss}); lower the learning rate (--lr)");
-        }
-        let grads = out.loss.backward()?;
-        adam.step(&grads, lr)?;
         done += 1;
         seconds += started.elapsed().as_secs_f64();
 
@@ -151,8 +167,8 @@ pub fn train(
             }
         }
         let (va, vc) = val_accuracy.map_or((String::new(), String::new()), |(a, c)| (format!("{a:.5}"), format!("{c:.5}")));
-        pending.push_str(&format!("{done},{loss:.6},{:.5},{lr:e},{seconds:.3},{va},{vc}\n", out.accuracy));
-        on_status(&Status { episode: done, total: config.episodes, loss, accuracy: out.accuracy, lr, seconds, val_accuracy });
+        pending.push_str(&format!("{done},{loss:.6},{:.5},{lr:e},{seconds:.3},{va},{vc}\n", accuracy));
+        on_status(&Status { episode: done, total: config.episodes, loss, accuracy, lr, seconds, val_accuracy });
 
         if done % config.checkpoint_every == 0 || done == config.episodes {
             save_checkpoint(run_dir, learner.as_ref(), &adam, done, seconds, &mut pending)?;
@@ -180,6 +196,17 @@ pub fn fit_to_training_set(config: &RunConfig, train_set: &ImageSet) -> anyhow::
         }
     }
     Ok(c)
+}
+
+/// The episodes of training step `step`: indices step·B … step·B + B − 1 for a meta-batch of B.
+fn meta_batch(
+    sampler: &EpisodeSampler,
+    config: &RunConfig,
+    step: u64,
+    device: &Device,
+) -> candle_core::Result<Vec<crate::data::Episode>> {
+    let batch = config.meta_batch.max(1) as u64;
+    (step * batch..(step + 1) * batch).map(|index| sampler.episode(config.seed, index, device)).collect()
 }
 
 fn save_checkpoint(

@@ -93,6 +93,9 @@ pub fn split_subsets(dataset: &str, split: &str) -> anyhow::Result<SplitSubsets>
         ("omniglot", "vinyals") => Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" }),
         ("omniglot", "lake") => Ok(SplitSubsets { train: "background", val: None, test: "evaluation" }),
         ("omniglot", other) => anyhow::bail!("unknown Omniglot split `{other}`; choose vinyals or lake"),
+        ("mini-imagenet", _) => anyhow::bail!(
+            "miniImageNet has no loader in this build of kshot yet; train on Omniglot instead (e.g. --preset meta-lstm-omniglot-5w1s)"
+        ),
         (other, _) => anyhow::bail!("unknown dataset `{other}`; choose omniglot"),
     }
 }

@@ -4,7 +4,9 @@
 pub mod baseline;
 pub mod maml;
 pub mod matching;
+pub mod meta_lstm;
 pub mod protonet;
+pub mod reptile;
 pub mod siamese;
 
 use candle_core::{Result, Tensor};
@@ -15,7 +17,9 @@ use crate::nn::ParamSet;
 pub use baseline::{Baseline, BaselineConfig, Head};
 pub use maml::{Maml, MamlConfig};
 pub use matching::{MatchingConfig, MatchingNet};
+pub use meta_lstm::{MetaLstm, MetaLstmConfig};
 pub use protonet::{Distance, ProtoNet, ProtoNetConfig};
+pub use reptile::{Reptile, ReptileConfig};
 pub use siamese::{Siamese, SiameseConfig};
 
 /// m_ψ: scores query images against the classes of one task.
@@ -28,6 +32,26 @@ pub trait Classifier {
 pub struct EpisodeOutput {
     pub loss: Tensor,
     pub accuracy: f64,
+}
+
+/// Where training stands when a learner takes its own meta-update ([`Learner::meta_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Meta-updates done before this one (0-based).
+    pub step: u64,
+    /// Meta-updates the run will take in all.
+    pub total: u64,
+    /// The run's seed, for any randomness of the update itself (e.g. mini-batch order).
+    pub seed: u64,
+}
+
+/// What a self-updating learner reports for one meta-update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutput {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// The step size the update used (logged in place of the trainer's learning rate).
+    pub step_size: f64,
 }
 
 pub trait Learner {
@@ -72,6 +96,20 @@ pub trait Learner {
         Ok(None)
     }
 
+    /// True for methods whose meta-update is not "backprop the query loss, step Adam" (Reptile).
+    /// The trainer then calls [`Learner::meta_step`] instead, and takes no optimiser step of its
+    /// own; any optimiser state the learner keeps must be in [`Learner::buffers`] so that it is
+    /// checkpointed and resume stays exact.
+    fn owns_update(&self) -> bool {
+        false
+    }
+
+    /// One meta-update over a meta-batch of episodes, applied to [`Learner::params`] in place.
+    /// Only called when [`Learner::owns_update`] is true.
+    fn meta_step(&mut self, _episodes: &[Episode], _progress: Progress) -> Result<StepOutput> {
+        candle_core::bail!("{} is trained through its query loss, not meta_step", self.method())
+    }
+
     /// Non-trainable state saved beside the parameters (e.g. batch-norm running statistics).
     fn buffers(&self) -> Result<Vec<(String, Tensor)>>;
 
@@ -97,7 +135,8 @@ pub fn class_means_matrix(labels: &[u32], ways: usize, device: &candle_core::Dev
 }
 
 /// The methods `kshot train --method` accepts.
-pub const METHODS: &[&str] = &["protonet", "matching", "siamese", "baseline", "baseline++", "maml", "fomaml"];
+pub const METHODS: &[&str] =
+    &["protonet", "matching", "siamese", "baseline", "baseline++", "maml", "fomaml", "reptile", "meta-lstm"];
 
 /// A fresh learner for `config`, its parameters drawn from `rng`.
 pub fn build(
@@ -138,6 +177,26 @@ pub fn build(
             let size = config.data.image_size;
             Ok(Box::new(Baseline::new(config.baseline, head, config.backbone, size, rng, device)?))
         }
+        "reptile" => {
+            ensure_head(config.reptile.ways, config)?;
+            let size = config.data.image_size;
+            Ok(Box::new(Reptile::new(config.reptile, config.backbone, (size, size), rng, device)?))
+        }
+        "meta-lstm" => {
+            ensure_head(config.meta_lstm.ways, config)?;
+            let size = config.data.image_size;
+            Ok(Box::new(MetaLstm::new(config.meta_lstm, config.backbone, (size, size), rng, device)?))
+        }
         other => anyhow::bail!("unknown method `{other}`; choose one of: {}", METHODS.join(", ")),
     }
+}
+
+fn ensure_head(ways: usize, config: &crate::config::RunConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        ways == config.train.ways,
+        "{}'s output layer has {ways} units but training episodes are {}-way; set --train-ways and --ways alike",
+        config.method,
+        config.train.ways
+    );
+    Ok(())
 }

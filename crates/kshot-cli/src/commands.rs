@@ -249,7 +249,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => crate::bench::run(args),
         Command::Presets => {
             for p in presets::PRESETS {
-                println!("{:<28} {}", p.name, p.summary);
+                println!("{:<30} {}", p.name, p.summary);
             }
             Ok(())
         }

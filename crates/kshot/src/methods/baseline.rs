@@ -352,14 +352,7 @@ impl Learner for Baseline {
     /// Episodes are not how Baseline trains; an episode's loss is its query loss after fine-tuning
     /// a head on its support set (for validation-style use only, not differentiable).
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
-        let classifier =
-            self.adapt(&episode.support, &episode.support_labels, episode.spec.ways)?;
-        let logits = classifier.logits(&episode.query)?;
-        let labels = episode.query_labels_tensor()?;
-        Ok(EpisodeOutput {
-            loss: ops::cross_entropy(&logits, &labels)?,
-            accuracy: ops::accuracy(&logits, &labels)?,
-        })
+        super::adapted_query_loss(self, episode)
     }
 
     fn own_training_step(

@@ -245,9 +245,7 @@ impl Learner for Maml {
     }
 
     fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
-        if ways != self.config.ways {
-            candle_core::bail!("this MAML model has a {}-way output layer; evaluate it with --ways {}", self.config.ways, self.config.ways)
-        }
+        super::ensure_ways("MAML", self.config.ways, ways)?;
         let labels = Tensor::new(labels, support.device())?;
         let params = self.adapt_params(&self.params.detached_values(), support, &labels, self.config.inner_steps_test)?;
         Ok(Box::new(Adapted { net: self, params }))

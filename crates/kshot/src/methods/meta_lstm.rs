@@ -266,13 +266,7 @@ impl Learner for MetaLstm {
     }
 
     fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
-        if ways != self.config.ways {
-            candle_core::bail!(
-                "this Meta-LSTM model has a {}-way output layer; evaluate it with --ways {}",
-                self.config.ways,
-                self.config.ways
-            )
-        }
+        super::ensure_ways("Meta-LSTM", self.config.ways, ways)?;
         let labels = Tensor::new(labels, support.device())?;
         let meta = self.params.detached_values();
         let (c, _) = self.unroll(&meta, support, &labels, self.config.inner_steps_test, None)?;

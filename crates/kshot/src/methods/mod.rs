@@ -134,6 +134,26 @@ pub fn class_means_matrix(labels: &[u32], ways: usize, device: &candle_core::Dev
     Tensor::from_vec(m, (ways, n), device)
 }
 
+/// Fails unless a task has as many classes as a model's output layer (MAML, Reptile, Meta-LSTM).
+pub(crate) fn ensure_ways(model: &str, head: usize, ways: usize) -> Result<()> {
+    if ways != head {
+        candle_core::bail!("this {model} model has a {head}-way output layer; evaluate it with --ways {head}")
+    }
+    Ok(())
+}
+
+/// The query loss and accuracy of an episode scored through [`Learner::adapt`], for methods that do
+/// not train on episodes (Siamese, Baseline): not differentiable with respect to their parameters.
+pub(crate) fn adapted_query_loss(learner: &dyn Learner, episode: &Episode) -> Result<EpisodeOutput> {
+    let classifier = learner.adapt(&episode.support, &episode.support_labels, episode.spec.ways)?;
+    let logits = classifier.logits(&episode.query)?;
+    let labels = episode.query_labels_tensor()?;
+    Ok(EpisodeOutput {
+        loss: crate::nn::ops::cross_entropy(&logits, &labels)?,
+        accuracy: crate::nn::ops::accuracy(&logits, &labels)?,
+    })
+}
+
 /// The methods `kshot train --method` accepts.
 pub const METHODS: &[&str] =
     &["protonet", "matching", "siamese", "baseline", "baseline++", "maml", "fomaml", "reptile", "meta-lstm"];

@@ -295,13 +295,7 @@ impl Learner for Reptile {
     }
 
     fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
-        if ways != self.config.ways {
-            candle_core::bail!(
-                "this Reptile model has a {}-way output layer; evaluate it with --ways {}",
-                self.config.ways,
-                self.config.ways
-            )
-        }
+        super::ensure_ways("Reptile", self.config.ways, ways)?;
         let mut state = self.inner.clone();
         let mut rng = ChaCha8Rng::seed_from_u64(MINI_BATCH_SALT);
         let c = self.config;

@@ -374,14 +374,7 @@ impl Learner for Siamese {
     /// The verification loss of all support × query pairs of an episode (not how Siamese trains;
     /// see [`Learner::own_training_step`]).
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
-        let classifier =
-            self.adapt(&episode.support, &episode.support_labels, episode.spec.ways)?;
-        let logits = classifier.logits(&episode.query)?;
-        let labels = episode.query_labels_tensor()?;
-        Ok(EpisodeOutput {
-            loss: ops::cross_entropy(&logits, &labels)?,
-            accuracy: ops::accuracy(&logits, &labels)?,
-        })
+        super::adapted_query_loss(self, episode)
     }
 
     fn own_training_step(

@@ -14,7 +14,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::data::{Episode, EpisodeSpec};
 use crate::methods::{Learner, Maml, MamlConfig, ProtoNet, ProtoNetConfig};
-use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet};
+use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet};
 use crate::optim::{Adam, AdamConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,10 +99,7 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
             let (channels, size) = if workload == Workload::Conv4Omniglot { (1, 28) } else { (3, 84) };
             let config = Conv4Config { fast_kernels, ..Conv4Config::new(channels) };
             let net = Conv4::new(config);
-            let mut params = net.init(&mut rng, &Device::Cpu)?;
-            let dim = config.embedding_dim(size, size);
-            params.push("head.weight", init::torch_default(&mut rng, &[5, dim], dim, &Device::Cpu)?)?;
-            params.push("head.bias", init::torch_default(&mut rng, &[5], dim, &Device::Cpu)?)?;
+            let params = net.init_with_linear_head((size, size), 5, &mut rng, &Device::Cpu)?;
             let x = normal(&mut rng, &[80, channels, size, size])?;
             let y = Tensor::new(labels(5, 16), &Device::Cpu)?;
             let mut adam = Adam::new(&params, adam_config)?;
@@ -127,8 +124,7 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
 
 fn classifier_step(net: &Conv4, params: &ParamSet, adam: &mut Adam, x: &Tensor, y: &Tensor) -> Result<()> {
     let p = params.values();
-    let emb = net.forward(&p, x, BnMode::Batch(None))?;
-    let logits = emb.matmul(&p.get("head.weight")?.t()?)?.broadcast_add(p.get("head.bias")?)?;
+    let logits = net.linear_head_logits(&p, x, BnMode::Batch(None))?;
     let loss = ops::cross_entropy(&logits, y)?;
     let grads = loss.backward()?;
     adam.step(&grads, 1e-3)

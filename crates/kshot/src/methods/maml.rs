@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Classifier, EpisodeOutput, Learner};
 use crate::data::Episode;
-use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
+use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MamlConfig {
@@ -64,17 +64,8 @@ impl Maml {
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> Result<Self> {
-        let dim = backbone.embedding_dim(height, width);
-        if dim == 0 {
-            candle_core::bail!(
-                "{height}×{width} images are too small for a {}-block Conv4 (each block halves them); use larger images or fewer blocks",
-                backbone.blocks
-            )
-        }
         let backbone = Conv4::new(backbone);
-        let mut params = backbone.init(rng, device)?;
-        params.push("head.weight", init::torch_default(rng, &[config.ways, dim], dim, device)?)?;
-        params.push("head.bias", init::torch_default(rng, &[config.ways], dim, device)?)?;
+        let params = backbone.init_with_linear_head((height, width), config.ways, rng, device)?;
         Ok(Self { config, parallel_tasks: true, backbone, params })
     }
 
@@ -84,8 +75,7 @@ impl Maml {
 
     /// [B, ways] logits with batch statistics of `x`.
     pub fn logits(&self, params: &Params, x: &Tensor) -> Result<Tensor> {
-        let emb = self.backbone.forward(params, x, BnMode::Batch(None))?;
-        emb.matmul(&params.get("head.weight")?.t()?)?.broadcast_add(params.get("head.bias")?)
+        self.backbone.linear_head_logits(params, x, BnMode::Batch(None))
     }
 
     fn loss(&self, params: &Params, x: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -99,7 +89,7 @@ impl Maml {
         let mut current: Vec<Tensor> = theta.iter().map(|(_, t)| t.detach()).collect();
         for _ in 0..steps {
             let (_, g) = self.support_gradient(&names, &current, support, labels)?;
-            current = sgd_step(&current, &g, self.config.inner_lr, true)?;
+            current = sgd_step(&current, &g, self.config.inner_lr)?;
         }
         Ok(to_params(&names, &current))
     }
@@ -131,7 +121,7 @@ impl Maml {
         let mut current: Vec<Tensor> = theta.iter().map(|(_, t)| t.detach()).collect();
         for _ in 0..steps {
             let (vars, g) = self.support_gradient(&names, &current, &episode.support, &support_labels)?;
-            current = sgd_step(&current, &g, alpha, true)?;
+            current = sgd_step(&current, &g, alpha)?;
             if !self.config.first_order {
                 trajectory.push((vars, g));
             }
@@ -157,7 +147,7 @@ impl Maml {
             let Some(dot) = dot else { break };
             let store = dot.backward()?;
             let hv = vars.iter().map(|var| grad_or_zeros(&store, var)).collect::<Result<Vec<_>>>()?;
-            v = sgd_step(&v, &hv, alpha, true)?;
+            v = sgd_step(&v, &hv, alpha)?;
         }
         Ok(TaskGradient { grads: to_params(&names, &v), query_loss, query_accuracy })
     }
@@ -209,15 +199,9 @@ fn grad_or_zeros(store: &candle_core::backprop::GradStore, var: &Var) -> Result<
     }
 }
 
-/// x − α·g, detached when `detach` (the result is a new starting point, not part of a graph).
-fn sgd_step(x: &[Tensor], g: &[Tensor], alpha: f64, detach: bool) -> Result<Vec<Tensor>> {
-    x.iter()
-        .zip(g)
-        .map(|(x, g)| {
-            let g = if detach { g.detach() } else { g.clone() };
-            (x - (g * alpha)?).map(|t| if detach { t.detach() } else { t })
-        })
-        .collect()
+/// x − α·g as new leaves-to-be: detached, since each step's result starts a graph of its own.
+fn sgd_step(x: &[Tensor], g: &[Tensor], alpha: f64) -> Result<Vec<Tensor>> {
+    x.iter().zip(g).map(|(x, g)| Ok((x - (g.detach() * alpha)?)?.detach())).collect()
 }
 
 struct Adapted<'a> {

@@ -99,20 +99,11 @@ impl MetaLstm {
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> Result<Self> {
-        let dim = backbone.embedding_dim(height, width);
-        if dim == 0 {
-            candle_core::bail!(
-                "{height}×{width} images are too small for a {}-block Conv4 (each block halves them); use larger images or fewer blocks",
-                backbone.blocks
-            )
-        }
         if config.hidden == 0 {
             candle_core::bail!("the meta-learner LSTM needs at least 1 hidden unit")
         }
         let backbone = Conv4::new(backbone);
-        let mut learner_init = backbone.init(rng, device)?;
-        learner_init.push("head.weight", init::torch_default(rng, &[config.ways, dim], dim, device)?)?;
-        learner_init.push("head.bias", init::torch_default(rng, &[config.ways], dim, device)?)?;
+        let learner_init = backbone.init_with_linear_head((height, width), config.ways, rng, device)?;
         let mut params = ParamSet::new();
         let mut learner = Vec::new();
         for (name, var) in learner_init.iter() {
@@ -167,8 +158,7 @@ impl MetaLstm {
     /// [B, ways] logits of the learner with weights `c`, batch statistics of `x`.
     pub fn logits(&self, c: &Tensor, x: &Tensor) -> Result<Tensor> {
         let params = self.learner_params(c)?;
-        let emb = self.backbone.forward(&params, x, BnMode::Batch(None))?;
-        emb.matmul(&params.get("head.weight")?.t()?)?.broadcast_add(params.get("head.bias")?)
+        self.backbone.linear_head_logits(&params, x, BnMode::Batch(None))
     }
 
     /// The learner's loss at `c` (detached from anything before it) and its gradient.

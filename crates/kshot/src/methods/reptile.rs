@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Classifier, EpisodeOutput, Learner, Progress, StepOutput};
 use crate::data::Episode;
-use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
+use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ReptileConfig {
@@ -176,22 +176,13 @@ impl Reptile {
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> Result<Self> {
-        let dim = backbone.embedding_dim(height, width);
-        if dim == 0 {
-            candle_core::bail!(
-                "{height}×{width} images are too small for a {}-block Conv4 (each block halves them); use larger images or fewer blocks",
-                backbone.blocks
-            )
-        }
         if config.inner_batch == 0 || config.inner_batch_test == 0 {
             candle_core::bail!(
                 "Reptile's inner batch sizes must be at least 1; check --inner-batch / --inner-batch-test"
             )
         }
         let backbone = Conv4::new(backbone);
-        let mut params = backbone.init(rng, device)?;
-        params.push("head.weight", init::torch_default(rng, &[config.ways, dim], dim, device)?)?;
-        params.push("head.bias", init::torch_default(rng, &[config.ways], dim, device)?)?;
+        let params = backbone.init_with_linear_head((height, width), config.ways, rng, device)?;
         let names: Vec<String> = params.iter().map(|(n, _)| n.to_string()).collect();
         let values: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().detach()).collect();
         let inner = InnerAdam::new(config.inner_lr, &values)?;
@@ -213,8 +204,7 @@ impl Reptile {
 
     /// [B, ways] logits with batch statistics of `x`.
     pub fn logits(&self, params: &Params, x: &Tensor) -> Result<Tensor> {
-        let emb = self.backbone.forward(params, x, BnMode::Batch(None))?;
-        emb.matmul(&params.get("head.weight")?.t()?)?.broadcast_add(params.get("head.bias")?)
+        self.backbone.linear_head_logits(params, x, BnMode::Batch(None))
     }
 
     fn theta(&self) -> Vec<Tensor> {

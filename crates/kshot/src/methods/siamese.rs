@@ -371,8 +371,8 @@ impl Learner for Siamese {
         }))
     }
 
-    /// The verification loss of all support × query pairs of an episode (not how Siamese trains;
-    /// see [`Learner::own_training_step`]).
+    /// The query loss of an episode scored one-shot (not how Siamese trains; see
+    /// [`Learner::own_training_step`]).
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
         super::adapted_query_loss(self, episode)
     }

@@ -136,6 +136,36 @@ impl Conv4 {
         Ok(p)
     }
 
+    /// Fresh parameters of Conv4 for `height`×`width` inputs followed by a linear `ways`-unit
+    /// output layer (`head.weight` [ways, D], `head.bias` [ways], PyTorch-default init), drawn in
+    /// that order from `rng`.
+    pub fn init_with_linear_head(
+        &self,
+        (height, width): (usize, usize),
+        ways: usize,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<ParamSet> {
+        let dim = self.config.embedding_dim(height, width);
+        if dim == 0 {
+            candle_core::bail!(
+                "{height}×{width} images are too small for a {}-block Conv4 (each block halves them); use larger images or fewer blocks",
+                self.config.blocks
+            )
+        }
+        let mut p = self.init(rng, device)?;
+        p.push("head.weight", init::torch_default(rng, &[ways, dim], dim, device)?)?;
+        p.push("head.bias", init::torch_default(rng, &[ways], dim, device)?)?;
+        Ok(p)
+    }
+
+    /// [B, ways] logits of the linear output layer of [`Conv4::init_with_linear_head`] over the
+    /// embedding of `x`.
+    pub fn linear_head_logits(&self, params: &Params, x: &Tensor, bn: BnMode) -> Result<Tensor> {
+        let emb = self.forward(params, x, bn)?;
+        emb.matmul(&params.get("head.weight")?.t()?)?.broadcast_add(params.get("head.bias")?)
+    }
+
     pub fn running_stats(&self) -> RunningStats {
         RunningStats::new(self.config.blocks, self.config.hidden)
     }

@@ -14,32 +14,57 @@ use super::cpu::{dispatch, same_dtype, slice, storage, zero, Real};
 use crate::nn::ops::BatchStats;
 
 pub fn batch_norm_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
-    let (b, c, h, w) = x.dims4()?;
-    if gamma.dims() != [c] || beta.dims() != [c] {
-        bail!(
-            "batch norm: gamma {:?} and beta {:?} must be [{c}]",
-            gamma.dims(),
-            beta.dims()
-        );
+    let saved = BnReluTrain::forward(x, gamma, beta, eps)?;
+    let stats = saved.batch_stats()?;
+    Ok((saved.y, stats))
+}
+
+/// A training-mode batch norm + ReLU forward pass with what its backward needs, for callers that
+/// write the backward pass themselves (see [`BnReluTrain::vjp`]).
+pub struct BnReluTrain {
+    pub y: Tensor,
+    x: Tensor,
+    gb: Tensor,
+    stats: Arc<OnceLock<Stats>>,
+}
+
+impl BnReluTrain {
+    pub fn forward(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Self> {
+        let c = x.dims4()?.1;
+        if gamma.dims() != [c] || beta.dims() != [c] {
+            bail!(
+                "batch norm: gamma {:?} and beta {:?} must be [{c}]",
+                gamma.dims(),
+                beta.dims()
+            );
+        }
+        let x = x.contiguous()?;
+        let gb = Tensor::stack(&[gamma, beta], 0)?;
+        let stats = Arc::new(OnceLock::new());
+        let y = x.apply_op2(&gb, BnRelu { eps, stats: stats.clone() })?;
+        Ok(Self { y, x, gb, stats })
     }
-    let gb = Tensor::stack(&[gamma, beta], 0)?;
-    let stats = Arc::new(OnceLock::new());
-    let y = x.contiguous()?.apply_op2(
-        &gb,
-        BnRelu {
-            eps,
-            stats: stats.clone(),
-        },
-    )?;
-    let s: &Stats = stats.get().expect("the forward pass sets the statistics");
-    Ok((
-        y,
-        BatchStats {
-            mean: s.mean.clone(),
-            var: s.var.clone(),
-            count: b * h * w,
-        },
-    ))
+
+    pub fn batch_stats(&self) -> Result<BatchStats> {
+        let (b, _, h, w) = self.x.dims4()?;
+        let s: &Stats = self.stats.get().expect("the forward pass sets the statistics");
+        Ok(BatchStats { mean: s.mean.clone(), var: s.var.clone(), count: b * h * w })
+    }
+
+    /// (dx, dγ, dβ) for the output gradient `dy`, as differentiable ops: the same ops the custom
+    /// op's own backward runs, so derivatives of these are exact to second order as well.
+    pub fn vjp(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dx, dgb) = bn_relu_vjp(&self.x, &self.gb, &self.stats, dy)?;
+        Ok((dx, dgb.get(0)?, dgb.get(1)?))
+    }
+}
+
+fn bn_relu_vjp(x: &Tensor, gb: &Tensor, stats: &Arc<OnceLock<Stats>>, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let packed = x.apply_op3(gb, &dy.contiguous()?, BnReluBwd { stats: stats.clone() })?;
+    let n = x.elem_count();
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dgb = packed.narrow(0, n, gb.elem_count())?.reshape(gb.shape())?;
+    Ok((dx, dgb))
 }
 
 #[derive(Debug)]
@@ -115,11 +140,7 @@ impl CustomOp2 for BnRelu {
     }
 
     fn bwd(&self, x: &Tensor, gb: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let stats = self.stats.clone();
-        let packed = x.apply_op3(gb, &dy.contiguous()?, BnReluBwd { stats })?;
-        let n = x.elem_count();
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgb = packed.narrow(0, n, gb.elem_count())?.reshape(gb.shape())?;
+        let (dx, dgb) = bn_relu_vjp(x, gb, &self.stats, dy)?;
         Ok((Some(dx), Some(dgb)))
     }
 }

@@ -26,6 +26,20 @@ pub fn batch_norm_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64
     batch_norm::batch_norm_relu_train(x, gamma, beta, eps)
 }
 
+pub use batch_norm::BnReluTrain;
+
+/// The gradients of [`conv3x3`] for the output gradient `dy`: (d/dx, d/dw), as differentiable ops
+/// (the op's own backward). d/dx is skipped (None) when `want_dx` is false.
+pub fn conv3x3_vjp(x: &Tensor, w: &Tensor, dy: &Tensor, want_dx: bool) -> Result<(Option<Tensor>, Tensor)> {
+    let dx = if want_dx { Some(conv::conv3x3(dy, &conv::flip_t(w)?)?) } else { None };
+    Ok((dx, conv::weight_grad(x, dy)?))
+}
+
+/// The gradient of [`max_pool2x2`] at `x` for the output gradient `dy`, as a differentiable op.
+pub fn max_pool2x2_vjp(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    pool::unpool(x, dy)
+}
+
 /// 2×2 max-pool, stride 2, floor mode (7 → 3): a trailing odd row or column is dropped. Ties go
 /// to the first maximum of the window in row-major order.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {

@@ -21,7 +21,8 @@ fn pooled_dims(x: &Tensor) -> Result<(usize, usize, usize, usize)> {
     Ok((b, c, h / 2, w / 2))
 }
 
-fn unpool(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+/// The gradient of [`max_pool2x2`] at `x` for the output gradient `g`, as a differentiable op.
+pub(crate) fn unpool(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     if g.dims4()? != pooled_dims(x)? {
         bail!("unpool: gradient {:?} does not fit input {:?}", g.dims(), x.dims());
     }

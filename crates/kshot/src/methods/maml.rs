@@ -88,10 +88,32 @@ impl Maml {
         let names: Vec<String> = theta.iter().map(|(n, _)| n.clone()).collect();
         let mut current: Vec<Tensor> = theta.iter().map(|(_, t)| t.detach()).collect();
         for _ in 0..steps {
-            let (_, g) = self.support_gradient(&names, &current, support, labels)?;
+            let g = self.gradient(&names, &current, support, labels)?.1;
             current = sgd_step(&current, &g, self.config.inner_lr)?;
         }
         Ok(to_params(&names, &current))
+    }
+
+    /// The loss, logits and gradient at `values`, all detached from any graph.
+    fn gradient(
+        &self,
+        names: &[String],
+        values: &[Tensor],
+        x: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>, Tensor)> {
+        if self.backbone.config.fast_kernels {
+            let values: Vec<Tensor> = values.iter().map(|v| v.detach()).collect();
+            let out = self.backbone.linear_head_loss_and_grad(&to_params(names, &values), x, labels)?;
+            let grads = names.iter().map(|n| Ok(out.grads.get(n)?.detach())).collect::<Result<Vec<_>>>()?;
+            return Ok((out.loss.detach(), grads, out.logits.detach()));
+        }
+        let vars = values.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
+        let params = to_params(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+        let (loss, logits) = self.loss(&params, x, labels)?;
+        let store = loss.backward()?;
+        let grads = vars.iter().map(|v| Ok(grad_or_zeros(&store, v)?.detach())).collect::<Result<Vec<_>>>()?;
+        Ok((loss.detach(), grads, logits.detach()))
     }
 
     /// Leaves at `values` and the support-loss gradient there, still attached to its graph.
@@ -104,6 +126,11 @@ impl Maml {
     ) -> Result<(Vec<Var>, Vec<Tensor>)> {
         let vars = values.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
         let params = to_params(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+        if self.backbone.config.fast_kernels {
+            let out = self.backbone.linear_head_loss_and_grad(&params, support, labels)?;
+            let grads = names.iter().map(|n| Ok(out.grads.get(n)?.clone())).collect::<Result<Vec<_>>>()?;
+            return Ok((vars, grads));
+        }
         let (loss, _) = self.loss(&params, support, labels)?;
         let store = loss.backward()?;
         let grads = vars.iter().map(|v| grad_or_zeros(&store, v)).collect::<Result<Vec<_>>>()?;
@@ -120,20 +147,19 @@ impl Maml {
         let mut trajectory = Vec::with_capacity(steps);
         let mut current: Vec<Tensor> = theta.iter().map(|(_, t)| t.detach()).collect();
         for _ in 0..steps {
-            let (vars, g) = self.support_gradient(&names, &current, &episode.support, &support_labels)?;
-            current = sgd_step(&current, &g, alpha)?;
-            if !self.config.first_order {
+            if self.config.first_order {
+                let g = self.gradient(&names, &current, &episode.support, &support_labels)?.1;
+                current = sgd_step(&current, &g, alpha)?;
+            } else {
+                let (vars, g) = self.support_gradient(&names, &current, &episode.support, &support_labels)?;
+                current = sgd_step(&current, &g, alpha)?;
                 trajectory.push((vars, g));
             }
         }
 
-        let vars = current.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
-        let params = to_params(&names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
-        let (loss, logits) = self.loss(&params, &episode.query, &query_labels)?;
+        let (loss, mut v, logits) = self.gradient(&names, &current, &episode.query, &query_labels)?;
         let query_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let query_accuracy = ops::accuracy(&logits, &query_labels)?;
-        let store = loss.backward()?;
-        let mut v = vars.iter().map(|var| Ok(grad_or_zeros(&store, var)?.detach())).collect::<Result<Vec<_>>>()?;
 
         for (vars, g) in trajectory.iter().rev() {
             let mut dot: Option<Tensor> = None;

@@ -3,7 +3,7 @@
 //!
 //! Convolutions have no bias: batch norm subtracts the channel mean right after, which cancels it.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +103,15 @@ impl RunningStats {
     }
 }
 
+/// The loss of a Conv4 with a linear output layer and its gradient, from
+/// [`Conv4::linear_head_loss_and_grad`].
+pub struct LossAndGrad {
+    pub loss: Tensor,
+    pub logits: Tensor,
+    /// d loss / d parameter, by parameter name.
+    pub grads: Params,
+}
+
 /// How batch norm gets its statistics in a forward pass.
 pub enum BnMode<'a> {
     /// Statistics of the current batch; folded into the running averages when given.
@@ -166,6 +175,56 @@ impl Conv4 {
         emb.matmul(&params.get("head.weight")?.t()?)?.broadcast_add(params.get("head.bias")?)
     }
 
+    /// Mean cross-entropy of the linear-head logits of `x` (batch statistics) against `labels` [B]
+    /// (u32), and its gradient with respect to each parameter, by an explicit backward pass.
+    ///
+    /// The backward pass is the same fused ops candle's backward would run, called directly: without
+    /// candle's zero-filled gradient accumulators, and, when differentiated again, without their add
+    /// nodes. The gradients stay attached to the graph of `params`, so Hessian-vector products
+    /// through them are exact (MAML). Needs the fused kernels.
+    pub fn linear_head_loss_and_grad(&self, params: &Params, x: &Tensor, labels: &Tensor) -> Result<LossAndGrad> {
+        let c = &self.config;
+        if !c.fast_kernels {
+            candle_core::bail!("the explicit Conv4 backward pass needs the fused kernels (fast_kernels = true)");
+        }
+        let mut saved = Vec::with_capacity(c.blocks);
+        let mut h = x.contiguous()?;
+        for i in 0..c.blocks {
+            let w = params.get(&format!("conv{i}.weight"))?;
+            let gamma = params.get(&format!("bn{i}.weight"))?;
+            let beta = params.get(&format!("bn{i}.bias"))?;
+            let bn = kernels::BnReluTrain::forward(&kernels::conv3x3(&h, w)?, gamma, beta, c.bn_eps)?;
+            let pooled = kernels::max_pool2x2(&bn.y)?;
+            saved.push((h, bn));
+            h = pooled;
+        }
+        let pooled_shape = h.shape().clone();
+        let emb = h.flatten_from(1)?;
+        let (head_w, head_b) = (params.get("head.weight")?, params.get("head.bias")?);
+        let logits = emb.matmul(&head_w.t()?)?.broadcast_add(head_b)?;
+        let log_probs = ops::log_softmax(&logits)?;
+        let loss = log_probs.gather(&labels.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
+
+        let mut grads = Params::new();
+        let (n, ways) = logits.dims2()?;
+        let d_logits = ((log_probs.exp()? - one_hot(labels, ways, logits.dtype())?)? / n as f64)?;
+        grads.insert("head.weight".to_string(), d_logits.t()?.matmul(&emb)?);
+        grads.insert("head.bias".to_string(), d_logits.sum(0)?);
+        let mut d = d_logits.matmul(head_w)?.reshape(pooled_shape)?;
+        for (i, (input, bn)) in saved.iter().enumerate().rev() {
+            let (d_conv, d_gamma, d_beta) = bn.vjp(&kernels::max_pool2x2_vjp(&bn.y, &d)?)?;
+            let w = params.get(&format!("conv{i}.weight"))?;
+            let (d_input, d_w) = kernels::conv3x3_vjp(input, w, &d_conv, i > 0)?;
+            grads.insert(format!("conv{i}.weight"), d_w);
+            grads.insert(format!("bn{i}.weight"), d_gamma);
+            grads.insert(format!("bn{i}.bias"), d_beta);
+            if let Some(d_input) = d_input {
+                d = d_input;
+            }
+        }
+        Ok(LossAndGrad { loss, logits, grads })
+    }
+
     pub fn running_stats(&self) -> RunningStats {
         RunningStats::new(self.config.blocks, self.config.hidden)
     }
@@ -203,4 +262,19 @@ impl Conv4 {
         }
         h.flatten_from(1)
     }
+}
+
+/// [N, classes] rows of zeros with a one at each label of `labels` [N] (u32).
+fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
+    let device = labels.device();
+    let labels = labels.to_vec1::<u32>()?;
+    let mut data = vec![0f64; labels.len() * classes];
+    for (row, &l) in labels.iter().enumerate() {
+        let l = l as usize;
+        if l >= classes {
+            candle_core::bail!("label {l} is out of range for {classes} classes");
+        }
+        data[row * classes + l] = 1.0;
+    }
+    Tensor::from_vec(data, (labels.len(), classes), device)?.to_dtype(dtype)
 }

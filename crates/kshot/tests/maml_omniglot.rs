@@ -44,9 +44,8 @@ fn maml_with_meta_batches_resumes_exactly() {
     config.meta_batch = 3;
     config.episodes = 4;
     config.checkpoint_every = 2;
-    let tmp = std::env::temp_dir().join(format!("kshot-maml-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let (straight, split) = (tmp.join("straight"), tmp.join("split"));
+    let tmp = common::tempdir("maml-resume");
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
     std::fs::create_dir_all(&straight).unwrap();
     std::fs::create_dir_all(&split).unwrap();
     let no_stop = AtomicBool::new(false);
@@ -56,5 +55,4 @@ fn maml_with_meta_batches_resumes_exactly() {
     train::train(&split, &first_half, &set, None, false, &no_stop, |_| {}).unwrap();
     train::train(&split, &config, &set, None, true, &no_stop, |_| {}).unwrap();
     assert_eq!(model_values(&straight), model_values(&split), "resumed MAML run differs from the straight one");
-    let _ = std::fs::remove_dir_all(&tmp);
 }

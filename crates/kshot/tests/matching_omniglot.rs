@@ -11,9 +11,7 @@ use kshot::{eval, presets, train};
 #[test]
 fn matching_short_run_beats_chance_and_its_untrained_self() {
     let root = common::data_root();
-    let cache =
-        std::env::temp_dir().join(format!("kshot-test-cache-matching-{}", std::process::id()));
-    std::env::set_var("KSHOT_CACHE", &cache);
+    common::use_shared_data_cache();
     let train_set = data::load(&root, "omniglot", "vinyals", "train", 28).unwrap();
     let test_set = data::load(&root, "omniglot", "vinyals", "test", 28).unwrap();
 
@@ -24,8 +22,8 @@ fn matching_short_run_beats_chance_and_its_untrained_self() {
     config.matching.attention_scale = 10.0;
     config.validation = None;
     config.checkpoint_every = 100;
-    let dir = std::env::temp_dir().join(format!("kshot-matching-omniglot-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = common::tempdir("matching-omniglot");
+    let dir = tmp.path().join("run");
 
     let sampler =
         EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 15), Grouping::Any).unwrap();
@@ -59,6 +57,4 @@ fn matching_short_run_beats_chance_and_its_untrained_self() {
         before.accuracy,
         after.accuracy
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&cache);
 }

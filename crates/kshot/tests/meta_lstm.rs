@@ -138,8 +138,8 @@ fn meta_gradient_is_first_order_in_the_learner_gradients() -> Result<()> {
 fn meta_lstm_learns_held_out_synthetic_classes() {
     let train_set = common::synthetic_set(40, 1, 20, 12, 5);
     let test_set = common::synthetic_set(20, 1, 10, 12, 99);
-    let dir = std::env::temp_dir().join(format!("kshot-metalstm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = common::tempdir("metalstm");
+    let dir = tmp.path().join("run");
     let mut config = kshot::presets::find("meta-lstm-omniglot-5w1s").unwrap().build.clone()();
     config.data.image_size = 12;
     config.backbone.hidden = 8;

@@ -35,19 +35,6 @@ fn fce(mut c: RunConfig) -> RunConfig {
     c
 }
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "kshot-methods-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
     let t = kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE)).unwrap();
     let mut v: Vec<(String, Vec<f64>)> = t
@@ -142,7 +129,8 @@ fn relabelling_permutes_the_logits_of_every_method() {
 fn held_out_accuracy(config: &RunConfig, classes: usize, tag: &str) -> (f64, f64) {
     let train_set = common::synthetic_set(classes, 1, 10, 12, 5);
     let test_set = common::synthetic_set(20, 1, 10, 12, 99);
-    let dir = tempdir(tag).join("run");
+    let tmp = common::tempdir(&format!("methods-{tag}"));
+    let dir = tmp.path().join("run");
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
     let fitted = train::fit_to_training_set(config, &train_set).unwrap();
     let untrained = train::new_learner(&fitted).unwrap();
@@ -217,8 +205,8 @@ fn methods_that_own_their_training_step_resume_exactly() {
     let set = common::synthetic_set(20, 2, 10, 12, 5);
     let no_stop = AtomicBool::new(false);
     for method in ["siamese", "baseline++", "matching"] {
-        let tmp = tempdir(method);
-        let (straight, split) = (tmp.join("straight"), tmp.join("split"));
+        let tmp = common::tempdir(&format!("methods-{method}"));
+        let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
         train::train(
             &straight,
             &small_config(method, 5),
@@ -255,7 +243,8 @@ fn baseline_head_must_match_the_training_set() {
     let set = common::synthetic_set(20, 2, 10, 12, 5);
     let mut c = small_config("baseline", 2);
     c.baseline.classes = 7;
-    let dir = tempdir("baseline-mismatch").join("run");
+    let tmp = common::tempdir("methods-baseline-mismatch");
+    let dir = tmp.path().join("run");
     let err = train::train(&dir, &c, &set, None, false, &AtomicBool::new(false), |_| {})
         .unwrap_err()
         .to_string();

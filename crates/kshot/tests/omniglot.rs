@@ -23,28 +23,11 @@ fn data_root() -> PathBuf {
 }
 
 /// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let p =
-            std::env::temp_dir().join(format!("kshot-test-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("kshot-test-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Each split decoded once per test binary (no cache), shared by the read-only tests.
@@ -237,7 +220,7 @@ fn rotations_are_counter_clockwise_rotations_of_rot000() {
 #[test]
 fn extracted_folders_load_like_zips() {
     // Extract two alphabets from each zip and point a split file at them.
-    let tmp = TempDir::new("extracted");
+    let tmp = tempdir("extracted");
     let dir = tmp.path().join("omniglot");
     let pick = [
         ("images_background", "Greek"),
@@ -285,7 +268,7 @@ fn extracted_folders_load_like_zips() {
 
 #[test]
 fn cache_roundtrip_and_corruption() {
-    let tmp = TempDir::new("cache");
+    let tmp = tempdir("cache");
     let cache = Cache::at(tmp.path().join("cache"));
     let root = data_root();
     let split = Split::Lake(LakeSubset::Evaluation);
@@ -338,7 +321,7 @@ fn cache_roundtrip_and_corruption() {
 
 #[test]
 fn unwritable_cache_dir_still_loads() {
-    let tmp = TempDir::new("unwritable");
+    let tmp = tempdir("unwritable");
     // A cache "directory" below a regular file cannot be created, even by root.
     let blocker = tmp.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();
@@ -350,7 +333,7 @@ fn unwritable_cache_dir_still_loads() {
 
 #[test]
 fn missing_data_names_the_file() {
-    let tmp = TempDir::new("missing");
+    let tmp = tempdir("missing");
     std::fs::create_dir_all(tmp.path().join("omniglot")).unwrap();
     let cache = Cache::at(tmp.path().join("cache"));
     for split in [
@@ -384,7 +367,7 @@ fn missing_data_names_the_file() {
 
 #[test]
 fn bad_split_lines_name_file_and_line() {
-    let tmp = TempDir::new("badsplit");
+    let tmp = tempdir("badsplit");
     link_zips(tmp.path());
     let file = tmp.path().join("omniglot/splits/vinyals/train.txt");
     let cases = [
@@ -424,7 +407,7 @@ fn bad_split_lines_name_file_and_line() {
 
 #[test]
 fn corrupt_zip_is_an_error_not_a_panic() {
-    let tmp = TempDir::new("corrupt");
+    let tmp = tempdir("corrupt");
     let dir = tmp.path().join("omniglot");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -462,7 +445,7 @@ fn corrupt_zip_is_an_error_not_a_panic() {
 
 #[test]
 fn fetch_unreachable_fails_fast_with_one_line() {
-    let tmp = TempDir::new("fetch");
+    let tmp = tempdir("fetch");
     let dest = tmp.path().join("sub/x.zip");
     let t = Instant::now();
     let err = fetch_file("http://127.0.0.1:9/x", &dest, None).unwrap_err();
@@ -496,7 +479,7 @@ fn fetch_from_a_silent_server_times_out() {
             let _ = std::io::Read::read_to_end(&mut conn, &mut Vec::new());
         }
     });
-    let tmp = TempDir::new("fetch-slow");
+    let tmp = tempdir("fetch-slow");
     let timeouts = Timeouts {
         connect: Duration::from_secs(2),
         read: Duration::from_secs(1),
@@ -530,7 +513,7 @@ fn fetch_keeps_present_verified_files() {
         "437c1eeab0af8484112e1b4cc0f3d541ec727f7c47b9b202da738af9dfd6c325"
     );
     // A present file with the wrong hash is fetched again (and here fails, offline or refused).
-    let tmp = TempDir::new("fetch-bad");
+    let tmp = tempdir("fetch-bad");
     let dest = tmp.path().join("y.txt");
     std::fs::write(&dest, b"wrong").unwrap();
     let err = fetch_file("http://127.0.0.1:9/y.txt", &dest, Some(&"0".repeat(64))).unwrap_err();
@@ -545,7 +528,7 @@ fn fetch_keeps_present_verified_files() {
 /// Load times for the report: `cargo test --test omniglot timing -- --nocapture`.
 #[test]
 fn timing_vinyals_train() {
-    let tmp = TempDir::new("timing");
+    let tmp = tempdir("timing");
     let cache = Cache::at(tmp.path());
     let split = Split::Vinyals(VinyalsSubset::Train);
     let t = Instant::now();

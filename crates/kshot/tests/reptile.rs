@@ -164,8 +164,8 @@ fn only_transductive_scoring_lets_queries_see_each_other() {
 fn resume_continues_exactly() {
     let set = common::synthetic_set(20, 2, 10, 12, 5);
     let no_stop = AtomicBool::new(false);
-    let tmp = common_tempdir();
-    let (straight, split) = (tmp.join("straight"), tmp.join("split"));
+    let tmp = common::tempdir("reptile");
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
     train::train(&straight, &small_config(7), &set, None, false, &no_stop, |_| {}).unwrap();
     let stop = AtomicBool::new(false);
     let first = train::train(&split, &small_config(7), &set, None, false, &stop, |s| {
@@ -187,7 +187,8 @@ fn resume_continues_exactly() {
 fn reptile_learns_held_out_synthetic_classes() {
     let train_set = common::synthetic_set(40, 1, 10, 12, 5);
     let test_set = common::synthetic_set(20, 1, 10, 12, 99);
-    let dir = common_tempdir().join("run");
+    let tmp = common::tempdir("reptile");
+    let dir = tmp.path().join("run");
     let mut config = small_config(1000);
     config.reptile.inner_steps_test = 3;
     config.checkpoint_every = 1000;
@@ -214,14 +215,4 @@ fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
-}
-
-fn common_tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "kshot-reptile-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

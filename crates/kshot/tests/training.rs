@@ -36,9 +36,9 @@ fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
 fn resume_continues_exactly() {
     let set = common::synthetic_set(20, 2, 10, 12, 5);
     let no_stop = AtomicBool::new(false);
-    let tmp = tempdir();
-    let straight = tmp.join("straight");
-    let split = tmp.join("split");
+    let tmp = common::tempdir("training");
+    let straight = tmp.path().join("straight");
+    let split = tmp.path().join("split");
     train::train(&straight, &small_config(7), &set, None, false, &no_stop, |_| {}).unwrap();
     // The same run in two sessions: stop after 4 episodes (a checkpoint), then resume to 7.
     let first = train::train(&split, &small_config(4), &set, None, false, &no_stop, |_| {}).unwrap();
@@ -59,7 +59,8 @@ fn resume_continues_exactly() {
 fn stop_flag_checkpoints_and_returns() {
     let set = common::synthetic_set(20, 2, 10, 12, 5);
     let stop = AtomicBool::new(false);
-    let dir = tempdir().join("run");
+    let tmp = common::tempdir("training");
+    let dir = tmp.path().join("run");
     let mut seen = 0;
     let s = train::train(&dir, &small_config(50), &set, None, false, &stop, |st| {
         seen = st.episode;
@@ -96,7 +97,8 @@ fn relabelling_the_support_permutes_the_logits() {
 fn protonet_learns_held_out_synthetic_classes() {
     let train_set = common::synthetic_set(40, 1, 10, 12, 5);
     let test_set = common::synthetic_set(20, 1, 10, 12, 99);
-    let dir = tempdir().join("run");
+    let tmp = common::tempdir("training");
+    let dir = tmp.path().join("run");
     let mut config = small_config(60);
     config.schedule.step = 0;
     train::train(&dir, &config, &train_set, None, false, &AtomicBool::new(false), |_| {}).unwrap();
@@ -104,14 +106,4 @@ fn protonet_learns_held_out_synthetic_classes() {
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
     let report = kshot::eval::evaluate(learner.as_ref(), &sampler, 50, 0, |_| {}).unwrap();
     assert!(report.accuracy > 0.6, "5-way accuracy {} (chance 0.2)", report.accuracy);
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "kshot-test-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

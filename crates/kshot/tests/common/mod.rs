@@ -31,18 +31,33 @@ pub fn data_root() -> std::path::PathBuf {
     }
 }
 
+/// A fresh directory under the system temp dir, removed when the returned value is dropped (keep
+/// it alive while its path is in use).
+pub fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("kshot-test-{tag}-")).tempdir().unwrap()
+}
+
+/// Points `$KSHOT_CACHE` at one decoded-data cache under the cargo target dir, shared by every test
+/// process and reused across runs (cache files are written atomically, so sharing is safe).
+pub fn use_shared_data_cache() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("kshot-data-cache");
+        std::env::set_var("KSHOT_CACHE", cache);
+    });
+}
+
 /// Accuracy on 100 seeded 5-way 1-shot 15-query episodes of Omniglot's Vinyals test classes, of
 /// the untrained learner of `config` and of that learner after training on the `train` classes.
 pub fn omniglot_before_and_after(config: &kshot::config::RunConfig, tag: &str) -> (f64, f64) {
     use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
     use kshot::{eval, train};
-    let cache = std::env::temp_dir().join(format!("kshot-test-cache-{tag}-{}", std::process::id()));
-    std::env::set_var("KSHOT_CACHE", &cache);
+    use_shared_data_cache();
     let root = data_root();
     let train_set = kshot::data::load(&root, "omniglot", "vinyals", "train", 28).unwrap();
     let test_set = kshot::data::load(&root, "omniglot", "vinyals", "test", 28).unwrap();
-    let dir = std::env::temp_dir().join(format!("kshot-{tag}-omniglot-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = tempdir(&format!("{tag}-omniglot"));
+    let dir = tmp.path().join("run");
 
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 15), Grouping::Any).unwrap();
     let untrained = train::new_learner(config).unwrap();
@@ -51,7 +66,5 @@ pub fn omniglot_before_and_after(config: &kshot::config::RunConfig, tag: &str) -
     train::train(&dir, config, &train_set, None, false, &no_stop, |_| {}).unwrap();
     let (_, learner) = train::load_learner(&dir).unwrap();
     let after = eval::evaluate(learner.as_ref(), &sampler, 100, 0, |_| {}).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&cache);
     (before.accuracy, after.accuracy)
 }

@@ -225,3 +225,49 @@ fn explicit_conv4_backward_equals_candle_backward_to_second_order() {
         assert!(d < 1e-10, "{name}: Hessian-vector products differ by {d:e} (relative)");
     }
 }
+
+#[test]
+fn protonet_explicit_backward_gives_the_composite_gradient() {
+    use kshot::data::{Episode, EpisodeSpec};
+    use kshot::methods::{Learner, ProtoNet, ProtoNetConfig};
+    kshot::autograd::init();
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (ways, shots, queries) = (4, 2, 3);
+    let images = |rng: &mut ChaCha8Rng, n: usize| randn(rng, &[n, 1, 15, 15]).to_dtype(DType::F32).unwrap();
+    let episode = Episode {
+        spec: EpisodeSpec::new(ways, shots, queries),
+        classes: (0..ways).collect(),
+        support: images(&mut rng, ways * shots),
+        support_labels: (0..(ways * shots) as u32).map(|i| i / shots as u32).collect(),
+        query: images(&mut rng, ways * queries),
+        query_labels: (0..(ways * queries) as u32).map(|i| i / queries as u32).collect(),
+    };
+    let run = |fast_kernels: bool| {
+        let backbone = Conv4Config { hidden: 6, blocks: 3, fast_kernels, ..Conv4Config::new(1) };
+        let mut net =
+            ProtoNet::new(ProtoNetConfig::default(), backbone, &mut ChaCha8Rng::seed_from_u64(5), &Device::Cpu).unwrap();
+        let out = net.episode_loss(&episode).unwrap();
+        let grads = out.loss.backward().unwrap();
+        let flat: Vec<(String, Vec<f32>)> = net
+            .params()
+            .iter()
+            .map(|(n, v)| (n.to_string(), grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        let buffers: Vec<Vec<f64>> =
+            net.buffers().unwrap().iter().map(|(_, t)| t.to_dtype(DType::F64).unwrap().to_vec1().unwrap()).collect();
+        (out.loss.to_scalar::<f32>().unwrap(), flat, buffers)
+    };
+    let (fast_loss, fast, fast_buffers) = run(true);
+    let (loss, composite, buffers) = run(false);
+    assert!((fast_loss - loss).abs() < 1e-5 * loss.abs().max(1.0), "loss {fast_loss} vs composite {loss}");
+    for ((name, a), (_, b)) in fast.iter().zip(&composite) {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+        assert!(d < 1e-4, "{name}: explicit and composite gradients differ by {d:e} (relative)");
+    }
+    for (a, b) in fast_buffers.iter().zip(&buffers) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5 * y.abs().max(1.0), "running statistics differ: {x} vs {y}");
+        }
+    }
+}

@@ -181,32 +181,20 @@ impl Maml {
 
 impl Maml {
     /// A loss whose value is the mean query loss of `tasks` and whose gradient with respect to θ is
-    /// their mean meta-gradient: Σ θ·ḡ − stop(Σ θ·ḡ) + stop(mean L_Q).
+    /// their mean meta-gradient.
     fn surrogate(&self, tasks: &[TaskGradient]) -> Result<EpisodeOutput> {
-        let n = tasks.len().max(1) as f64;
-        let mut linear: Option<Tensor> = None;
-        for (name, var) in self.params.iter() {
-            let mut g: Option<Tensor> = None;
-            for task in tasks {
-                let t = task.grads.get(name)?;
-                g = Some(match g {
-                    Some(acc) => (acc + t)?,
-                    None => t.clone(),
-                });
-            }
-            let Some(g) = g else { candle_core::bail!("a meta-batch needs at least one task") };
-            let term = (var.as_tensor() * (g / n)?.to_dtype(var.dtype())?)?.sum_all()?;
-            linear = Some(match linear {
-                Some(l) => (l + term)?,
-                None => term,
-            });
+        if tasks.is_empty() {
+            candle_core::bail!("a meta-batch needs at least one task")
         }
-        let linear = linear.ok_or_else(|| candle_core::Error::Msg("MAML has no parameters".into()))?;
+        let n = tasks.len() as f64;
+        let mut mean = Params::new();
+        for (name, _) in self.params.iter() {
+            let sum = tasks.iter().skip(1).try_fold(tasks[0].grads.get(name)?.clone(), |acc, t| acc + t.grads.get(name)?)?;
+            mean.insert(name.to_string(), (sum / n)?);
+        }
         let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
         let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
-        let value = Tensor::new(query_loss, linear.device())?.to_dtype(linear.dtype())?;
-        let loss = ((&linear - linear.detach())? + value)?;
-        Ok(EpisodeOutput { loss, accuracy })
+        Ok(EpisodeOutput { loss: super::surrogate_loss(&self.params, &mean, query_loss)?, accuracy })
     }
 }
 

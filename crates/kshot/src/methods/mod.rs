@@ -12,7 +12,7 @@ pub mod siamese;
 use candle_core::{Result, Tensor};
 
 use crate::data::{Episode, ImageSet};
-use crate::nn::ParamSet;
+use crate::nn::{ParamSet, Params};
 
 pub use baseline::{Baseline, BaselineConfig, Head};
 pub use maml::{Maml, MamlConfig};
@@ -132,6 +132,23 @@ pub fn class_means_matrix(labels: &[u32], ways: usize, device: &candle_core::Dev
         m[l as usize * n + j] = 1.0 / counts[l as usize];
     }
     Tensor::from_vec(m, (ways, n), device)
+}
+
+/// A loss whose value is `value` and whose gradient with respect to `params` is `grads`, for
+/// learners that compute their gradient themselves: Σ θ·stop(g) − stop(Σ θ·g) + value.
+pub(crate) fn surrogate_loss(params: &ParamSet, grads: &Params, value: f64) -> Result<Tensor> {
+    let mut linear: Option<Tensor> = None;
+    for (name, var) in params.iter() {
+        let g = grads.get(name)?.detach().to_dtype(var.dtype())?;
+        let term = (var.as_tensor() * g)?.sum_all()?;
+        linear = Some(match linear {
+            Some(l) => (l + term)?,
+            None => term,
+        });
+    }
+    let linear = linear.ok_or_else(|| candle_core::Error::Msg("the learner has no parameters".into()))?;
+    let value = Tensor::new(value, linear.device())?.to_dtype(linear.dtype())?;
+    (&linear - linear.detach())? + value
 }
 
 /// Fails unless a task has as many classes as a model's output layer (MAML, Reptile, Meta-LSTM).

@@ -1,7 +1,7 @@
 //! Prototypical Networks (Snell, Swersky & Zemel 2017): each class is the mean of its support
 //! embeddings, and a query is classified by a softmax over negative distances to the prototypes.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +65,21 @@ impl ProtoNet {
     }
 }
 
+impl ProtoNet {
+    /// The episode's query loss and accuracy given the embeddings of its support then query images.
+    fn embedding_loss(&self, emb: &Tensor, episode: &Episode) -> Result<EpisodeOutput> {
+        let n_support = episode.support_labels.len();
+        let support = emb.narrow(0, 0, n_support)?;
+        let query = emb.narrow(0, n_support, emb.dim(0)? - n_support)?;
+        let prototypes = Self::prototypes(&support, &episode.support_labels, episode.spec.ways)?;
+        let logits = self.logits(&query, &prototypes)?;
+        let labels = episode.query_labels_tensor()?;
+        let loss = ops::cross_entropy(&logits, &labels)?;
+        let accuracy = ops::accuracy(&logits, &labels)?;
+        Ok(EpisodeOutput { loss, accuracy })
+    }
+}
+
 struct Prototypes<'a> {
     net: &'a ProtoNet,
     params: Params,
@@ -94,20 +109,29 @@ impl Learner for ProtoNet {
         Ok(Box::new(Prototypes { net: self, params, prototypes }))
     }
 
+    /// With the fused kernels, the backbone's gradient comes from its explicit backward pass
+    /// ([`Conv4::forward_taped`]) and reaches the trainer through a surrogate loss; candle's
+    /// backward pass only covers the distances and the softmax.
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
-        let ways = episode.spec.ways;
-        let n_support = episode.support_labels.len();
         let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
-        let params = self.params.values();
-        let emb = self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
-        let support = emb.narrow(0, 0, n_support)?;
-        let query = emb.narrow(0, n_support, emb.dim(0)? - n_support)?;
-        let prototypes = Self::prototypes(&support, &episode.support_labels, ways)?;
-        let logits = self.logits(&query, &prototypes)?;
-        let labels = episode.query_labels_tensor()?;
-        let loss = ops::cross_entropy(&logits, &labels)?;
-        let accuracy = ops::accuracy(&logits, &labels)?;
-        Ok(EpisodeOutput { loss, accuracy })
+        if !self.backbone.config.fast_kernels {
+            let params = self.params.values();
+            let emb = self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
+            return self.embedding_loss(&emb, episode);
+        }
+        let params = self.params.detached_values();
+        let tape = self.backbone.forward_taped(&params, &images, Some(&mut self.running))?;
+        let emb = Var::from_tensor(&tape.embedding)?;
+        let out = self.embedding_loss(emb.as_tensor(), episode)?;
+        let d_emb = out
+            .loss
+            .backward()?
+            .get(emb.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("the ProtoNet loss does not depend on the embeddings".into()))?;
+        let grads = tape.backward(&params, &d_emb)?;
+        let value = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        Ok(EpisodeOutput { loss: super::surrogate_loss(&self.params, &grads, value)?, accuracy: out.accuracy })
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {

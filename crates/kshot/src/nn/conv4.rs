@@ -112,6 +112,39 @@ pub struct LossAndGrad {
     pub grads: Params,
 }
 
+/// A Conv4 forward pass kept for an explicit backward pass, from [`Conv4::forward_taped`].
+pub struct Conv4Tape {
+    /// Each block's input and its batch norm.
+    blocks: Vec<(Tensor, kernels::BnReluTrain)>,
+    pooled_shape: Vec<usize>,
+    /// [B, D]
+    pub embedding: Tensor,
+}
+
+impl Conv4Tape {
+    /// d/d(parameter) of a loss whose gradient with respect to the embedding is `d_embedding`
+    /// [B, D], for every convolution and batch-norm parameter.
+    ///
+    /// These are the fused ops candle's backward pass would run, called directly: without candle's
+    /// zero-filled gradient accumulators and, when differentiated again, without their add nodes.
+    pub fn backward(&self, params: &Params, d_embedding: &Tensor) -> Result<Params> {
+        let mut grads = Params::new();
+        let mut d = d_embedding.reshape(self.pooled_shape.as_slice())?;
+        for (i, (input, bn)) in self.blocks.iter().enumerate().rev() {
+            let (d_conv, d_gamma, d_beta) = bn.vjp(&kernels::max_pool2x2_vjp(&bn.y, &d)?)?;
+            let w = params.get(&format!("conv{i}.weight"))?;
+            let (d_input, d_w) = kernels::conv3x3_vjp(input, w, &d_conv, i > 0)?;
+            grads.insert(format!("conv{i}.weight"), d_w);
+            grads.insert(format!("bn{i}.weight"), d_gamma);
+            grads.insert(format!("bn{i}.bias"), d_beta);
+            if let Some(d_input) = d_input {
+                d = d_input;
+            }
+        }
+        Ok(grads)
+    }
+}
+
 /// How batch norm gets its statistics in a forward pass.
 pub enum BnMode<'a> {
     /// Statistics of the current batch; folded into the running averages when given.
@@ -176,53 +209,51 @@ impl Conv4 {
     }
 
     /// Mean cross-entropy of the linear-head logits of `x` (batch statistics) against `labels` [B]
-    /// (u32), and its gradient with respect to each parameter, by an explicit backward pass.
+    /// (u32), and its gradient with respect to each parameter, by an explicit backward pass
+    /// ([`Conv4::forward_taped`], [`Conv4Tape::backward`]).
     ///
-    /// The backward pass is the same fused ops candle's backward would run, called directly: without
-    /// candle's zero-filled gradient accumulators, and, when differentiated again, without their add
-    /// nodes. The gradients stay attached to the graph of `params`, so Hessian-vector products
-    /// through them are exact (MAML). Needs the fused kernels.
+    /// The gradients stay attached to the graph of `params`, so Hessian-vector products through
+    /// them are exact (MAML); with detached `params` nothing is recorded at all. Needs the fused
+    /// kernels.
     pub fn linear_head_loss_and_grad(&self, params: &Params, x: &Tensor, labels: &Tensor) -> Result<LossAndGrad> {
+        let tape = self.forward_taped(params, x, None)?;
+        let emb = &tape.embedding;
+        let (head_w, head_b) = (params.get("head.weight")?, params.get("head.bias")?);
+        let logits = emb.matmul(&head_w.t()?)?.broadcast_add(head_b)?;
+        let log_probs = ops::log_softmax(&logits)?;
+        let loss = log_probs.gather(&labels.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
+
+        let (n, ways) = logits.dims2()?;
+        let d_logits = ((log_probs.exp()? - one_hot(labels, ways, logits.dtype())?)? / n as f64)?;
+        let mut grads = tape.backward(params, &d_logits.matmul(head_w)?)?;
+        grads.insert("head.weight".to_string(), d_logits.t()?.matmul(emb)?);
+        grads.insert("head.bias".to_string(), d_logits.sum(0)?);
+        Ok(LossAndGrad { loss, logits, grads })
+    }
+
+    /// The training-mode forward pass (batch statistics, folded into `running` when given) with
+    /// what [`Conv4Tape::backward`] needs. Needs the fused kernels.
+    pub fn forward_taped(&self, params: &Params, x: &Tensor, mut running: Option<&mut RunningStats>) -> Result<Conv4Tape> {
         let c = &self.config;
         if !c.fast_kernels {
             candle_core::bail!("the explicit Conv4 backward pass needs the fused kernels (fast_kernels = true)");
         }
-        let mut saved = Vec::with_capacity(c.blocks);
+        let mut blocks = Vec::with_capacity(c.blocks);
         let mut h = x.contiguous()?;
         for i in 0..c.blocks {
             let w = params.get(&format!("conv{i}.weight"))?;
             let gamma = params.get(&format!("bn{i}.weight"))?;
             let beta = params.get(&format!("bn{i}.bias"))?;
             let bn = kernels::BnReluTrain::forward(&kernels::conv3x3(&h, w)?, gamma, beta, c.bn_eps)?;
+            if let Some(r) = running.as_deref_mut() {
+                r.update(i, &bn.batch_stats()?, c.bn_momentum);
+            }
             let pooled = kernels::max_pool2x2(&bn.y)?;
-            saved.push((h, bn));
+            blocks.push((h, bn));
             h = pooled;
         }
-        let pooled_shape = h.shape().clone();
-        let emb = h.flatten_from(1)?;
-        let (head_w, head_b) = (params.get("head.weight")?, params.get("head.bias")?);
-        let logits = emb.matmul(&head_w.t()?)?.broadcast_add(head_b)?;
-        let log_probs = ops::log_softmax(&logits)?;
-        let loss = log_probs.gather(&labels.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
-
-        let mut grads = Params::new();
-        let (n, ways) = logits.dims2()?;
-        let d_logits = ((log_probs.exp()? - one_hot(labels, ways, logits.dtype())?)? / n as f64)?;
-        grads.insert("head.weight".to_string(), d_logits.t()?.matmul(&emb)?);
-        grads.insert("head.bias".to_string(), d_logits.sum(0)?);
-        let mut d = d_logits.matmul(head_w)?.reshape(pooled_shape)?;
-        for (i, (input, bn)) in saved.iter().enumerate().rev() {
-            let (d_conv, d_gamma, d_beta) = bn.vjp(&kernels::max_pool2x2_vjp(&bn.y, &d)?)?;
-            let w = params.get(&format!("conv{i}.weight"))?;
-            let (d_input, d_w) = kernels::conv3x3_vjp(input, w, &d_conv, i > 0)?;
-            grads.insert(format!("conv{i}.weight"), d_w);
-            grads.insert(format!("bn{i}.weight"), d_gamma);
-            grads.insert(format!("bn{i}.bias"), d_beta);
-            if let Some(d_input) = d_input {
-                d = d_input;
-            }
-        }
-        Ok(LossAndGrad { loss, logits, grads })
+        let pooled_shape = h.dims().to_vec();
+        Ok(Conv4Tape { blocks, pooled_shape, embedding: h.flatten_from(1)? })
     }
 
     pub fn running_stats(&self) -> RunningStats {

@@ -6,6 +6,6 @@ pub mod lstm;
 pub mod ops;
 pub mod params;
 
-pub use conv4::{BnMode, Conv4, Conv4Config, LossAndGrad, RunningStats};
+pub use conv4::{BnMode, Conv4, Conv4Config, Conv4Tape, LossAndGrad, RunningStats};
 pub use lstm::LstmCell;
 pub use params::{ParamSet, Params};

@@ -8,7 +8,9 @@
 //!
 //!   v_K = ∇L_Q(θ_K),   v_k = (I − α H_k) v_{k+1} = v_{k+1} − α ∇_θ(∇L_S(θ_k) · v_{k+1}),
 //!
-//! and dL_Q/dθ = v_0. First-order MAML stops at v_K. Batch norm uses the statistics of the current
+//! and dL_Q/dθ = v_0. First-order MAML stops at v_K. With the fused kernels the support and query
+//! gradients come from Conv4's explicit backward pass, so each Hessian-vector product differentiates
+//! only the forward pass and the fused backward ops (not candle's gradient accumulators). Batch norm uses the statistics of the current
 //! batch at training and at test time, as in the paper.
 
 use candle_core::{DType, Device, Result, Tensor, Var};

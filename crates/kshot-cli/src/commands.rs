@@ -38,7 +38,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DataCommand {
-    /// Download a dataset's official archives into the data directory and verify them.
+    /// Download a dataset's official archives into the data directory and verify them
+    /// (miniImageNet has no public download: this checks the files placed by hand).
     Fetch {
         #[arg(value_enum)]
         dataset: FetchDataset,
@@ -50,6 +51,8 @@ enum DataCommand {
 #[derive(Clone, Copy, ValueEnum)]
 enum FetchDataset {
     Omniglot,
+    #[value(name = "mini-imagenet")]
+    MiniImagenet,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,17 +80,20 @@ struct TrainArgs {
     preset: Option<String>,
     #[arg(long)]
     method: Option<String>,
+    /// omniglot (default) or mini-imagenet; changing it also resets the split, image size and
+    /// input channels to the dataset's defaults (vinyals, 28, 1 / ravi, 84, 3).
     #[arg(long)]
     dataset: Option<String>,
+    /// omniglot: vinyals or lake; mini-imagenet: ravi.
     #[arg(long)]
     split: Option<String>,
-    /// Class subset of the split to train on (vinyals: train or trainval; lake: background).
+    /// Class subset of the split to train on (vinyals, ravi: train or trainval; lake: background).
     #[arg(long)]
     train_subset: Option<String>,
     /// Draw every episode's classes from a single alphabet.
     #[arg(long)]
     within_alphabet: bool,
-    /// Data root (holds omniglot/...). Defaults to $KSHOT_DATA.
+    /// Data root (holds omniglot/, mini-imagenet/). Defaults to $KSHOT_DATA.
     #[arg(long, env = "KSHOT_DATA")]
     data_dir: Option<PathBuf>,
     #[arg(long)]
@@ -246,6 +252,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("Omniglot is ready in {}", root.join("omniglot").display());
             Ok(())
         }
+        Command::Data { command: DataCommand::Fetch { dataset: FetchDataset::MiniImagenet, data_dir } } => {
+            let root = data::resolve_root(data_dir.as_deref())?;
+            if let Some(w) = data::download::fetch_mini_imagenet(&root)? {
+                eprintln!("warning: {w}");
+            }
+            eprintln!(
+                "miniImageNet is in place in {} (placed by hand; it has no public download)",
+                data::mini_imagenet::dataset_dir(&root).display()
+            );
+            Ok(())
+        }
         Command::Bench(args) => crate::bench::run(args),
         Command::Presets => {
             for p in presets::PRESETS {
@@ -275,7 +292,14 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
         c.method = m.clone();
     }
     if let Some(d) = &a.dataset {
-        c.data.dataset = d.clone();
+        // Another dataset than the preset's: its own split, image size and channels.
+        let defaults = data::dataset_defaults(d)?;
+        if *d != c.data.dataset {
+            c.data.dataset = d.clone();
+            c.data.split = defaults.split.to_string();
+            c.data.image_size = defaults.image_size;
+            c.backbone.in_channels = defaults.channels;
+        }
     }
     if let Some(s) = &a.split {
         c.data.split = s.clone();

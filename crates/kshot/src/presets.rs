@@ -28,6 +28,16 @@ pub const PRESETS: &[Preset] = &[
         build: || protonet_omniglot(5),
     },
     Preset {
+        name: "protonet-miniimagenet-1shot",
+        summary: "Snell et al. 2017, miniImageNet (Ravi split), 84×84: Conv4 64 filters (1600-d), train 30-way 1-shot 15-query, Adam 1e-3 halved every 2000 episodes; test 5-way 1-shot 15-query, 600 episodes",
+        build: || protonet_mini_imagenet(1),
+    },
+    Preset {
+        name: "protonet-miniimagenet-5shot",
+        summary: "Snell et al. 2017, miniImageNet (Ravi split), 84×84: Conv4 64 filters (1600-d), train 20-way 5-shot 15-query, Adam 1e-3 halved every 2000 episodes; test 5-way 5-shot 15-query, 600 episodes",
+        build: || protonet_mini_imagenet(5),
+    },
+    Preset {
         name: "maml-omniglot-5w1s",
         summary: "Finn et al. 2017, Omniglot 5-way 1-shot: 1 inner step α=0.4 (3 at test), meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 1 query per class (official code); 600 test tasks",
         build: || maml_omniglot(5, 1),
@@ -46,6 +56,16 @@ pub const PRESETS: &[Preset] = &[
         name: "maml-omniglot-20w5s",
         summary: "Finn et al. 2017, Omniglot 20-way 5-shot: 5 inner steps α=0.1 (5 at test), meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; 600 test tasks",
         build: || maml_omniglot(20, 5),
+    },
+    Preset {
+        name: "maml-miniimagenet-5w1s",
+        summary: "Finn et al. 2017, miniImageNet 5-way 1-shot (Ravi split, train classes): Conv4 with 32 filters, 84×84, 5 inner steps α=0.01 (10 at test), meta-batch 4, 15 queries per class, Adam 1e-3, 60 000 meta-iterations; 600 test tasks",
+        build: || maml_mini_imagenet(1),
+    },
+    Preset {
+        name: "maml-miniimagenet-5w5s",
+        summary: "Finn et al. 2017, miniImageNet 5-way 5-shot (Ravi split, train classes): Conv4 with 32 filters, 84×84, 5 inner steps α=0.01 (10 at test), meta-batch 2, 15 queries per class, Adam 1e-3, 60 000 meta-iterations; 600 test tasks",
+        build: || maml_mini_imagenet(5),
     },
     Preset {
         name: "matching-omniglot-5way-1shot",
@@ -109,12 +129,12 @@ pub const PRESETS: &[Preset] = &[
     },
     Preset {
         name: "meta-lstm-miniimagenet-5w1s",
-        summary: "Ravi & Larochelle 2017, miniImageNet 5-way 1-shot (needs a miniImageNet loader, not in this build): Conv4 learner with 32 filters, 84×84, T=12 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
+        summary: "Ravi & Larochelle 2017, miniImageNet 5-way 1-shot (Ravi split): Conv4 learner with 32 filters, 84×84, T=12 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
         build: || meta_lstm_mini_imagenet(1),
     },
     Preset {
         name: "meta-lstm-miniimagenet-5w5s",
-        summary: "Ravi & Larochelle 2017, miniImageNet 5-way 5-shot (needs a miniImageNet loader, not in this build): Conv4 learner with 32 filters, 84×84, T=5 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
+        summary: "Ravi & Larochelle 2017, miniImageNet 5-way 5-shot (Ravi split): Conv4 learner with 32 filters, 84×84, T=5 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
         build: || meta_lstm_mini_imagenet(5),
     },
     Preset {
@@ -187,6 +207,50 @@ fn maml_omniglot(ways: usize, shots: usize) -> RunConfig {
     c.test = EpisodeSpec::new(ways, shots, shots);
     c.test_episodes = 600;
     c.checkpoint_every = 100;
+    c
+}
+
+/// miniImageNet, Ravi & Larochelle's split: 84×84 RGB, train on the 64 train classes, test on the 20
+/// test classes.
+fn mini_imagenet_data() -> DataConfig {
+    DataConfig {
+        dataset: "mini-imagenet".into(),
+        split: "ravi".into(),
+        train_subset: "train".into(),
+        test_subset: "test".into(),
+        image_size: 84,
+        grouping: Grouping::Any,
+        data_dir: None,
+    }
+}
+
+/// Prototypical Networks on miniImageNet (Snell et al. 2017, Section 3.2): Conv4 with 64 filters
+/// (1600-d embeddings at 84×84), 30-way episodes for 1-shot and 20-way for 5-shot, 15 queries per
+/// class, train shot = test shot; 600 test episodes of 5-way 15-query.
+fn protonet_mini_imagenet(shots: usize) -> RunConfig {
+    let mut c = protonet_omniglot(shots);
+    c.data = mini_imagenet_data();
+    c.backbone = Conv4Config::new(3);
+    c.train = EpisodeSpec::new(if shots == 1 { 30 } else { 20 }, shots, 15);
+    c.validation = Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 200, every: 1000 });
+    c.test = EpisodeSpec::new(5, shots, 15);
+    c.test_episodes = 600;
+    c.checkpoint_every = 100;
+    c
+}
+
+/// MAML on miniImageNet as in Finn et al. 2017 (Section 5.1, Appendix A.1): Conv4 with 32 filters,
+/// 5 inner steps of α = 0.01 (10 at test), meta-batch 4 tasks for 1-shot and 2 for 5-shot, 15
+/// queries per class, trained on the 64 train classes; 600 test tasks.
+fn maml_mini_imagenet(shots: usize) -> RunConfig {
+    let mut c = maml_omniglot(5, shots);
+    c.data = mini_imagenet_data();
+    c.backbone = Conv4Config { hidden: 32, ..Conv4Config::new(3) };
+    c.train = EpisodeSpec::new(5, shots, 15);
+    c.meta_batch = if shots == 1 { 4 } else { 2 };
+    c.maml = MamlConfig { ways: 5, inner_steps: 5, inner_steps_test: 10, inner_lr: 0.01, first_order: false };
+    c.test = EpisodeSpec::new(5, shots, 15);
+    c.test_episodes = 600;
     c
 }
 
@@ -265,15 +329,7 @@ fn reptile_omniglot(ways: usize, shots: usize) -> RunConfig {
 fn meta_lstm_mini_imagenet(shots: usize) -> RunConfig {
     let mut c = protonet_omniglot(shots);
     c.method = "meta-lstm".into();
-    c.data = DataConfig {
-        dataset: "mini-imagenet".into(),
-        split: "ravi".into(),
-        train_subset: "train".into(),
-        test_subset: "test".into(),
-        image_size: 84,
-        grouping: Grouping::Any,
-        data_dir: None,
-    };
+    c.data = mini_imagenet_data();
     c.backbone = Conv4Config { hidden: 32, ..Conv4Config::new(3) };
     c.train = EpisodeSpec::new(5, shots, 15);
     let steps = if shots == 1 { 12 } else { 5 };

@@ -180,10 +180,12 @@ pub fn train(
     Ok(Summary { episodes_done: done, seconds, interrupted })
 }
 
-/// Fills in what a config learns from its training set: the number of base classes of a
-/// Baseline head. A set that does not match a value already recorded is an error.
+/// Fills in what a config learns from its training set: the backbone's input channels (1 for
+/// Omniglot, 3 for miniImageNet) and the number of base classes of a Baseline head. A set that does
+/// not match a value already recorded is an error.
 pub fn fit_to_training_set(config: &RunConfig, train_set: &ImageSet) -> anyhow::Result<RunConfig> {
     let mut c = config.clone();
+    c.backbone.in_channels = train_set.channels;
     if c.method.starts_with("baseline") {
         let n = train_set.classes.len();
         match c.baseline.classes {

@@ -1,4 +1,5 @@
-//! Downloading datasets: `kshot data fetch omniglot --data-dir DIR`.
+//! Downloading datasets: `kshot data fetch omniglot --data-dir DIR`. miniImageNet has no public
+//! download ([`fetch_mini_imagenet`] checks the files placed by hand and says where they go).
 //!
 //! [`fetch_file`] is the generic step: HTTP(S) GET with a connect timeout and an overall timeout,
 //! a progress bar on stderr, the body streamed to a temporary file next to the destination,
@@ -120,6 +121,23 @@ pub fn fetch_omniglot(root: &Path) -> Result<()> {
         fetch_file(f.url, &root.join(f.path), f.sha256)?;
     }
     Ok(())
+}
+
+/// miniImageNet cannot be downloaded (ImageNet's terms do not allow redistribution, and there is no
+/// official archive): this checks that the files placed by hand under `root/mini-imagenet/` are
+/// there (val and test complete, train possibly partial) and returns the partial-train warning, if
+/// any. When they are not, the error is one line saying where to put them.
+pub fn fetch_mini_imagenet(root: &Path) -> Result<Option<String>> {
+    use super::mini_imagenet::{catalog, dataset_dir, fetch_hint, Subset};
+    if !dataset_dir(root).is_dir() {
+        bail!("{}", fetch_hint(root));
+    }
+    let mut warning = None;
+    for subset in [Subset::Train, Subset::Val, Subset::Test] {
+        let c = catalog(root, subset).map_err(|e| anyhow!("{}", one_line(&format!("{e:#}"))))?;
+        warning = warning.or(c.warning);
+    }
+    Ok(warning)
 }
 
 /// Downloads `url` to `dest` unless `dest` already exists (when `sha256` is given, an existing

@@ -5,14 +5,13 @@ pub mod cache;
 pub mod lake_runs;
 pub mod download;
 pub mod episode;
+pub mod mini_imagenet;
 pub mod omniglot;
 
 pub use episode::{Episode, EpisodeDraw, EpisodeSampler, EpisodeSpec, Grouping};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-
 
 /// The environment variable naming the data root when `--data-dir` is not given.
 pub const DATA_ENV: &str = "KSHOT_DATA";
@@ -80,6 +79,27 @@ pub fn resolve_root(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// The datasets `--dataset` accepts.
+pub const DATASETS: &[&str] = &["omniglot", "mini-imagenet"];
+
+/// What a dataset is loaded as unless told otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatasetDefaults {
+    pub split: &'static str,
+    pub image_size: usize,
+    /// Channels of its images (the backbone's input channels).
+    pub channels: usize,
+}
+
+/// The default split, image size and channels of `dataset`.
+pub fn dataset_defaults(dataset: &str) -> anyhow::Result<DatasetDefaults> {
+    match dataset {
+        "omniglot" => Ok(DatasetDefaults { split: "vinyals", image_size: 28, channels: 1 }),
+        "mini-imagenet" => Ok(DatasetDefaults { split: "ravi", image_size: mini_imagenet::NATIVE_SIZE, channels: 3 }),
+        other => anyhow::bail!("unknown dataset `{other}`; choose one of: {}", DATASETS.join(", ")),
+    }
+}
+
 /// The class subsets a split trains, validates and tests on by default.
 pub struct SplitSubsets {
     pub train: &'static str,
@@ -93,16 +113,18 @@ pub fn split_subsets(dataset: &str, split: &str) -> anyhow::Result<SplitSubsets>
         ("omniglot", "vinyals") => Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" }),
         ("omniglot", "lake") => Ok(SplitSubsets { train: "background", val: None, test: "evaluation" }),
         ("omniglot", other) => anyhow::bail!("unknown Omniglot split `{other}`; choose vinyals or lake"),
-        ("mini-imagenet", _) => anyhow::bail!(
-            "miniImageNet has no loader in this build of kshot yet; train on Omniglot instead (e.g. --preset meta-lstm-omniglot-5w1s)"
-        ),
-        (other, _) => anyhow::bail!("unknown dataset `{other}`; choose omniglot"),
+        ("mini-imagenet", "ravi") => Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" }),
+        ("mini-imagenet", other) => anyhow::bail!("unknown miniImageNet split `{other}`; choose ravi"),
+        (other, _) => anyhow::bail!("unknown dataset `{other}`; choose one of: {}", DATASETS.join(", ")),
     }
 }
 
 /// Loads the `subset` classes of `dataset`/`split` at `image_size`×`image_size`.
 pub fn load(root: &Path, dataset: &str, split: &str, subset: &str, image_size: usize) -> anyhow::Result<ImageSet> {
     split_subsets(dataset, split)?;
+    if dataset == "mini-imagenet" {
+        return mini_imagenet::load(root, subset.parse()?, image_size);
+    }
     let split = match split {
         "vinyals" => omniglot::Split::Vinyals(subset.parse()?),
         _ => omniglot::Split::Lake(subset.parse()?),

@@ -222,8 +222,8 @@ struct EvalArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Reptile: score all queries of a task in one batch (true) or each with the support set
-    /// alone (false). Default: as the run was trained.
+    /// Reptile, MAML: score all queries of a task in one batch (true) or each with the support set
+    /// alone (false). Default: as the run was trained (MAML: true, as in the paper).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     transductive: Option<bool>,
     /// Score a fixed benchmark instead of random episodes (lake-20way: Lake et al.'s 20 runs of
@@ -588,10 +588,14 @@ fn data_root_for(flag: Option<&Path>, config: &RunConfig) -> anyhow::Result<Path
 fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let mut config = RunConfig::load(&a.run.join(train::CONFIG_FILE))?;
     if let Some(t) = a.transductive {
-        if config.method != "reptile" {
-            bail!("--transductive applies to reptile runs only ({} is a {} run)", a.run.display(), config.method);
+        match config.method.as_str() {
+            "reptile" => config.reptile.transductive = t,
+            "maml" | "fomaml" => config.maml.transductive = t,
+            other => bail!(
+                "--transductive applies to reptile, maml and fomaml runs only ({} is a {other} run)",
+                a.run.display()
+            ),
         }
-        config.reptile.transductive = t;
     }
     let (config, learner) = train::load_learner_with(&a.run, config)?;
     let root = data_root_for(a.data_dir.as_deref(), &config)?;
@@ -632,7 +636,11 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             "accuracy": report.accuracy,
             "ci95": report.ci95,
             "seconds": report.seconds,
-            "transductive": (config.method == "reptile").then_some(config.reptile.transductive),
+            "transductive": match config.method.as_str() {
+                "reptile" => Some(config.reptile.transductive),
+                "maml" | "fomaml" => Some(config.maml.transductive),
+                _ => None,
+            },
             "run": a.run.display().to_string(),
             "kshot_version": kshot::VERSION,
         });

@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
     let (steps, queries, batch) = (num(1, 5), num(2, 15), num(3, 1));
     let flag = |f: &str| args.iter().any(|a| a == f);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let config = MamlConfig { ways: 5, inner_steps: steps, inner_steps_test: steps, inner_lr: 0.4, first_order: flag("fo") };
+    let config = MamlConfig { ways: 5, inner_steps: steps, inner_steps_test: steps, inner_lr: 0.4, first_order: flag("fo"), transductive: true };
     let backbone = Conv4Config { fast_kernels: !flag("composite"), ..Conv4Config::new(1) };
     let mut maml = Maml::new(config, backbone, (28, 28), &mut rng, &kshot::Device::Cpu)?;
     maml.parallel_tasks = !flag("sequential");

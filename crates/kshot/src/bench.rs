@@ -106,7 +106,7 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
             Box::new(move || classifier_step(&net, &params, &mut adam, &x, &y))
         }
         Workload::MamlSecondOrder => {
-            let config = MamlConfig { ways: 5, inner_steps: 5, inner_steps_test: 5, inner_lr: 0.4, first_order: false };
+            let config = MamlConfig { ways: 5, inner_steps: 5, inner_steps_test: 5, inner_lr: 0.4, first_order: false, transductive: true };
             let backbone = Conv4Config { fast_kernels, ..Conv4Config::new(1) };
             let maml = Maml::new(config, backbone, (28, 28), &mut rng, &Device::Cpu)?;
             let ep = episode(&mut rng, EpisodeSpec::new(5, 1, 15), 28)?;

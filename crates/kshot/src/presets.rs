@@ -199,9 +199,9 @@ fn maml_omniglot(ways: usize, shots: usize) -> RunConfig {
     c.episodes = 60_000;
     c.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
     c.maml = if ways == 5 {
-        MamlConfig { ways, inner_steps: 1, inner_steps_test: 3, inner_lr: 0.4, first_order: false }
+        MamlConfig { ways, inner_steps: 1, inner_steps_test: 3, inner_lr: 0.4, first_order: false, transductive: true }
     } else {
-        MamlConfig { ways, inner_steps: 5, inner_steps_test: 5, inner_lr: 0.1, first_order: false }
+        MamlConfig { ways, inner_steps: 5, inner_steps_test: 5, inner_lr: 0.1, first_order: false, transductive: true }
     };
     c.validation = None;
     c.test = EpisodeSpec::new(ways, shots, shots);
@@ -248,7 +248,7 @@ fn maml_mini_imagenet(shots: usize) -> RunConfig {
     c.backbone = Conv4Config { hidden: 32, ..Conv4Config::new(3) };
     c.train = EpisodeSpec::new(5, shots, 15);
     c.meta_batch = if shots == 1 { 4 } else { 2 };
-    c.maml = MamlConfig { ways: 5, inner_steps: 5, inner_steps_test: 10, inner_lr: 0.01, first_order: false };
+    c.maml = MamlConfig { ways: 5, inner_steps: 5, inner_steps_test: 10, inner_lr: 0.01, first_order: false, transductive: true };
     c.test = EpisodeSpec::new(5, shots, 15);
     c.test_episodes = 600;
     c

@@ -29,7 +29,7 @@ fn task(rng: &mut ChaCha8Rng) -> Result<Episode> {
 
 fn maml(steps: usize, first_order: bool, fast_kernels: bool) -> Result<(Maml, Params)> {
     kshot::autograd::init();
-    let config = MamlConfig { ways: 3, inner_steps: steps, inner_steps_test: steps, inner_lr: 0.4, first_order };
+    let config = MamlConfig { ways: 3, inner_steps: steps, inner_steps_test: steps, inner_lr: 0.4, first_order, transductive: true };
     let backbone = Conv4Config { hidden: 6, fast_kernels, ..Conv4Config::new(1) };
     let net = Maml::new(config, backbone, (31, 31), &mut ChaCha8Rng::seed_from_u64(7), &Device::Cpu)?;
     let mut theta = Params::new();
@@ -134,7 +134,7 @@ fn first_order_differs_from_second_order() -> Result<()> {
 #[test]
 fn episode_loss_is_the_query_loss_and_its_gradient_the_meta_gradient() -> Result<()> {
     kshot::autograd::init();
-    let config = MamlConfig { ways: 3, inner_steps: 2, inner_steps_test: 2, inner_lr: 0.4, first_order: false };
+    let config = MamlConfig { ways: 3, inner_steps: 2, inner_steps_test: 2, inner_lr: 0.4, first_order: false, transductive: true };
     let backbone = Conv4Config { hidden: 6, ..Conv4Config::new(1) };
     let mut net = Maml::new(config, backbone, (31, 31), &mut ChaCha8Rng::seed_from_u64(7), &Device::Cpu)?;
     let ep = task(&mut ChaCha8Rng::seed_from_u64(4))?;
@@ -158,3 +158,22 @@ fn episode_loss_is_the_query_loss_and_its_gradient_the_meta_gradient() -> Result
     Ok(())
 }
 
+
+#[test]
+fn non_transductive_scoring_sees_each_query_with_the_support_set_alone() -> Result<()> {
+    let ep = task(&mut ChaCha8Rng::seed_from_u64(4))?;
+    let (mut net, _) = maml(1, false, true)?;
+    let support = ep.support.to_dtype(DType::F32)?;
+    let query = ep.query.to_dtype(DType::F32)?;
+    let scores = |net: &Maml, q: &Tensor| -> Result<Vec<f32>> {
+        net.adapt(&support, &ep.support_labels, 3)?.logits(q)?.flatten_all()?.to_vec1()
+    };
+    let transductive = scores(&net, &query)?;
+    net.config.transductive = false;
+    let per_query = scores(&net, &query)?;
+    let first_alone = scores(&net, &query.narrow(0, 0, 1)?)?;
+    assert_eq!(&per_query[..3], &first_alone[..], "a query's scores depend on the other queries");
+    let d = transductive.iter().zip(&per_query).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d > 1e-3, "transductive and per-query scoring agree ({d:e}): batch statistics are not the batch's");
+    Ok(())
+}

@@ -34,11 +34,21 @@ pub struct MamlConfig {
     pub inner_lr: f64,
     /// Drop the second-order term (FOMAML).
     pub first_order: bool,
+    /// Batch norm always uses the statistics of the batch at hand (the paper): the support set in
+    /// the inner loop, the query set for the query loss. At test time this scores all of a task's
+    /// queries in one batch, so they share statistics (transductive, the paper's and the official
+    /// code's evaluation); with `false` each query is scored in a batch with the support set alone.
+    #[serde(default = "transductive_default")]
+    pub transductive: bool,
+}
+
+fn transductive_default() -> bool {
+    true
 }
 
 impl Default for MamlConfig {
     fn default() -> Self {
-        Self { ways: 5, inner_steps: 1, inner_steps_test: 3, inner_lr: 0.4, first_order: false }
+        Self { ways: 5, inner_steps: 1, inner_steps_test: 3, inner_lr: 0.4, first_order: false, transductive: true }
     }
 }
 
@@ -223,11 +233,23 @@ fn sgd_step(x: &[Tensor], g: &[Tensor], alpha: f64) -> Result<Vec<Tensor>> {
 struct Adapted<'a> {
     net: &'a Maml,
     params: Params,
+    /// Present for non-transductive scoring: each query is batched with these support images.
+    support: Option<Tensor>,
 }
 
 impl Classifier for Adapted<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        self.net.logits(&self.params, query)
+        let Some(support) = &self.support else {
+            return self.net.logits(&self.params, query);
+        };
+        let n_support = support.dim(0)?;
+        let rows = (0..query.dim(0)?)
+            .map(|i| {
+                let batch = Tensor::cat(&[support, &query.narrow(0, i, 1)?], 0)?;
+                self.net.logits(&self.params, &batch)?.narrow(0, n_support, 1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)
     }
 }
 
@@ -248,7 +270,8 @@ impl Learner for Maml {
         super::ensure_ways("MAML", self.config.ways, ways)?;
         let labels = Tensor::new(labels, support.device())?;
         let params = self.adapt_params(&self.params.detached_values(), support, &labels, self.config.inner_steps_test)?;
-        Ok(Box::new(Adapted { net: self, params }))
+        let support = if self.config.transductive { None } else { Some(support.clone()) };
+        Ok(Box::new(Adapted { net: self, params, support }))
     }
 
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {

@@ -100,16 +100,21 @@ fn conv4_f64(config: Conv4Config, seed: u64) -> (Conv4, Vec<(String, Var)>) {
     let net = Conv4::new(config);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let params = net.init(&mut rng, &Device::Cpu).unwrap();
-    let vars = params
+    let vars = f64_vars(&params, &mut rng);
+    (net, vars)
+}
+
+/// `params` in f64 as variables, with batch-norm scale/shift perturbed away from 1/0 so that their
+/// gradients are generic.
+fn f64_vars(params: &kshot::nn::ParamSet, rng: &mut ChaCha8Rng) -> Vec<(String, Var)> {
+    params
         .iter()
         .map(|(n, v)| {
-            // Perturb BN scale/shift away from 1/0 so their gradients are generic.
             let t = v.as_tensor().to_dtype(DType::F64).unwrap();
-            let t = if n.starts_with("bn") { (t + randn(&mut rng, v.dims()) * 0.3).unwrap() } else { t };
+            let t = if n.starts_with("bn") { (t + randn(rng, v.dims()) * 0.3).unwrap() } else { t };
             (n.to_string(), Var::from_tensor(&t).unwrap())
         })
-        .collect();
-    (net, vars)
+        .collect()
 }
 
 fn as_params(vars: &[(String, Var)]) -> Params {
@@ -182,14 +187,7 @@ fn explicit_conv4_backward_equals_candle_backward_to_second_order() {
     let net = Conv4::new(config);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let init = net.init_with_linear_head((15, 15), 3, &mut rng, &Device::Cpu).unwrap();
-    let vars: Vec<(String, Var)> = init
-        .iter()
-        .map(|(n, v)| {
-            let t = v.as_tensor().to_dtype(DType::F64).unwrap();
-            let t = if n.starts_with("bn") { (t + randn(&mut rng, v.dims()) * 0.3).unwrap() } else { t };
-            (n.to_string(), Var::from_tensor(&t).unwrap())
-        })
-        .collect();
+    let vars = f64_vars(&init, &mut rng);
     let x = randn(&mut rng, &[5, 2, 15, 15]);
     let labels = Tensor::new(&[0u32, 2, 1, 1, 0], &Device::Cpu).unwrap();
     let params = as_params(&vars);

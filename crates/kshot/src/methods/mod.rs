@@ -134,6 +134,20 @@ pub fn class_means_matrix(labels: &[u32], ways: usize, device: &candle_core::Dev
     Tensor::from_vec(m, (ways, n), device)
 }
 
+/// Logits of each row of `query` scored in a batch with `support` alone (`logits` runs the adapted
+/// model on a batch), so batch-norm statistics never mix queries: non-transductive scoring.
+pub(crate) fn score_each_with_support(
+    support: &Tensor,
+    query: &Tensor,
+    logits: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let n_support = support.dim(0)?;
+    let rows = (0..query.dim(0)?)
+        .map(|i| logits(&Tensor::cat(&[support, &query.narrow(0, i, 1)?], 0)?)?.narrow(0, n_support, 1))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)
+}
+
 /// A loss whose value is `value` and whose gradient with respect to `params` is `grads`, for
 /// learners that compute their gradient themselves: Σ θ·stop(g) − stop(Σ θ·g) + value.
 pub(crate) fn surrogate_loss(params: &ParamSet, grads: &Params, value: f64) -> Result<Tensor> {

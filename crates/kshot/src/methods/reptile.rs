@@ -261,17 +261,10 @@ struct Adapted<'a> {
 
 impl Classifier for Adapted<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        let Some(support) = &self.support else {
-            return self.net.logits(&self.params, query);
-        };
-        let n_support = support.dim(0)?;
-        let rows = (0..query.dim(0)?)
-            .map(|i| {
-                let batch = Tensor::cat(&[support, &query.narrow(0, i, 1)?], 0)?;
-                self.net.logits(&self.params, &batch)?.narrow(0, n_support, 1)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&rows, 0)
+        match &self.support {
+            None => self.net.logits(&self.params, query),
+            Some(support) => super::score_each_with_support(support, query, |batch| self.net.logits(&self.params, batch)),
+        }
     }
 }
 

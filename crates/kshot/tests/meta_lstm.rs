@@ -1,6 +1,7 @@
-//! Meta-LSTM: the preprocessing and gate arithmetic on hand-computed values, the documented first-
-//! order meta-gradient (the learner's gradients are inputs, not differentiated through), and
-//! learning on synthetic data.
+//! Meta-LSTM: the preprocessing and gate arithmetic on hand-computed values, the fused kernel against
+//! the candle-graph reference (c_T and the meta-gradient in f64), the documented first-order
+//! meta-gradient (the learner's gradients are inputs, not differentiated through) on both paths,
+//! gradient clipping, and learning on synthetic data.
 
 mod common;
 
@@ -8,9 +9,9 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use kshot::data::{Episode, EpisodeSampler, EpisodeSpec, Grouping};
-use kshot::methods::meta_lstm::{cell_update, gate, preprocess};
+use kshot::methods::meta_lstm::{cell_update, gate, preprocess, StepInputs};
 use kshot::methods::{Learner, MetaLstm, MetaLstmConfig};
-use kshot::nn::{Conv4Config, Params};
+use kshot::nn::{ops, Conv4Config, Params};
 use kshot::train;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -65,7 +66,7 @@ fn normal(rng: &mut ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
 /// with the input-gate bias raised so that the learner's updates are large.
 fn tiny() -> Result<(MetaLstm, Params, Episode)> {
     kshot::autograd::init();
-    let config = MetaLstmConfig { ways: 2, inner_steps: 2, inner_steps_test: 2, hidden: 4, preprocess_p: 10.0 };
+    let config = MetaLstmConfig { ways: 2, inner_steps: 2, inner_steps_test: 2, hidden: 4, ..MetaLstmConfig::default() };
     let backbone = Conv4Config { hidden: 3, blocks: 1, ..Conv4Config::new(1) };
     let net = MetaLstm::new(config, backbone, (6, 6), &mut ChaCha8Rng::seed_from_u64(5), &Device::Cpu)?;
     let mut meta = Params::new();
@@ -93,36 +94,102 @@ fn shifted(meta: &Params, dir: &Params, h: f64) -> Result<Params> {
     Ok(out)
 }
 
-/// The meta-gradient is the exact derivative of the query loss with the learner's losses and
-/// gradients held at their values (central differences of that function agree to 1e-6), and not
-/// the derivative of the full unrolled loss, whose second-derivative terms it drops by design.
-#[test]
-fn meta_gradient_is_first_order_in_the_learner_gradients() -> Result<()> {
-    let (net, meta, ep) = tiny()?;
-    let mut vars = Vec::new();
+/// Relative max-norm distance of `got` from `want`.
+fn rel_diff(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let (got, want) = (got.flatten_all()?, want.flatten_all()?);
+    let diff = (&got - &want)?.abs()?.max(0)?.to_scalar::<f64>()?;
+    Ok(diff / want.abs()?.max(0)?.to_scalar::<f64>()?.max(1e-300))
+}
+
+/// The candle-graph meta-gradient of the reference implementation, by name, and the query loss.
+fn reference_meta_gradient(net: &MetaLstm, meta: &Params, ep: &Episode, steps: usize) -> Result<(Params, f64)> {
     let mut at = Params::new();
+    let mut vars = Vec::new();
     for (name, t) in meta.iter() {
         let v = Var::from_tensor(t)?;
         at.insert(name.clone(), v.as_tensor().clone());
         vars.push((name.clone(), v));
     }
-    let (loss, _, seen) = net.query_loss(&at, &ep, 2, None)?;
+    let (loss, _, _) = net.reference_query_loss(&at, ep, steps, None)?;
     let store = loss.backward()?;
+    let mut grads = Params::new();
+    for (name, v) in &vars {
+        grads.insert(name.clone(), store.get(v.as_tensor()).expect("every meta-parameter gets a gradient").clone());
+    }
+    Ok((grads, loss.to_scalar::<f64>()?))
+}
+
+#[test]
+fn fused_meta_gradient_equals_the_candle_graph() -> Result<()> {
+    let (net, meta, ep) = tiny()?;
+    for steps in 1..=3 {
+        let (want, want_loss) = reference_meta_gradient(&net, &meta, &ep, steps)?;
+        let got = net.meta_gradient(&meta, &ep, steps)?;
+        assert!((got.query_loss - want_loss).abs() < 1e-12 * want_loss, "{steps} steps: {} vs {want_loss}", got.query_loss);
+        assert_eq!(got.grads.len(), meta.len());
+        for (name, w) in want.iter() {
+            let rel = rel_diff(got.grads.get(name)?, w)?;
+            eprintln!("{steps} steps, {name}: relative difference {rel:.1e}");
+            assert!(rel <= 1e-10, "{steps} steps, {name}: fused meta-gradient {rel:e} off the candle graph's");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_unroll_equals_the_candle_graph() -> Result<()> {
+    let (net, meta, ep) = tiny()?;
+    let labels = ep.support_labels_tensor()?;
+    for steps in 1..=3 {
+        let (want, _) = net.reference_unroll(&meta, &ep.support, &labels, steps, None)?;
+        let (got, _) = net.unroll(&meta, &ep.support, &labels, steps, None)?;
+        let rel = rel_diff(&got, &want)?;
+        assert!(rel <= 1e-12, "{steps} steps: fused c_T {rel:e} off the candle graph's");
+    }
+    // Replayed inputs across both branches of the preprocessing (|∇| below e^−10 ≈ 4.5e-5 included),
+    // zero and a large loss.
+    let n = net.learner_size();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let frozen: Vec<StepInputs> = [(1e-3, 0.7), (3e-5, 0.0), (10.0, 42.0), (1.0, 2e-6)]
+        .iter()
+        .map(|&(scale, loss)| {
+            let g = (normal(&mut rng, &[n])? * scale)?;
+            let mask = normal(&mut rng, &[n])?.ge(-1.5)?.to_dtype(DType::F64)?; // some exact zeros
+            Ok(StepInputs { grad: (g * mask)?, loss })
+        })
+        .collect::<Result<_>>()?;
+    let (want, _) = net.reference_unroll(&meta, &ep.support, &labels, frozen.len(), Some(&frozen))?;
+    let (got, _) = net.unroll(&meta, &ep.support, &labels, frozen.len(), Some(&frozen))?;
+    let rel = rel_diff(&got, &want)?;
+    assert!(rel <= 1e-12, "replayed inputs: fused c_T {rel:e} off the candle graph's");
+    Ok(())
+}
+
+/// Σ_k ⟨g_k, d_k⟩ over the meta-parameters, and the random direction d.
+fn along_random_direction(grads: &Params, meta: &Params) -> Result<(f64, Params)> {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let mut dir = Params::new();
-    let mut analytic = 0.0;
-    for (name, v) in &vars {
-        let d = normal(&mut rng, v.dims())?;
-        let g = store.get(v.as_tensor()).expect("every meta-parameter gets a gradient");
-        analytic += (g * &d)?.sum_all()?.to_scalar::<f64>()?;
+    let mut dot = 0.0;
+    for (name, t) in meta.iter() {
+        let d = normal(&mut rng, t.dims())?;
+        dot += (grads.get(name)? * &d)?.sum_all()?.to_scalar::<f64>()?;
         dir.insert(name.clone(), d);
     }
-    let value = |p: &Params, frozen: bool| -> Result<f64> {
-        net.query_loss(p, &ep, 2, if frozen { Some(&seen) } else { None })?.0.to_scalar::<f64>()
-    };
+    Ok((dot, dir))
+}
+
+/// Checks `analytic` (the meta-gradient along `dir`) against central differences of `value` with
+/// the learner's inputs frozen (must agree to 1e-6) and recomputed (must not: that derivative has
+/// the second-order terms the meta-gradient drops by design).
+fn check_first_order(
+    analytic: f64,
+    meta: &Params,
+    dir: &Params,
+    value: impl Fn(&Params, bool) -> Result<f64>,
+) -> Result<()> {
     let h = 1e-6;
     let fd = |frozen: bool| -> Result<f64> {
-        Ok((value(&shifted(&meta, &dir, h)?, frozen)? - value(&shifted(&meta, &dir, -h)?, frozen)?) / (2.0 * h))
+        Ok((value(&shifted(meta, dir, h)?, frozen)? - value(&shifted(meta, dir, -h)?, frozen)?) / (2.0 * h))
     };
     let (frozen_fd, full_fd) = (fd(true)?, fd(false)?);
     let rel = |x: f64| (x - analytic).abs() / analytic.abs().max(1e-3);
@@ -134,13 +201,119 @@ fn meta_gradient_is_first_order_in_the_learner_gradients() -> Result<()> {
     Ok(())
 }
 
+/// The meta-gradient is the exact derivative of the query loss with the learner's losses and
+/// gradients held at their values (central differences of that function agree to 1e-6), and not
+/// the derivative of the full unrolled loss, whose second-derivative terms it drops by design.
+#[test]
+fn meta_gradient_is_first_order_in_the_learner_gradients() -> Result<()> {
+    let (net, meta, ep) = tiny()?;
+    let (support_labels, query_labels) = (ep.support_labels_tensor()?, ep.query_labels_tensor()?);
+
+    // The fused kernel.
+    let (analytic, dir) = along_random_direction(&net.meta_gradient(&meta, &ep, 2)?.grads, &meta)?;
+    let (_, seen) = net.unroll(&meta, &ep.support, &support_labels, 2, None)?;
+    check_first_order(analytic, &meta, &dir, |p, frozen| {
+        let (c, _) = net.unroll(p, &ep.support, &support_labels, 2, if frozen { Some(&seen) } else { None })?;
+        ops::cross_entropy(&net.logits(&c, &ep.query)?, &query_labels)?.to_scalar::<f64>()
+    })?;
+
+    // The candle-graph reference.
+    let (grads, _) = reference_meta_gradient(&net, &meta, &ep, 2)?;
+    let (analytic, dir) = along_random_direction(&grads, &meta)?;
+    let (_, _, seen) = net.reference_query_loss(&meta, &ep, 2, None)?;
+    check_first_order(analytic, &meta, &dir, |p, frozen| {
+        net.reference_query_loss(p, &ep, 2, if frozen { Some(&seen) } else { None })?.0.to_scalar::<f64>()
+    })
+}
+
+/// A learner of more coordinates than one chunk of the kernel, an f32 and an f64 copy of its
+/// meta-parameters, and an episode in each precision.
+fn two_chunks() -> Result<(MetaLstm, [(Params, Episode); 2])> {
+    kshot::autograd::init();
+    let config = MetaLstmConfig { ways: 2, inner_steps: 3, inner_steps_test: 3, hidden: 5, ..MetaLstmConfig::default() };
+    let backbone = Conv4Config { hidden: 12, blocks: 2, ..Conv4Config::new(1) };
+    let net = MetaLstm::new(config, backbone, (12, 12), &mut ChaCha8Rng::seed_from_u64(6), &Device::Cpu)?;
+    assert!(net.learner_size() > 1500, "{} coordinates", net.learner_size());
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (support, query) = (normal(&mut rng, &[4, 1, 12, 12])?, normal(&mut rng, &[4, 1, 12, 12])?);
+    let at = |dtype: DType| -> Result<(Params, Episode)> {
+        let mut meta = Params::new();
+        for (name, t) in net.params().detached_values().iter() {
+            let t = if name == "gate_i.bias" { t.ones_like()?.neg()? } else { t.clone() };
+            meta.insert(name.clone(), t.to_dtype(dtype)?);
+        }
+        let ep = Episode {
+            spec: EpisodeSpec::new(2, 2, 2),
+            classes: vec![0, 1],
+            support: support.to_dtype(dtype)?,
+            support_labels: vec![0, 1, 0, 1],
+            query: query.to_dtype(dtype)?,
+            query_labels: vec![1, 0, 0, 1],
+        };
+        Ok((meta, ep))
+    };
+    let pair = [at(DType::F32)?, at(DType::F64)?];
+    Ok((net, pair))
+}
+
+#[test]
+fn fused_meta_gradient_in_f32_follows_f64_and_ignores_the_thread_count() -> Result<()> {
+    let (net, [(meta32, ep32), (meta64, ep64)]) = two_chunks()?;
+    let exact = net.meta_gradient(&meta64, &ep64, 3)?;
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool");
+        pool.install(|| net.meta_gradient(&meta32, &ep32, 3))
+    };
+    let (one, three) = (on(1)?, on(3)?);
+    for (name, want) in exact.grads.iter() {
+        let (a, b) = (one.grads.get(name)?, three.grads.get(name)?);
+        assert_eq!(a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?, b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?, "{name}: depends on the thread count");
+        let rel = rel_diff(&a.to_dtype(DType::F64)?, want)?;
+        eprintln!("{name}: f32 {rel:.1e} off f64");
+        assert!(rel < 1e-4, "{name}: f32 meta-gradient {rel:e} off the f64 one");
+    }
+    assert!((one.query_loss - exact.query_loss).abs() < 1e-5, "{} vs {}", one.query_loss, exact.query_loss);
+    Ok(())
+}
+
+#[test]
+fn training_loss_has_the_clipped_meta_gradient() -> Result<()> {
+    let (mut net, [(_, ep), _]) = two_chunks()?;
+    let meta = net.params().detached_values();
+    let want = net.meta_gradient(&meta, &ep, net.config.inner_steps)?;
+    let norm = |g: &dyn Fn(&str) -> Result<Tensor>| -> Result<f64> {
+        let mut s = 0.0;
+        for (name, _) in meta.iter() {
+            s += g(name)?.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+        Ok(s.sqrt())
+    };
+    let full = norm(&|n| Ok(want.grads.get(n)?.clone()))?;
+    net.config.grad_clip = full / 4.0;
+    let out = net.episode_loss(&ep)?;
+    assert!((out.loss.to_scalar::<f32>()? as f64 - want.query_loss).abs() < 1e-6);
+    let store = out.loss.backward()?;
+    let vars: Vec<(String, Var)> = net.params().iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+    let got = |name: &str| -> Result<Tensor> {
+        let (_, v) = vars.iter().find(|(n, _)| n == name).expect("a parameter");
+        Ok(store.get(v.as_tensor()).expect("a gradient").clone())
+    };
+    let clipped = norm(&got)?;
+    assert!((clipped - full / 4.0).abs() < 1e-4 * full, "clipped norm {clipped} vs {}", full / 4.0);
+    for (name, w) in want.grads.iter() {
+        let rel = rel_diff(&(got(name)? * 4.0)?.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?)?;
+        assert!(rel < 1e-4, "{name}: the clipped gradient is not the meta-gradient scaled ({rel:e})");
+    }
+    Ok(())
+}
+
 #[test]
 fn meta_lstm_learns_held_out_synthetic_classes() {
     let train_set = common::synthetic_set(40, 1, 20, 12, 5);
     let test_set = common::synthetic_set(20, 1, 10, 12, 99);
     let tmp = common::tempdir("metalstm");
     let dir = tmp.path().join("run");
-    let mut config = kshot::presets::find("meta-lstm-omniglot-5w1s").unwrap().build.clone()();
+    let mut config = (kshot::presets::find("meta-lstm-omniglot-5w1s").unwrap().build)();
     config.data.image_size = 12;
     config.backbone.hidden = 8;
     config.backbone.blocks = 2;

@@ -9,11 +9,14 @@ mod batch_norm;
 mod conv;
 mod cpu;
 mod distance;
+mod meta_lstm;
 mod pool;
 
 use candle_core::{Result, Tensor};
 
 use crate::nn::ops::BatchStats;
+
+pub use meta_lstm::{MetaLstmGrads, MetaLstmUnroll, MetaLstmWeights};
 
 /// 3×3 convolution, stride 1, padding 1, no bias: [B, Ci, H, W] * [Co, Ci, 3, 3] → [B, Co, H, W].
 pub fn conv3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -61,4 +64,16 @@ pub fn batch_norm_relu_fixed(
 /// Pairwise squared Euclidean distances between the rows of `a` [N, D] and `b` [M, D]: [N, M].
 pub fn squared_euclidean(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     distance::squared_euclidean(a, b)
+}
+
+/// Meta-LSTM's meta-learner over the learner's weights `c0` (P elements), to be stepped with the
+/// learner's gradient and loss ([`MetaLstmUnroll::step`]) and, with `keep_tape`, differentiated back
+/// to c_0 and `weights` ([`MetaLstmUnroll::backward`]). Not a candle op: its gradient is explicit.
+pub fn meta_lstm_unroll(
+    weights: &MetaLstmWeights,
+    c0: &Tensor,
+    preprocess_p: f64,
+    keep_tape: bool,
+) -> Result<MetaLstmUnroll> {
+    MetaLstmUnroll::new(weights, c0, preprocess_p, keep_tape)
 }

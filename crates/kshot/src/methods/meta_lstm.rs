@@ -16,6 +16,13 @@
 //! meta-gradient flows through c_{t−1} → c_t (the forget term, the gates' dependence on c_{t−1}) and
 //! into W, b and c_0. Batch norm uses the statistics of the current batch (support at each inner
 //! step, the query batch when scoring).
+//!
+//! The meta-learner runs in a fused kernel ([`kernels::meta_lstm_unroll`]) with an explicit
+//! backward pass; the learner's gradients come from Conv4's explicit backward pass. Training
+//! returns a surrogate loss whose value is the query loss and whose gradient is the meta-gradient,
+//! clipped in norm as in the paper's code ([`MetaLstmConfig::grad_clip`]). The candle-graph
+//! implementation ([`MetaLstm::reference_query_loss`]) computes the same function and is kept as
+//! the tests' oracle.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -24,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Classifier, EpisodeOutput, Learner};
 use crate::data::Episode;
+use crate::kernels::{self, MetaLstmGrads, MetaLstmUnroll, MetaLstmWeights};
 use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -38,20 +46,32 @@ pub struct MetaLstmConfig {
     pub hidden: usize,
     /// The preprocessing constant p.
     pub preprocess_p: f64,
+    /// The meta-gradient (all meta-parameters together, c_0 included) is scaled down to this norm
+    /// when longer, as in the paper's code (0.25); 0 turns clipping off. Configs written before this
+    /// setting existed trained without clipping and read as 0.
+    #[serde(default)]
+    pub grad_clip: f64,
 }
 
 impl Default for MetaLstmConfig {
     fn default() -> Self {
-        Self { ways: 5, inner_steps: 12, inner_steps_test: 12, hidden: 20, preprocess_p: 10.0 }
+        Self { ways: 5, inner_steps: 12, inner_steps_test: 12, hidden: 20, preprocess_p: 10.0, grad_clip: 0.25 }
     }
 }
 
 /// The learner's loss and (detached) gradient at one inner step: the meta-learner's inputs.
 #[derive(Debug, Clone)]
 pub struct StepInputs {
-    /// [P, 1]
+    /// [P] or [P, 1], in the order of c.
     pub grad: Tensor,
     pub loss: f64,
+}
+
+/// The first-order meta-gradient of one episode's query loss, by meta-parameter name.
+pub struct MetaGradient {
+    pub grads: Params,
+    pub query_loss: f64,
+    pub query_accuracy: f64,
 }
 
 /// Andrychowicz et al.'s preprocessing of each entry of `x` ([N] or [N, 1]) into [N, 2]:
@@ -79,6 +99,28 @@ pub fn cell_update(c_prev: &Tensor, grad: &Tensor, i: &Tensor, f: &Tensor) -> Re
 /// graph is kept for the backward pass, [P, 4H] at a time).
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
     x.affine(0.5, 0.0)?.tanh()?.affine(0.5, 0.5)
+}
+
+/// The names of the meta-learner's shared weights, in [`MetaLstmWeights`]' field order.
+const WEIGHT_NAMES: [&str; 7] =
+    ["lstm.w_ih", "lstm.w_hh", "lstm.bias", "gate_i.weight", "gate_i.bias", "gate_f.weight", "gate_f.bias"];
+
+fn weights_of(meta: &Params) -> Result<MetaLstmWeights> {
+    let [w_ih, w_hh, bias, gate_i_weight, gate_i_bias, gate_f_weight, gate_f_bias] =
+        WEIGHT_NAMES.map(|n| meta.get(n).map(Tensor::detach));
+    Ok(MetaLstmWeights {
+        w_ih: w_ih?,
+        w_hh: w_hh?,
+        bias: bias?,
+        gate_i_weight: gate_i_weight?,
+        gate_i_bias: gate_i_bias?,
+        gate_f_weight: gate_f_weight?,
+        gate_f_bias: gate_f_bias?,
+    })
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
 pub struct MetaLstm {
@@ -133,17 +175,22 @@ impl MetaLstm {
         self.learner.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 
-    /// c_0 as a [P, 1] column, from `meta`'s `learner.*` tensors.
+    /// c_0 as [P], from `meta`'s `learner.*` tensors.
     pub fn initial_cell(&self, meta: &Params) -> Result<Tensor> {
+        self.flatten_learner(meta, "learner.")
+    }
+
+    /// The tensors `{prefix}{name}` of `tensors` for the learner's parameters, concatenated in c's order.
+    fn flatten_learner(&self, tensors: &Params, prefix: &str) -> Result<Tensor> {
         let parts = self
             .learner
             .iter()
-            .map(|(n, _)| meta.get(&format!("learner.{n}"))?.flatten_all())
+            .map(|(n, _)| tensors.get(&format!("{prefix}{n}"))?.flatten_all())
             .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 0)?.unsqueeze(1)
+        Tensor::cat(&parts, 0)
     }
 
-    /// The learner's named parameters, cut out of the [P, 1] column `c`.
+    /// The learner's named parameters, cut out of `c` ([P] or [P, 1]).
     pub fn learner_params(&self, c: &Tensor) -> Result<Params> {
         let mut p = Params::new();
         let mut offset = 0;
@@ -161,21 +208,62 @@ impl MetaLstm {
         self.backbone.linear_head_logits(&params, x, BnMode::Batch(None))
     }
 
-    /// The learner's loss at `c` (detached from anything before it) and its gradient.
-    fn learner_gradient(&self, c: &Tensor, images: &Tensor, labels: &Tensor) -> Result<StepInputs> {
+    /// The learner's loss at `c` (detached from anything before it), its gradient with respect to
+    /// c (shaped like c) and its logits: by Conv4's explicit backward pass, or by candle's with the
+    /// composite kernels.
+    fn loss_and_grad(&self, c: &Tensor, images: &Tensor, labels: &Tensor) -> Result<(f64, Tensor, Tensor)> {
+        if !self.backbone.config.fast_kernels {
+            return self.graph_loss_and_grad(c, images, labels);
+        }
+        let out = self.backbone.linear_head_loss_and_grad(&self.learner_params(&c.detach())?, images, labels)?;
+        let grad = self.flatten_learner(&out.grads, "")?.reshape(c.shape())?;
+        Ok((scalar(&out.loss)?, grad, out.logits))
+    }
+
+    /// [`MetaLstm::loss_and_grad`] by candle's backward pass.
+    fn graph_loss_and_grad(&self, c: &Tensor, images: &Tensor, labels: &Tensor) -> Result<(f64, Tensor, Tensor)> {
         let var = Var::from_tensor(&c.detach())?;
-        let loss = ops::cross_entropy(&self.logits(var.as_tensor(), images)?, labels)?;
+        let logits = self.logits(var.as_tensor(), images)?;
+        let loss = ops::cross_entropy(&logits, labels)?;
         let store = loss.backward()?;
         let grad = match store.get(var.as_tensor()) {
             Some(g) => g.detach(),
             None => var.as_tensor().zeros_like()?,
         };
-        Ok(StepInputs { grad, loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()? })
+        Ok((scalar(&loss)?, grad, logits.detach()))
     }
 
-    /// T updates of the learner from c_0 on the support set; returns c_T, still differentiable
-    /// with respect to `meta`, and the inputs the meta-learner saw at each step. With `frozen`, those
-    /// inputs are replayed instead of computed (to check that the meta-gradient ignores them).
+    /// The meta-learner after `steps` updates of the learner from c_0 on the support set, and the
+    /// inputs it saw at each step. With `frozen`, those inputs are replayed instead of computed (to
+    /// check that the meta-gradient ignores them). With `keep_tape` it can be differentiated.
+    fn run(
+        &self,
+        meta: &Params,
+        support: &Tensor,
+        labels: &Tensor,
+        steps: usize,
+        frozen: Option<&[StepInputs]>,
+        keep_tape: bool,
+    ) -> Result<(MetaLstmUnroll, Vec<StepInputs>)> {
+        let c0 = self.initial_cell(meta)?.detach();
+        let mut unroll = kernels::meta_lstm_unroll(&weights_of(meta)?, &c0, self.config.preprocess_p, keep_tape)?;
+        let mut seen = Vec::with_capacity(steps);
+        for t in 0..steps {
+            let inputs = match frozen {
+                Some(f) => f.get(t).cloned().ok_or_else(|| candle_core::Error::Msg(format!("no frozen inputs for step {t}")))?,
+                None => {
+                    let (loss, grad, _) = self.loss_and_grad(&unroll.cell()?, support, labels)?;
+                    StepInputs { grad, loss }
+                }
+            };
+            unroll.step(&inputs.grad, inputs.loss)?;
+            seen.push(inputs);
+        }
+        Ok((unroll, seen))
+    }
+
+    /// c_T ([P], detached) after `steps` updates from c_0 on the support set, and the inputs seen;
+    /// with `frozen`, those inputs are replayed. The fused counterpart of [`MetaLstm::reference_unroll`].
     pub fn unroll(
         &self,
         meta: &Params,
@@ -184,8 +272,50 @@ impl MetaLstm {
         steps: usize,
         frozen: Option<&[StepInputs]>,
     ) -> Result<(Tensor, Vec<StepInputs>)> {
+        let (unroll, seen) = self.run(meta, support, labels, steps, frozen, false)?;
+        Ok((unroll.cell()?, seen))
+    }
+
+    /// The query loss of `episode` after `steps` updates and its first-order meta-gradient with
+    /// respect to every tensor of `meta` (c_0 as `learner.*`, the meta-learner's weights).
+    pub fn meta_gradient(&self, meta: &Params, episode: &Episode, steps: usize) -> Result<MetaGradient> {
+        let support_labels = episode.support_labels_tensor()?;
+        let (unroll, _) = self.run(meta, &episode.support, &support_labels, steps, None, true)?;
+        let query_labels = episode.query_labels_tensor()?;
+        let (query_loss, d_cell, logits) = self.loss_and_grad(&unroll.cell()?, &episode.query, &query_labels)?;
+        let query_accuracy = ops::accuracy(&logits, &query_labels)?;
+        let grads = self.named(unroll.backward(&d_cell)?)?;
+        Ok(MetaGradient { grads, query_loss, query_accuracy })
+    }
+
+    /// The kernel's gradients under the meta-parameters' names.
+    fn named(&self, grads: MetaLstmGrads) -> Result<Params> {
+        let mut out = Params::new();
+        for (name, t) in self.learner_params(&grads.cell)?.iter() {
+            out.insert(format!("learner.{name}"), t.clone());
+        }
+        let w = grads.weights;
+        let tensors = [w.w_ih, w.w_hh, w.bias, w.gate_i_weight, w.gate_i_bias, w.gate_f_weight, w.gate_f_bias];
+        for (name, t) in WEIGHT_NAMES.into_iter().zip(tensors) {
+            out.insert(name, t);
+        }
+        Ok(out)
+    }
+
+    /// The reference implementation of [`MetaLstm::unroll`] in candle ops: c_T as [P, 1], still
+    /// differentiable with respect to `meta` through candle's graph. Slow (every element-wise op of
+    /// every step is kept at [P, 4H]); the oracle of the fused kernel's tests.
+    #[doc(hidden)]
+    pub fn reference_unroll(
+        &self,
+        meta: &Params,
+        support: &Tensor,
+        labels: &Tensor,
+        steps: usize,
+        frozen: Option<&[StepInputs]>,
+    ) -> Result<(Tensor, Vec<StepInputs>)> {
         let p = self.config.preprocess_p;
-        let mut c = self.initial_cell(meta)?;
+        let mut c = self.initial_cell(meta)?.unsqueeze(1)?;
         let (rows, dtype, dev) = (c.dim(0)?, c.dtype(), c.device().clone());
         let h_size = self.config.hidden;
         let mut h = Tensor::zeros((rows, h_size), dtype, &dev)?;
@@ -200,9 +330,12 @@ impl MetaLstm {
                     .get(t)
                     .cloned()
                     .ok_or_else(|| candle_core::Error::Msg(format!("no frozen inputs for step {t}")))?,
-                None => self.learner_gradient(&c, support, labels)?,
+                None => {
+                    let (loss, grad, _) = self.graph_loss_and_grad(&c, support, labels)?;
+                    StepInputs { grad, loss }
+                }
             };
-            let grad = inputs.grad.to_dtype(dtype)?;
+            let grad = inputs.grad.to_dtype(dtype)?.reshape((rows, 1))?;
             let loss = Tensor::new(&[inputs.loss], &dev)?.to_dtype(dtype)?;
             let x = Tensor::cat(&[preprocess(&grad, p)?, preprocess(&loss, p)?.broadcast_as((rows, 2))?], 1)?;
             let gates = x.matmul(w_ih)?.add(&h.matmul(w_hh)?)?.broadcast_add(bias)?;
@@ -220,19 +353,42 @@ impl MetaLstm {
         Ok((c, seen))
     }
 
-    /// The query loss of `episode` after `steps` updates, its logits, and the inputs seen.
-    pub fn query_loss(
+    /// The query loss of `episode` after `steps` updates by [`MetaLstm::reference_unroll`],
+    /// differentiable with respect to `meta` through candle's graph, its logits, and the inputs seen.
+    #[doc(hidden)]
+    pub fn reference_query_loss(
         &self,
         meta: &Params,
         episode: &Episode,
         steps: usize,
         frozen: Option<&[StepInputs]>,
     ) -> Result<(Tensor, Tensor, Vec<StepInputs>)> {
-        let (c, seen) = self.unroll(meta, &episode.support, &episode.support_labels_tensor()?, steps, frozen)?;
+        let (c, seen) = self.reference_unroll(meta, &episode.support, &episode.support_labels_tensor()?, steps, frozen)?;
         let logits = self.logits(&c, &episode.query)?;
         let loss = ops::cross_entropy(&logits, &episode.query_labels_tensor()?)?;
         Ok((loss, logits, seen))
     }
+}
+
+/// `grads` scaled by max_norm / (‖grads‖ + 1e-6) when that is below 1, as PyTorch's
+/// `clip_grad_norm_` does; unchanged when `max_norm` is 0.
+fn clip_norm(grads: Params, max_norm: f64) -> Result<Params> {
+    if max_norm <= 0.0 {
+        return Ok(grads);
+    }
+    let mut squares = 0.0;
+    for (_, g) in grads.iter() {
+        squares += scalar(&g.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+    }
+    let scale = max_norm / (squares.sqrt() + 1e-6);
+    if scale >= 1.0 {
+        return Ok(grads);
+    }
+    let mut out = Params::new();
+    for (name, g) in grads.iter() {
+        out.insert(name.clone(), (g * scale)?);
+    }
+    Ok(out)
 }
 
 struct Adapted<'a> {
@@ -260,13 +416,34 @@ impl Learner for MetaLstm {
         let labels = Tensor::new(labels, support.device())?;
         let meta = self.params.detached_values();
         let (c, _) = self.unroll(&meta, support, &labels, self.config.inner_steps_test, None)?;
-        Ok(Box::new(Adapted { net: self, c: c.detach() }))
+        Ok(Box::new(Adapted { net: self, c }))
     }
 
+    /// The query loss, with the (clipped) first-order meta-gradient as its gradient.
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
-        let meta = self.params.values();
-        let (loss, logits, _) = self.query_loss(&meta, episode, self.config.inner_steps, None)?;
-        let accuracy = ops::accuracy(&logits, &episode.query_labels_tensor()?)?;
+        self.meta_batch_loss(std::slice::from_ref(episode))
+    }
+
+    /// The mean query loss, with the mean first-order meta-gradient, clipped to
+    /// [`MetaLstmConfig::grad_clip`], as its gradient.
+    fn meta_batch_loss(&mut self, episodes: &[Episode]) -> Result<EpisodeOutput> {
+        if episodes.is_empty() {
+            candle_core::bail!("a meta-batch needs at least one episode")
+        }
+        let meta = self.params.detached_values();
+        let tasks = episodes
+            .iter()
+            .map(|ep| self.meta_gradient(&meta, ep, self.config.inner_steps))
+            .collect::<Result<Vec<_>>>()?;
+        let n = tasks.len() as f64;
+        let mut mean = Params::new();
+        for (name, _) in self.params.iter() {
+            let sum = tasks.iter().skip(1).try_fold(tasks[0].grads.get(name)?.clone(), |acc, t| acc + t.grads.get(name)?)?;
+            mean.insert(name, (sum / n)?);
+        }
+        let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
+        let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
+        let loss = super::surrogate_loss(&self.params, &clip_norm(mean, self.config.grad_clip)?, query_loss)?;
         Ok(EpisodeOutput { loss, accuracy })
     }
 

@@ -128,7 +128,7 @@ impl MatchingNet {
     fn logits(&self, f: &Tensor, g: &Tensor, labels: &[u32], ways: usize) -> Result<Tensor> {
         let sims = (ops::cosine_similarity(f, g, 1e-8)? * self.config.attention_scale)?;
         let attention = ops::log_softmax(&sims)?.exp()?;
-        let probs = attention.matmul(&one_hot(labels, ways, f.device())?)?;
+        let probs = attention.matmul(&ops::one_hot(labels, ways, f.device())?)?;
         (probs + 1e-12)?.log()
     }
 
@@ -144,15 +144,6 @@ impl MatchingNet {
         let f = self.query_context(params, query, &g)?;
         self.logits(&f, &g, labels, ways)
     }
-}
-
-/// [n, ways] one-hot rows of `labels`.
-pub fn one_hot(labels: &[u32], ways: usize, device: &Device) -> Result<Tensor> {
-    let mut m = vec![0f32; labels.len() * ways];
-    for (i, &l) in labels.iter().enumerate() {
-        m[i * ways + l as usize] = 1.0;
-    }
-    Tensor::from_vec(m, (labels.len(), ways), device)
 }
 
 struct Matcher<'a> {

@@ -3,7 +3,7 @@
 //!
 //! Convolutions have no bias: batch norm subtracts the channel mean right after, which cancels it.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -224,7 +224,7 @@ impl Conv4 {
         let loss = log_probs.gather(&labels.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
 
         let (n, ways) = logits.dims2()?;
-        let d_logits = ((log_probs.exp()? - one_hot(labels, ways, logits.dtype())?)? / n as f64)?;
+        let d_logits = ((log_probs.exp()? - ops::one_hot(&labels.to_vec1::<u32>()?, ways, labels.device())?.to_dtype(logits.dtype())?)? / n as f64)?;
         let mut grads = tape.backward(params, &d_logits.matmul(head_w)?)?;
         grads.insert("head.weight".to_string(), d_logits.t()?.matmul(emb)?);
         grads.insert("head.bias".to_string(), d_logits.sum(0)?);
@@ -293,19 +293,4 @@ impl Conv4 {
         }
         h.flatten_from(1)
     }
-}
-
-/// [N, classes] rows of zeros with a one at each label of `labels` [N] (u32).
-fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
-    let device = labels.device();
-    let labels = labels.to_vec1::<u32>()?;
-    let mut data = vec![0f64; labels.len() * classes];
-    for (row, &l) in labels.iter().enumerate() {
-        let l = l as usize;
-        if l >= classes {
-            candle_core::bail!("label {l} is out of range for {classes} classes");
-        }
-        data[row * classes + l] = 1.0;
-    }
-    Tensor::from_vec(data, (labels.len(), classes), device)?.to_dtype(dtype)
 }

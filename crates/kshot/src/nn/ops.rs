@@ -4,7 +4,7 @@
 //! candle's `max_pool2d`, whose gradient is wrong). The fast kernels in [`crate::kernels`] are tested
 //! against them.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 /// 3×3 convolution, stride 1, padding 1, no bias. `x`: [B, Ci, H, W], `w`: [Co, Ci, 3, 3].
 pub fn conv3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -77,6 +77,18 @@ pub fn batch_norm_fixed(
         .broadcast_add(&shift)?
         .broadcast_mul(&per_channel(gamma)?)?
         .broadcast_add(&per_channel(beta)?)
+}
+
+/// [N, classes] f32 rows of zeros with a one at each of `labels`.
+pub fn one_hot(labels: &[u32], classes: usize, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; labels.len() * classes];
+    for (row, &l) in labels.iter().enumerate() {
+        if l as usize >= classes {
+            candle_core::bail!("label {l} is out of range for {classes} classes");
+        }
+        m[row * classes + l as usize] = 1.0;
+    }
+    Tensor::from_vec(m, (labels.len(), classes), device)
 }
 
 /// Mean cross-entropy of `logits` [N, C] against integer `labels` [N] (u32).

@@ -41,7 +41,8 @@ pub struct BenchArgs {
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.write_reference {
-        std::fs::write(path, REFERENCE_SCRIPT).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, REFERENCE_SCRIPT)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote the PyTorch reference script to {}", path.display());
         return Ok(());
     }
@@ -61,8 +62,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     kshot::set_threads(a.threads)?;
     let script = match &a.pytorch {
         Some(_) => {
-            let path = std::env::temp_dir().join(format!("kshot-pytorch-reference-{}.py", std::process::id()));
-            std::fs::write(&path, REFERENCE_SCRIPT).with_context(|| format!("cannot write {}", path.display()))?;
+            let path = std::env::temp_dir()
+                .join(format!("kshot-pytorch-reference-{}.py", std::process::id()));
+            std::fs::write(&path, REFERENCE_SCRIPT)
+                .with_context(|| format!("cannot write {}", path.display()))?;
             Some(path)
         }
         None => None,
@@ -124,9 +127,21 @@ fn run_reference(
     let out = Command::new(python)
         .arg(script)
         .args(["--workload", w.name()])
-        .args(["--reps", &reps.to_string(), "--warmup", &a.warmup.to_string(), "--threads", &a.threads.to_string()])
+        .args([
+            "--reps",
+            &reps.to_string(),
+            "--warmup",
+            &a.warmup.to_string(),
+            "--threads",
+            &a.threads.to_string(),
+        ])
         .output()
-        .with_context(|| format!("cannot run {}; pass --pytorch a Python that has torch installed", python.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot run {}; pass --pytorch a Python that has torch installed",
+                python.display()
+            )
+        })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let last = err.lines().last().unwrap_or("no output");
@@ -137,6 +152,7 @@ fn run_reference(
         samples_ms: Vec<f64>,
         torch: String,
     }
-    let reply: Reply = serde_json::from_slice(&out.stdout).context("the PyTorch reference printed no JSON result")?;
+    let reply: Reply = serde_json::from_slice(&out.stdout)
+        .context("the PyTorch reference printed no JSON result")?;
     Ok((reply.samples_ms, reply.torch))
 }

@@ -13,7 +13,11 @@ use kshot::methods::Distance;
 use kshot::{eval, presets, train};
 
 #[derive(Parser)]
-#[command(name = "kshot", version, about = "Few-shot learning: train, evaluate and reproduce the papers")]
+#[command(
+    name = "kshot",
+    version,
+    about = "Few-shot learning: train, evaluate and reproduce the papers"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -246,13 +250,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => run_train(*args),
         Command::Eval(args) => run_eval(args),
-        Command::Data { command: DataCommand::Fetch { dataset: FetchDataset::Omniglot, data_dir } } => {
+        Command::Data {
+            command: DataCommand::Fetch { dataset: FetchDataset::Omniglot, data_dir },
+        } => {
             let root = data::resolve_root(data_dir.as_deref())?;
             data::download::fetch_omniglot(&root)?;
             eprintln!("Omniglot is ready in {}", root.join("omniglot").display());
             Ok(())
         }
-        Command::Data { command: DataCommand::Fetch { dataset: FetchDataset::MiniImagenet, data_dir } } => {
+        Command::Data {
+            command: DataCommand::Fetch { dataset: FetchDataset::MiniImagenet, data_dir },
+        } => {
             let root = data::resolve_root(data_dir.as_deref())?;
             if let Some(w) = data::download::fetch_mini_imagenet(&root)? {
                 eprintln!("warning: {w}");
@@ -319,7 +327,9 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
     if a.within_alphabet {
         c.data.grouping = Grouping::WithinGroup;
     }
-    c.data.data_dir = Some(std::path::absolute(data_root).unwrap_or(data_root.to_path_buf()).display().to_string());
+    c.data.data_dir = Some(
+        std::path::absolute(data_root).unwrap_or(data_root.to_path_buf()).display().to_string(),
+    );
     if let Some(s) = a.image_size {
         c.data.image_size = s;
     }
@@ -391,7 +401,9 @@ fn new_config(a: &TrainArgs, data_root: &Path) -> anyhow::Result<RunConfig> {
         ("--outer-step-final", a.outer_step_final.is_some()),
         ("--transductive", a.transductive),
     ];
-    if let Some((flag, _)) = reptile_only.iter().find(|(_, given)| *given).filter(|_| c.method != "reptile") {
+    if let Some((flag, _)) =
+        reptile_only.iter().find(|(_, given)| *given).filter(|_| c.method != "reptile")
+    {
         bail!("{flag} applies to --method reptile only (this run is {})", c.method);
     }
     match c.method.as_str() {
@@ -493,7 +505,9 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     // Siamese and Baseline own their training step: pairs and mini-batches, not episodes.
     let unit = match config.method.as_str() {
         "siamese" => format!("training steps of {} same/different pairs", config.siamese.pairs),
-        "baseline" | "baseline++" => format!("training mini-batches of {} images", config.baseline.batch_size),
+        "baseline" | "baseline++" => {
+            format!("training mini-batches of {} images", config.baseline.batch_size)
+        }
         _ if config.meta_batch > 1 => {
             format!("meta-iterations of {} episodes of {} each", config.meta_batch, config.train)
         }
@@ -515,7 +529,9 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
             if stop.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!("\ninterrupted: saving a checkpoint after this episode (Ctrl-C again to quit now)");
+            eprintln!(
+                "\ninterrupted: saving a checkpoint after this episode (Ctrl-C again to quit now)"
+            );
         })
         .context("cannot install the Ctrl-C handler")?;
     }
@@ -529,42 +545,55 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
 
     let bar = ProgressBar::new(config.episodes);
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} episodes ({eta} left) {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} episodes ({eta} left) {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     let (mut avg_loss, mut avg_acc) = (None::<f64>, None::<f64>);
     let mut last_val = String::new();
-    let summary = train::train(&run_dir, &config, &train_set, val_set.as_ref(), resume, &stop, |s| {
-        let ema = |avg: &mut Option<f64>, x: f64| *avg = Some(avg.map_or(x, |a| 0.98 * a + 0.02 * x));
-        ema(&mut avg_loss, s.loss);
-        ema(&mut avg_acc, s.accuracy);
-        if let Some((acc, ci)) = s.val_accuracy {
-            last_val = format!(" | val {:.2}% ± {:.2}", 100.0 * acc, 100.0 * ci);
-            bar.println(format!("episode {}: validation {:.2}% ± {:.2}%", s.episode, 100.0 * acc, 100.0 * ci));
-        }
-        bar.set_position(s.episode);
-        if bar.is_hidden() && (s.episode % 100 == 0 || s.episode == s.total) {
-            // stderr is not a terminal (a log file): a plain line now and then instead of a bar.
-            eprintln!(
-                "episode {}/{}: loss {:.4} acc {:.2}% lr {:.1e} ({:.0} s){last_val}",
-                s.episode,
-                s.total,
+    let summary =
+        train::train(&run_dir, &config, &train_set, val_set.as_ref(), resume, &stop, |s| {
+            let ema =
+                |avg: &mut Option<f64>, x: f64| *avg = Some(avg.map_or(x, |a| 0.98 * a + 0.02 * x));
+            ema(&mut avg_loss, s.loss);
+            ema(&mut avg_acc, s.accuracy);
+            if let Some((acc, ci)) = s.val_accuracy {
+                last_val = format!(" | val {:.2}% ± {:.2}", 100.0 * acc, 100.0 * ci);
+                bar.println(format!(
+                    "episode {}: validation {:.2}% ± {:.2}%",
+                    s.episode,
+                    100.0 * acc,
+                    100.0 * ci
+                ));
+            }
+            bar.set_position(s.episode);
+            if bar.is_hidden() && (s.episode % 100 == 0 || s.episode == s.total) {
+                // stderr is not a terminal (a log file): a plain line now and then instead of a bar.
+                eprintln!(
+                    "episode {}/{}: loss {:.4} acc {:.2}% lr {:.1e} ({:.0} s){last_val}",
+                    s.episode,
+                    s.total,
+                    avg_loss.unwrap_or(0.0),
+                    100.0 * avg_acc.unwrap_or(0.0),
+                    s.lr,
+                    s.seconds
+                );
+            }
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}% lr {:.1e}{last_val}",
                 avg_loss.unwrap_or(0.0),
                 100.0 * avg_acc.unwrap_or(0.0),
-                s.lr,
-                s.seconds
-            );
-        }
-        bar.set_message(format!(
-            "loss {:.4} acc {:.2}% lr {:.1e}{last_val}",
-            avg_loss.unwrap_or(0.0),
-            100.0 * avg_acc.unwrap_or(0.0),
-            s.lr
-        ));
-    })?;
+                s.lr
+            ));
+        })?;
     bar.finish();
-    let per_episode = if summary.episodes_done > 0 { summary.seconds / summary.episodes_done as f64 } else { 0.0 };
+    let per_episode = if summary.episodes_done > 0 {
+        summary.seconds / summary.episodes_done as f64
+    } else {
+        0.0
+    };
     eprintln!(
         "{} after {} episodes, {:.1} s of training ({:.3} s per episode); model in {}",
         if summary.interrupted { "stopped" } else { "done" },
@@ -615,11 +644,15 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let sampler = EpisodeSampler::new(&set, spec, grouping)?;
     let bar = ProgressBar::new(episodes as u64);
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} test episodes ({eta} left)")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} test episodes ({eta} left)",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
-    let report = eval::evaluate(learner.as_ref(), &sampler, episodes, a.seed, |n| bar.set_position(n as u64))?;
+    let report = eval::evaluate(learner.as_ref(), &sampler, episodes, a.seed, |n| {
+        bar.set_position(n as u64)
+    })?;
     bar.finish_and_clear();
     if a.json {
         let json = serde_json::json!({

@@ -29,6 +29,10 @@ fn main() -> anyhow::Result<()> {
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    println!("{} kernels: median {:.1} ms per 60-way 1-shot 5-query episode", if composite { "composite" } else { "fast" }, 1e3 * times[times.len() / 2]);
+    println!(
+        "{} kernels: median {:.1} ms per 60-way 1-shot 5-query episode",
+        if composite { "composite" } else { "fast" },
+        1e3 * times[times.len() / 2]
+    );
     Ok(())
 }

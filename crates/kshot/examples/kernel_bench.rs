@@ -60,11 +60,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runs: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(10).max(1);
     let named = |options: &[&'static str]| {
-        let picked: Vec<&'static str> = options
-            .iter()
-            .copied()
-            .filter(|o| args.iter().any(|a| a == o))
-            .collect();
+        let picked: Vec<&'static str> =
+            options.iter().copied().filter(|o| args.iter().any(|a| a == o)).collect();
         if picked.is_empty() {
             options.to_vec()
         } else {
@@ -77,18 +74,10 @@ fn main() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (b, c, hw, hw), &Device::Cpu)?;
         let mut paths = Vec::new();
         for name in named(&["fast", "composite"]) {
-            let net = Conv4::new(Conv4Config {
-                fast_kernels: name == "fast",
-                ..Conv4Config::new(c)
-            });
+            let net =
+                Conv4::new(Conv4Config { fast_kernels: name == "fast", ..Conv4Config::new(c) });
             let params = net.init(&mut ChaCha8Rng::seed_from_u64(0), &Device::Cpu)?;
-            let path = Path {
-                name,
-                net,
-                params,
-                wall_ms: Vec::new(),
-                cpu_ms: 0.0,
-            };
+            let path = Path { name, net, params, wall_ms: Vec::new(), cpu_ms: 0.0 };
             path.step(&x)?;
             paths.push(path);
         }

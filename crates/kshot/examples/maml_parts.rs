@@ -13,7 +13,14 @@ fn main() -> anyhow::Result<()> {
     let (steps, queries, batch) = (num(1, 5), num(2, 15), num(3, 1));
     let flag = |f: &str| args.iter().any(|a| a == f);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let config = MamlConfig { ways: 5, inner_steps: steps, inner_steps_test: steps, inner_lr: 0.4, first_order: flag("fo"), transductive: true };
+    let config = MamlConfig {
+        ways: 5,
+        inner_steps: steps,
+        inner_steps_test: steps,
+        inner_lr: 0.4,
+        first_order: flag("fo"),
+        transductive: true,
+    };
     let backbone = Conv4Config { fast_kernels: !flag("composite"), ..Conv4Config::new(1) };
     let mut maml = Maml::new(config, backbone, (28, 28), &mut rng, &kshot::Device::Cpu)?;
     maml.parallel_tasks = !flag("sequential");
@@ -38,6 +45,9 @@ fn main() -> anyhow::Result<()> {
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    println!("{steps} inner steps, {queries} queries, meta-batch {batch}: median {:.1} ms per meta-step", times[4]);
+    println!(
+        "{steps} inner steps, {queries} queries, meta-batch {batch}: median {:.1} ms per meta-step",
+        times[4]
+    );
     Ok(())
 }

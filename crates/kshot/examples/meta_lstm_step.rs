@@ -22,8 +22,15 @@ fn main() -> anyhow::Result<()> {
     let config = (kshot::presets::find("meta-lstm-omniglot-5w1s")?.build)();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let size = config.data.image_size;
-    let mut net = MetaLstm::new(config.meta_lstm, config.backbone, (size, size), &mut rng, &kshot::Device::Cpu)?;
-    let (ways, queries, steps) = (config.train.ways, config.train.queries, config.meta_lstm.inner_steps);
+    let mut net = MetaLstm::new(
+        config.meta_lstm,
+        config.backbone,
+        (size, size),
+        &mut rng,
+        &kshot::Device::Cpu,
+    )?;
+    let (ways, queries, steps) =
+        (config.train.ways, config.train.queries, config.meta_lstm.inner_steps);
     let cpu = kshot::Device::Cpu;
     let episode = Episode {
         spec: config.train,
@@ -37,16 +44,17 @@ fn main() -> anyhow::Result<()> {
     let (labels, query_labels) = (episode.support_labels_tensor()?, episode.query_labels_tensor()?);
     let backbone = kshot::nn::Conv4::new(config.backbone);
     let mut parts: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
-    let mut time = |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
-        let (t, cpu) = (Instant::now(), cpu_ms());
-        f()?;
-        let ms = (t.elapsed().as_secs_f64() * 1e3, cpu_ms() - cpu);
-        match parts.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, v)) => v.push(ms),
-            None => parts.push((name, vec![ms])),
-        }
-        Ok(())
-    };
+    let mut time =
+        |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+            let (t, cpu) = (Instant::now(), cpu_ms());
+            f()?;
+            let ms = (t.elapsed().as_secs_f64() * 1e3, cpu_ms() - cpu);
+            match parts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push(ms),
+                None => parts.push((name, vec![ms])),
+            }
+            Ok(())
+        };
     for _ in 0..iterations {
         if reference {
             time("reference loss + backward", &mut || {
@@ -86,7 +94,10 @@ fn main() -> anyhow::Result<()> {
         };
         let (wall, wall_min) = median(v.iter().map(|p| p.0).collect());
         let (cpu, _) = median(v.iter().map(|p| p.1).collect());
-        println!("{name}: median {wall:.0} ms wall (min {wall_min:.0}), {cpu:.0} ms CPU, over {}", v.len());
+        println!(
+            "{name}: median {wall:.0} ms wall (min {wall_min:.0}), {cpu:.0} ms CPU, over {}",
+            v.len()
+        );
     }
     Ok(())
 }

@@ -30,8 +30,12 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] =
-        [Workload::Conv4Omniglot, Workload::Conv4MiniImageNet, Workload::MamlSecondOrder, Workload::ProtoNet60Way];
+    pub const ALL: [Workload; 4] = [
+        Workload::Conv4Omniglot,
+        Workload::Conv4MiniImageNet,
+        Workload::MamlSecondOrder,
+        Workload::ProtoNet60Way,
+    ];
 
     /// The name both benchmarks use.
     pub fn name(self) -> &'static str {
@@ -96,7 +100,8 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
     let adam_config = AdamConfig::default();
     let step: Box<dyn FnMut() -> Result<()>> = match workload {
         Workload::Conv4Omniglot | Workload::Conv4MiniImageNet => {
-            let (channels, size) = if workload == Workload::Conv4Omniglot { (1, 28) } else { (3, 84) };
+            let (channels, size) =
+                if workload == Workload::Conv4Omniglot { (1, 28) } else { (3, 84) };
             let config = Conv4Config { fast_kernels, ..Conv4Config::new(channels) };
             let net = Conv4::new(config);
             let params = net.init_with_linear_head((size, size), 5, &mut rng, &Device::Cpu)?;
@@ -106,7 +111,14 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
             Box::new(move || classifier_step(&net, &params, &mut adam, &x, &y))
         }
         Workload::MamlSecondOrder => {
-            let config = MamlConfig { ways: 5, inner_steps: 5, inner_steps_test: 5, inner_lr: 0.4, first_order: false, transductive: true };
+            let config = MamlConfig {
+                ways: 5,
+                inner_steps: 5,
+                inner_steps_test: 5,
+                inner_lr: 0.4,
+                first_order: false,
+                transductive: true,
+            };
             let backbone = Conv4Config { fast_kernels, ..Conv4Config::new(1) };
             let maml = Maml::new(config, backbone, (28, 28), &mut rng, &Device::Cpu)?;
             let ep = episode(&mut rng, EpisodeSpec::new(5, 1, 15), 28)?;
@@ -122,7 +134,13 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
     Ok(Prepared { step })
 }
 
-fn classifier_step(net: &Conv4, params: &ParamSet, adam: &mut Adam, x: &Tensor, y: &Tensor) -> Result<()> {
+fn classifier_step(
+    net: &Conv4,
+    params: &ParamSet,
+    adam: &mut Adam,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<()> {
     let p = params.values();
     let logits = net.linear_head_logits(&p, x, BnMode::Batch(None))?;
     let loss = ops::cross_entropy(&logits, y)?;

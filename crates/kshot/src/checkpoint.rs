@@ -11,7 +11,8 @@ use candle_core::{Device, Tensor};
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))?;
     let tmp = temp_path(path);
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -22,14 +23,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.with_context(|| format!("cannot write {}; check the directory is writable and the disk has space", path.display()))
+    result.with_context(|| {
+        format!(
+            "cannot write {}; check the directory is writable and the disk has space",
+            path.display()
+        )
+    })
 }
 
 /// Writes named tensors as safetensors, atomically.
 pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> anyhow::Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
     let tmp = temp_path(path);
-    candle_core::safetensors::save(&map, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    candle_core::safetensors::save(&map, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
@@ -45,6 +52,10 @@ pub fn load_tensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     if !path.exists() {
         anyhow::bail!("{} not found; is this a kshot run directory?", path.display());
     }
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable safetensors file ({e}); the file may be truncated", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a readable safetensors file ({e}); the file may be truncated",
+            path.display()
+        )
+    })
 }

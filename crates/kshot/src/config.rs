@@ -6,7 +6,10 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{EpisodeSpec, Grouping};
-use crate::methods::{BaselineConfig, MamlConfig, MatchingConfig, MetaLstmConfig, ProtoNetConfig, ReptileConfig, SiameseConfig};
+use crate::methods::{
+    BaselineConfig, MamlConfig, MatchingConfig, MetaLstmConfig, ProtoNetConfig, ReptileConfig,
+    SiameseConfig,
+};
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
 
@@ -74,10 +77,15 @@ pub struct RunConfig {
 
 impl RunConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}; is this a kshot run directory?", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid kshot run config ({e}); was it edited by hand?", path.display()))
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read {}; is this a kshot run directory?", path.display())
+        })?;
+        serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid kshot run config ({e}); was it edited by hand?",
+                path.display()
+            )
+        })
     }
 
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {

@@ -94,11 +94,8 @@ pub fn evaluate_lake(
     crate::autograd::init();
     let device = Device::Cpu;
     let to_tensor = |images: &[crate::data::lake_runs::LumaImage]| -> Result<candle_core::Tensor> {
-        let data: Vec<f32> = images
-            .iter()
-            .flat_map(|im| im.ink(image_size))
-            .map(|v| v as f32 / 255.0)
-            .collect();
+        let data: Vec<f32> =
+            images.iter().flat_map(|im| im.ink(image_size)).map(|v| v as f32 / 255.0).collect();
         candle_core::Tensor::from_vec(data, (images.len(), 1, image_size, image_size), &device)
     };
     let mut errors = Vec::with_capacity(runs.len());
@@ -107,14 +104,9 @@ pub fn evaluate_lake(
         let query = to_tensor(&run.test)?;
         let labels: Vec<u32> = (0..run.train.len() as u32).collect();
         let classifier = learner.adapt(&support, &labels, run.train.len())?;
-        let logits = classifier
-            .logits(&query)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec2::<f64>()?;
-        errors.push((
-            run.name.clone(),
-            crate::data::lake_runs::score_run(run, &logits)?,
-        ));
+        let logits =
+            classifier.logits(&query)?.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
+        errors.push((run.name.clone(), crate::data::lake_runs::score_run(run, &logits)?));
     }
     Ok(crate::data::lake_runs::LakeReport::from_runs(errors))
 }

@@ -51,7 +51,8 @@ pub struct Adam {
 
 impl Adam {
     pub fn new(params: &crate::nn::ParamSet, config: AdamConfig) -> Result<Self> {
-        let vars: Vec<(String, Var)> = params.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        let vars: Vec<(String, Var)> =
+            params.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
         let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<Result<Vec<_>>>()?;
         let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<Result<Vec<_>>>()?;
         Ok(Self { vars, config, m, v, t: 0 })
@@ -66,7 +67,11 @@ impl Adam {
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             let g = g.detach();
-            let g = if c.weight_decay != 0.0 { (g + (var.as_tensor().detach() * c.weight_decay)?)? } else { g };
+            let g = if c.weight_decay != 0.0 {
+                (g + (var.as_tensor().detach() * c.weight_decay)?)?
+            } else {
+                g
+            };
             self.m[i] = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&self.m[i] / bc1)?;
@@ -88,16 +93,27 @@ impl Adam {
         Ok(out)
     }
 
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, origin: &Path) -> anyhow::Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        origin: &Path,
+    ) -> anyhow::Result<()> {
         let get = |key: &str| {
             tensors.get(key).ok_or_else(|| {
-                anyhow::anyhow!("{}: `{key}` is missing; the optimiser state does not match this model", origin.display())
+                anyhow::anyhow!(
+                    "{}: `{key}` is missing; the optimiser state does not match this model",
+                    origin.display()
+                )
             })
         };
         for (i, (name, var)) in self.vars.iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let t = get(&format!("adam.{kind}.{name}"))?;
-                anyhow::ensure!(t.dims() == var.dims(), "{}: adam.{kind}.{name} has the wrong shape", origin.display());
+                anyhow::ensure!(
+                    t.dims() == var.dims(),
+                    "{}: adam.{kind}.{name} has the wrong shape",
+                    origin.display()
+                );
                 *slot = t.clone();
             }
         }

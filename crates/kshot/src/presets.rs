@@ -4,7 +4,8 @@ use crate::config::{DataConfig, RunConfig, Validation};
 use crate::data::{EpisodeSpec, Grouping};
 use crate::methods::siamese::Twin;
 use crate::methods::{
-    BaselineConfig, MamlConfig, MatchingConfig, MetaLstmConfig, ProtoNetConfig, ReptileConfig, SiameseConfig,
+    BaselineConfig, MamlConfig, MatchingConfig, MetaLstmConfig, ProtoNetConfig, ReptileConfig,
+    SiameseConfig,
 };
 use crate::nn::Conv4Config;
 use crate::optim::{AdamConfig, StepDecay};
@@ -181,7 +182,11 @@ fn protonet_omniglot(shots: usize) -> RunConfig {
         siamese: SiameseConfig::default(),
         baseline: BaselineConfig::default(),
         checkpoint_every: 500,
-        validation: Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 200, every: 1000 }),
+        validation: Some(Validation {
+            spec: EpisodeSpec::new(5, shots, 15),
+            episodes: 200,
+            every: 1000,
+        }),
         test: EpisodeSpec::new(5, shots, 15),
         test_episodes: 1000,
     }
@@ -199,9 +204,23 @@ fn maml_omniglot(ways: usize, shots: usize) -> RunConfig {
     c.episodes = 60_000;
     c.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
     c.maml = if ways == 5 {
-        MamlConfig { ways, inner_steps: 1, inner_steps_test: 3, inner_lr: 0.4, first_order: false, transductive: true }
+        MamlConfig {
+            ways,
+            inner_steps: 1,
+            inner_steps_test: 3,
+            inner_lr: 0.4,
+            first_order: false,
+            transductive: true,
+        }
     } else {
-        MamlConfig { ways, inner_steps: 5, inner_steps_test: 5, inner_lr: 0.1, first_order: false, transductive: true }
+        MamlConfig {
+            ways,
+            inner_steps: 5,
+            inner_steps_test: 5,
+            inner_lr: 0.1,
+            first_order: false,
+            transductive: true,
+        }
     };
     c.validation = None;
     c.test = EpisodeSpec::new(ways, shots, shots);
@@ -232,7 +251,8 @@ fn protonet_mini_imagenet(shots: usize) -> RunConfig {
     c.data = mini_imagenet_data();
     c.backbone = Conv4Config::new(3);
     c.train = EpisodeSpec::new(if shots == 1 { 30 } else { 20 }, shots, 15);
-    c.validation = Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 200, every: 1000 });
+    c.validation =
+        Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 200, every: 1000 });
     c.test = EpisodeSpec::new(5, shots, 15);
     c.test_episodes = 600;
     c.checkpoint_every = 100;
@@ -248,7 +268,14 @@ fn maml_mini_imagenet(shots: usize) -> RunConfig {
     c.backbone = Conv4Config { hidden: 32, ..Conv4Config::new(3) };
     c.train = EpisodeSpec::new(5, shots, 15);
     c.meta_batch = if shots == 1 { 4 } else { 2 };
-    c.maml = MamlConfig { ways: 5, inner_steps: 5, inner_steps_test: 10, inner_lr: 0.01, first_order: false, transductive: true };
+    c.maml = MamlConfig {
+        ways: 5,
+        inner_steps: 5,
+        inner_steps_test: 10,
+        inner_lr: 0.01,
+        first_order: false,
+        transductive: true,
+    };
     c.test = EpisodeSpec::new(5, shots, 15);
     c.test_episodes = 600;
     c
@@ -278,7 +305,9 @@ fn siamese_omniglot(twin: Twin) -> RunConfig {
     c.schedule = StepDecay { lr: 1e-3, step: 5000, gamma: 0.5 };
     c.siamese = match twin {
         Twin::Koch => SiameseConfig { twin, hidden: 4096, ..SiameseConfig::default() },
-        Twin::Conv4 => SiameseConfig { twin, within_group_negatives: 0.5, ..SiameseConfig::default() },
+        Twin::Conv4 => {
+            SiameseConfig { twin, within_group_negatives: 0.5, ..SiameseConfig::default() }
+        }
     };
     if twin == Twin::Koch {
         c.data.image_size = 105;
@@ -333,10 +362,16 @@ fn meta_lstm_mini_imagenet(shots: usize) -> RunConfig {
     c.backbone = Conv4Config { hidden: 32, ..Conv4Config::new(3) };
     c.train = EpisodeSpec::new(5, shots, 15);
     let steps = if shots == 1 { 12 } else { 5 };
-    c.meta_lstm = MetaLstmConfig { ways: 5, inner_steps: steps, inner_steps_test: steps, ..MetaLstmConfig::default() };
+    c.meta_lstm = MetaLstmConfig {
+        ways: 5,
+        inner_steps: steps,
+        inner_steps_test: steps,
+        ..MetaLstmConfig::default()
+    };
     c.episodes = 50_000;
     c.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
-    c.validation = Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 100, every: 1000 });
+    c.validation =
+        Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 100, every: 1000 });
     c.test = EpisodeSpec::new(5, shots, 15);
     c.test_episodes = 600;
     c.checkpoint_every = 100;

@@ -68,7 +68,10 @@ pub fn load_learner(run_dir: &Path) -> anyhow::Result<(RunConfig, Box<dyn Learne
 
 /// Loads the trained weights of a run directory into a learner built from `config` (the run's own
 /// config with evaluation-time options changed, e.g. Reptile's transductive scoring).
-pub fn load_learner_with(run_dir: &Path, config: RunConfig) -> anyhow::Result<(RunConfig, Box<dyn Learner>)> {
+pub fn load_learner_with(
+    run_dir: &Path,
+    config: RunConfig,
+) -> anyhow::Result<(RunConfig, Box<dyn Learner>)> {
     let mut learner = new_learner(&config)?;
     let path = run_dir.join(MODEL_FILE);
     let tensors = load_tensors(&path)?;
@@ -166,9 +169,20 @@ pub fn train(
                 val_accuracy = Some((report.accuracy, report.ci95));
             }
         }
-        let (va, vc) = val_accuracy.map_or((String::new(), String::new()), |(a, c)| (format!("{a:.5}"), format!("{c:.5}")));
-        pending.push_str(&format!("{done},{loss:.6},{:.5},{lr:e},{seconds:.3},{va},{vc}\n", accuracy));
-        on_status(&Status { episode: done, total: config.episodes, loss, accuracy, lr, seconds, val_accuracy });
+        let (va, vc) = val_accuracy.map_or((String::new(), String::new()), |(a, c)| {
+            (format!("{a:.5}"), format!("{c:.5}"))
+        });
+        pending
+            .push_str(&format!("{done},{loss:.6},{:.5},{lr:e},{seconds:.3},{va},{vc}\n", accuracy));
+        on_status(&Status {
+            episode: done,
+            total: config.episodes,
+            loss,
+            accuracy,
+            lr,
+            seconds,
+            val_accuracy,
+        });
 
         if done % config.checkpoint_every == 0 || done == config.episodes {
             save_checkpoint(run_dir, learner.as_ref(), &adam, done, seconds, &mut pending)?;
@@ -208,7 +222,9 @@ fn meta_batch(
     device: &Device,
 ) -> candle_core::Result<Vec<crate::data::Episode>> {
     let batch = config.meta_batch.max(1) as u64;
-    (step * batch..(step + 1) * batch).map(|index| sampler.episode(config.seed, index, device)).collect()
+    (step * batch..(step + 1) * batch)
+        .map(|index| sampler.episode(config.seed, index, device))
+        .collect()
 }
 
 fn save_checkpoint(
@@ -247,9 +263,9 @@ fn append(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn read_progress(tensors: &HashMap<String, Tensor>, origin: &Path) -> anyhow::Result<(u64, f64)> {
     let get = |k: &str| {
-        tensors
-            .get(k)
-            .ok_or_else(|| anyhow::anyhow!("{}: `{k}` is missing; the checkpoint is incomplete", origin.display()))
+        tensors.get(k).ok_or_else(|| {
+            anyhow::anyhow!("{}: `{k}` is missing; the checkpoint is incomplete", origin.display())
+        })
     };
     let done = get("progress.episodes")?.to_vec1::<i64>()?[0] as u64;
     let seconds = get("progress.seconds")?.to_vec1::<f64>()?[0];
@@ -268,7 +284,9 @@ fn truncate_metrics(path: &Path, done: u64) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|_| format!("{METRICS_HEADER}\n"));
     let kept: String = text
         .lines()
-        .filter(|line| line.split(',').next().and_then(|e| e.parse::<u64>().ok()).is_none_or(|e| e <= done))
+        .filter(|line| {
+            line.split(',').next().and_then(|e| e.parse::<u64>().ok()).is_none_or(|e| e <= done)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     write_atomic(path, kept.as_bytes())

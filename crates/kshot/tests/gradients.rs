@@ -14,10 +14,17 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
 }
 
 /// Checks d(f)/d(var) at `coords` random coordinates against central differences.
-fn check_gradient(var: &Var, f: &dyn Fn() -> Tensor, coords: usize, rng: &mut ChaCha8Rng, tol: f64) {
+fn check_gradient(
+    var: &Var,
+    f: &dyn Fn() -> Tensor,
+    coords: usize,
+    rng: &mut ChaCha8Rng,
+    tol: f64,
+) {
     kshot::autograd::init();
     let grads = f().backward().unwrap();
-    let analytic: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let analytic: Vec<f64> =
+        grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     let shape = var.dims().to_vec();
     let h = 1e-5;
@@ -79,14 +86,18 @@ fn batch_norm_statistics_are_f64_and_gradient_is_exact() {
     let beta = Var::from_tensor(&randn(&mut rng, &[3])).unwrap();
     let r = randn(&mut rng, &[4, 3, 5, 5]);
     let f = || {
-        let (y, _) = ops::batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5).unwrap();
+        let (y, _) =
+            ops::batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5)
+                .unwrap();
         (y.relu().unwrap() * &r).unwrap().sum_all().unwrap()
     };
     check_gradient(&x, &f, 60, &mut rng, 1e-6);
     check_gradient(&gamma, &f, 3, &mut rng, 1e-6);
     check_gradient(&beta, &f, 3, &mut rng, 1e-6);
     // Statistics of an f32 batch are accumulated in f64.
-    let x32 = Tensor::from_vec(vec![1e4f32 + 1.0, 1e4, 1e4 + 3.0, 1e4 + 0.5], (4, 1, 1, 1), &Device::Cpu).unwrap();
+    let x32 =
+        Tensor::from_vec(vec![1e4f32 + 1.0, 1e4, 1e4 + 3.0, 1e4 + 0.5], (4, 1, 1, 1), &Device::Cpu)
+            .unwrap();
     let one = Tensor::ones(1, DType::F32, &Device::Cpu).unwrap();
     let zero = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
     let (_, stats) = ops::batch_norm_train(&x32, &one, &zero, 1e-5).unwrap();
@@ -127,7 +138,8 @@ fn as_params(vars: &[(String, Var)]) -> Params {
 
 fn conv4_gradient_check(fast_kernels: bool) {
     // 15×15 through three blocks: 15 → 7 → 3 → 1, odd sizes at every pooling.
-    let config = Conv4Config { in_channels: 2, hidden: 4, blocks: 3, fast_kernels, ..Conv4Config::new(2) };
+    let config =
+        Conv4Config { in_channels: 2, hidden: 4, blocks: 3, fast_kernels, ..Conv4Config::new(2) };
     let (net, vars) = conv4_f64(config, 3);
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let x = Var::from_tensor(&randn(&mut rng, &[3, 2, 15, 15])).unwrap();
@@ -196,14 +208,16 @@ fn explicit_conv4_backward_equals_candle_backward_to_second_order() {
     let logits = net.linear_head_logits(&params, &x, BnMode::Batch(None)).unwrap();
     let loss = ops::cross_entropy(&logits, &labels).unwrap();
     let store = loss.backward().unwrap();
-    let loss_diff = (explicit.loss.to_scalar::<f64>().unwrap() - loss.to_scalar::<f64>().unwrap()).abs();
+    let loss_diff =
+        (explicit.loss.to_scalar::<f64>().unwrap() - loss.to_scalar::<f64>().unwrap()).abs();
     assert!(loss_diff < 1e-14, "losses differ by {loss_diff:e}");
     let mut candle_grads = Params::new();
     for (name, var) in &vars {
         let a = store.get(var.as_tensor()).unwrap();
         let b = explicit.grads.get(name).unwrap();
         let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-12);
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale;
+        let d =
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale;
         assert!(d < 1e-12, "{name}: explicit and candle gradients differ by {d:e} (relative)");
         candle_grads.insert(name.clone(), a.clone());
     }
@@ -219,7 +233,8 @@ fn explicit_conv4_backward_equals_candle_backward_to_second_order() {
         let a = hv_candle.get(var.as_tensor()).unwrap();
         let b = hv_explicit.get(var.as_tensor()).unwrap();
         let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-12);
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale;
+        let d =
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale;
         assert!(d < 1e-10, "{name}: Hessian-vector products differ by {d:e} (relative)");
     }
 }
@@ -231,7 +246,8 @@ fn protonet_explicit_backward_gives_the_composite_gradient() {
     kshot::autograd::init();
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     let (ways, shots, queries) = (4, 2, 3);
-    let images = |rng: &mut ChaCha8Rng, n: usize| randn(rng, &[n, 1, 15, 15]).to_dtype(DType::F32).unwrap();
+    let images =
+        |rng: &mut ChaCha8Rng, n: usize| randn(rng, &[n, 1, 15, 15]).to_dtype(DType::F32).unwrap();
     let episode = Episode {
         spec: EpisodeSpec::new(ways, shots, queries),
         classes: (0..ways).collect(),
@@ -242,22 +258,39 @@ fn protonet_explicit_backward_gives_the_composite_gradient() {
     };
     let run = |fast_kernels: bool| {
         let backbone = Conv4Config { hidden: 6, blocks: 3, fast_kernels, ..Conv4Config::new(1) };
-        let mut net =
-            ProtoNet::new(ProtoNetConfig::default(), backbone, &mut ChaCha8Rng::seed_from_u64(5), &Device::Cpu).unwrap();
+        let mut net = ProtoNet::new(
+            ProtoNetConfig::default(),
+            backbone,
+            &mut ChaCha8Rng::seed_from_u64(5),
+            &Device::Cpu,
+        )
+        .unwrap();
         let out = net.episode_loss(&episode).unwrap();
         let grads = out.loss.backward().unwrap();
         let flat: Vec<(String, Vec<f32>)> = net
             .params()
             .iter()
-            .map(|(n, v)| (n.to_string(), grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+                )
+            })
             .collect();
-        let buffers: Vec<Vec<f64>> =
-            net.buffers().unwrap().iter().map(|(_, t)| t.to_dtype(DType::F64).unwrap().to_vec1().unwrap()).collect();
+        let buffers: Vec<Vec<f64>> = net
+            .buffers()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| t.to_dtype(DType::F64).unwrap().to_vec1().unwrap())
+            .collect();
         (out.loss.to_scalar::<f32>().unwrap(), flat, buffers)
     };
     let (fast_loss, fast, fast_buffers) = run(true);
     let (loss, composite, buffers) = run(false);
-    assert!((fast_loss - loss).abs() < 1e-5 * loss.abs().max(1.0), "loss {fast_loss} vs composite {loss}");
+    assert!(
+        (fast_loss - loss).abs() < 1e-5 * loss.abs().max(1.0),
+        "loss {fast_loss} vs composite {loss}"
+    );
     for ((name, a), (_, b)) in fast.iter().zip(&composite) {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
@@ -265,7 +298,10 @@ fn protonet_explicit_backward_gives_the_composite_gradient() {
     }
     for (a, b) in fast_buffers.iter().zip(&buffers) {
         for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() < 1e-5 * y.abs().max(1.0), "running statistics differ: {x} vs {y}");
+            assert!(
+                (x - y).abs() < 1e-5 * y.abs().max(1.0),
+                "running statistics differ: {x} vs {y}"
+            );
         }
     }
 }

@@ -58,19 +58,13 @@ fn quad(y: &Tensor, seed: u64) -> Result<Tensor> {
 }
 
 fn leaves(theta: &[Tensor]) -> Result<Vec<Tensor>> {
-    theta
-        .iter()
-        .map(|t| Ok(Var::from_tensor(t)?.as_tensor().clone()))
-        .collect()
+    theta.iter().map(|t| Ok(Var::from_tensor(t)?.as_tensor().clone())).collect()
 }
 
 fn gradient(f: Loss, theta: &[Tensor]) -> Result<Vec<Tensor>> {
     let theta = leaves(theta)?;
     let g = f(&theta)?.backward()?;
-    theta
-        .iter()
-        .map(|t| g.get(t).cloned().map_or_else(|| t.zeros_like(), Ok))
-        .collect()
+    theta.iter().map(|t| g.get(t).cloned().map_or_else(|| t.zeros_like(), Ok)).collect()
 }
 
 /// Hessian-vector product by differentiating g·v, with g from a first backward pass.
@@ -84,10 +78,7 @@ fn hvp(f: Loss, theta: &[Tensor], v: &[Tensor]) -> Result<Vec<Tensor>> {
         }
     }
     let h = gv.backward()?;
-    theta
-        .iter()
-        .map(|t| h.get(t).cloned().map_or_else(|| t.zeros_like(), Ok))
-        .collect()
+    theta.iter().map(|t| h.get(t).cloned().map_or_else(|| t.zeros_like(), Ok)).collect()
 }
 
 /// Central differences of `f` in every coordinate of every argument.
@@ -115,11 +106,7 @@ fn fd_gradient(f: Loss, theta: &[Tensor]) -> Result<Vec<Tensor>> {
 /// Central differences of the gradient along `v`.
 fn fd_hvp(f: Loss, theta: &[Tensor], v: &[Tensor]) -> Result<Vec<Tensor>> {
     let shifted = |s: f64| -> Result<Vec<Tensor>> {
-        let ts = theta
-            .iter()
-            .zip(v)
-            .map(|(t, v)| t + (v * s)?)
-            .collect::<Result<Vec<_>>>()?;
+        let ts = theta.iter().zip(v).map(|(t, v)| t + (v * s)?).collect::<Result<Vec<_>>>()?;
         gradient(f, &ts)
     };
     let (plus, minus) = (shifted(EPS)?, shifted(-EPS)?);
@@ -138,12 +125,7 @@ fn check_derivatives(fast: Loss, composite: Loss, theta: &[Tensor], what: &str) 
     let (g_fd, h_fd) = (fd_gradient(fast, theta)?, fd_hvp(fast, theta, &v)?);
     for i in 0..theta.len() {
         assert_close(&g[i], &g_ref[i], 1e-12, &format!("{what}: gradient {i} vs composite"));
-        assert_close(
-            &g[i],
-            &g_fd[i],
-            1e-8,
-            &format!("{what}: gradient {i} vs finite differences"),
-        );
+        assert_close(&g[i], &g_fd[i], 1e-8, &format!("{what}: gradient {i} vs finite differences"));
         assert_close(
             &h[i],
             &h_ref[i],
@@ -185,7 +167,9 @@ fn conv_matches_composite() -> Result<()> {
             let w = uniform(100 + i as u64, &[co, xd[1], 3, 3], dtype)?;
             let what = format!("conv3x3 {xd:?}→{co} {dtype:?}");
             assert_close(&kernels::conv3x3(&x, &w)?, &ops::conv3x3(&x, &w)?, tol(dtype), &what);
-            let loss = |f: fn(&Tensor, &Tensor) -> Result<Tensor>| move |t: &[Tensor]| quad(&f(&t[0], &t[1])?, 7);
+            let loss = |f: fn(&Tensor, &Tensor) -> Result<Tensor>| {
+                move |t: &[Tensor]| quad(&f(&t[0], &t[1])?, 7)
+            };
             let g = gradient(&loss(kernels::conv3x3), &[x.clone(), w.clone()])?;
             let g_ref = gradient(&loss(ops::conv3x3), &[x, w])?;
             for (g, g_ref) in g.iter().zip(&g_ref) {
@@ -199,7 +183,9 @@ fn conv_matches_composite() -> Result<()> {
 #[test]
 fn conv_derivatives_are_exact() -> Result<()> {
     setup();
-    for (i, (xd, co)) in [([2, 2, 5, 5], 3), ([3, 2, 4, 3], 2), ([2, 2, 12, 12], 16)].into_iter().enumerate() {
+    for (i, (xd, co)) in
+        [([2, 2, 5, 5], 3), ([3, 2, 4, 3], 2), ([2, 2, 12, 12], 16)].into_iter().enumerate()
+    {
         let x = uniform(10 + i as u64, &xd, DType::F64)?;
         let w = uniform(20 + i as u64, &[co, xd[1], 3, 3], DType::F64)?;
         let fast = |t: &[Tensor]| quad(&kernels::conv3x3(&t[0], &t[1])?, 3);
@@ -220,15 +206,11 @@ fn conv_through_two_layers_second_order() -> Result<()> {
         let x = x.clone();
         move |t: &[Tensor]| quad(&conv(&conv(&x, &t[0])?.tanh()?, &t[1])?, 5)
     };
-    check_derivatives(
-        &net(kernels::conv3x3),
-        &net(ops::conv3x3),
-        &[w1, w2],
-        "two convolutions",
-    )
+    check_derivatives(&net(kernels::conv3x3), &net(ops::conv3x3), &[w1, w2], "two convolutions")
 }
 
-const POOL_SHAPES: [[usize; 4]; 5] = [[2, 3, 7, 7], [2, 2, 5, 6], [3, 1, 4, 4], [1, 2, 3, 2], [1, 1, 1, 3]];
+const POOL_SHAPES: [[usize; 4]; 5] =
+    [[2, 3, 7, 7], [2, 2, 5, 6], [3, 1, 4, 4], [1, 2, 3, 2], [1, 1, 1, 3]];
 
 #[test]
 fn pool_matches_composite() -> Result<()> {
@@ -246,7 +228,8 @@ fn pool_matches_composite() -> Result<()> {
                 continue;
             }
             assert_close(&y, &ops::max_pool2x2(&x)?, 0.0, &what);
-            let g = gradient(&|t| quad(&kernels::max_pool2x2(&t[0])?, 1), std::slice::from_ref(&x))?;
+            let g =
+                gradient(&|t| quad(&kernels::max_pool2x2(&t[0])?, 1), std::slice::from_ref(&x))?;
             let g_ref = gradient(&|t| quad(&ops::max_pool2x2(&t[0])?, 1), &[x])?;
             assert_close(&g[0], &g_ref[0], tol(dtype), &format!("{what} gradient"));
         }
@@ -291,9 +274,8 @@ fn fast_bn_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
 fn batch_norm_matches_composite() -> Result<()> {
     setup();
     for dtype in DTYPES {
-        for (i, d) in [[3, 4, 5, 5], [2, 3, 7, 7], [5, 2, 1, 1], [1, 3, 2, 3]]
-            .into_iter()
-            .enumerate()
+        for (i, d) in
+            [[3, 4, 5, 5], [2, 3, 7, 7], [5, 2, 1, 1], [1, 3, 2, 3]].into_iter().enumerate()
         {
             let x = (uniform(60 + i as u64, &d, dtype)? * 3.0)?.affine(1.0, 0.5)?;
             let gamma = uniform(70 + i as u64, &[d[1]], dtype)?;
@@ -303,16 +285,10 @@ fn batch_norm_matches_composite() -> Result<()> {
             let (y_ref, stats_ref) = ops::batch_norm_train(&x, &gamma, &beta, 1e-5)?;
             assert_close(&y, &y_ref.relu()?, tol(dtype), &what);
             assert_eq!(stats.count, stats_ref.count, "{what}");
-            for (a, b) in stats
-                .mean
-                .iter()
-                .chain(&stats.var)
-                .zip(stats_ref.mean.iter().chain(&stats_ref.var))
+            for (a, b) in
+                stats.mean.iter().chain(&stats.var).zip(stats_ref.mean.iter().chain(&stats_ref.var))
             {
-                assert!(
-                    (a - b).abs() <= 1e-12 * b.abs().max(1.0),
-                    "{what}: statistics {a} vs {b}"
-                );
+                assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{what}: statistics {a} vs {b}");
             }
             let theta = [x, gamma, beta];
             let g = gradient(&|t| quad(&fast_bn_relu(&t[0], &t[1], &t[2])?, 2), &theta)?;
@@ -329,7 +305,8 @@ fn batch_norm_matches_composite() -> Result<()> {
 fn batch_norm_statistics_are_summed_in_f64() -> Result<()> {
     setup();
     // A large offset with a small spread: f32 sums would lose the variance.
-    let x = (uniform(90, &[64, 2, 8, 8], DType::F64)?.affine(1e-2, 1000.0)?).to_dtype(DType::F32)?;
+    let x =
+        (uniform(90, &[64, 2, 8, 8], DType::F64)?.affine(1e-2, 1000.0)?).to_dtype(DType::F32)?;
     let ones = Tensor::ones(2, DType::F32, &Device::Cpu)?;
     let zeros = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
     let (_, stats) = kernels::batch_norm_relu_train(&x, &ones, &zeros, 1e-5)?;
@@ -339,12 +316,7 @@ fn batch_norm_statistics_are_summed_in_f64() -> Result<()> {
         &zeros.to_dtype(DType::F64)?,
         1e-5,
     )?;
-    for (a, b) in stats
-        .mean
-        .iter()
-        .chain(&stats.var)
-        .zip(exact.mean.iter().chain(&exact.var))
-    {
+    for (a, b) in stats.mean.iter().chain(&stats.var).zip(exact.mean.iter().chain(&exact.var)) {
         assert!((a - b).abs() <= 1e-12 * b.abs(), "statistics {a} vs {b}");
     }
     Ok(())
@@ -386,12 +358,15 @@ fn conv4_params(net: &Conv4, dtype: DType) -> Result<(Vec<String>, Vec<Tensor>)>
     Ok((names, tensors))
 }
 
-fn conv4_loss(hidden: usize, in_ch: usize, fast: bool, x: &Tensor, names: &[String], t: &[Tensor]) -> Result<Tensor> {
-    let net = Conv4::new(Conv4Config {
-        hidden,
-        fast_kernels: fast,
-        ..Conv4Config::new(in_ch)
-    });
+fn conv4_loss(
+    hidden: usize,
+    in_ch: usize,
+    fast: bool,
+    x: &Tensor,
+    names: &[String],
+    t: &[Tensor],
+) -> Result<Tensor> {
+    let net = Conv4::new(Conv4Config { hidden, fast_kernels: fast, ..Conv4Config::new(in_ch) });
     let mut p = Params::new();
     for (n, t) in names.iter().zip(t) {
         p.insert(n.clone(), t.clone());
@@ -412,12 +387,9 @@ fn conv4_fast_matches_composite() -> Result<()> {
         }
         for fast in [true, false] {
             assert_eq!(
-                Conv4::new(Conv4Config {
-                    fast_kernels: fast,
-                    ..net.config
-                })
-                .forward(&p, &x, BnMode::Batch(None))?
-                .dims(),
+                Conv4::new(Conv4Config { fast_kernels: fast, ..net.config })
+                    .forward(&p, &x, BnMode::Batch(None))?
+                    .dims(),
                 [6, 64]
             );
         }
@@ -439,10 +411,7 @@ fn conv4_fast_matches_composite() -> Result<()> {
 fn conv4_second_order_fast_matches_composite() -> Result<()> {
     setup();
     // 16 → 8 → 4 → 2 → 1, batch statistics over as few as 5 values in the last block.
-    let net = Conv4::new(Conv4Config {
-        hidden: 8,
-        ..Conv4Config::new(3)
-    });
+    let net = Conv4::new(Conv4Config { hidden: 8, ..Conv4Config::new(3) });
     let x = uniform(400, &[5, 3, 16, 16], DType::F64)?;
     let (names, theta) = conv4_params(&net, DType::F64)?;
     let v: Vec<Tensor> = theta
@@ -479,11 +448,21 @@ fn fixed_stats(c: usize, seed: u64) -> (Vec<f64>, Vec<f64>) {
     (mean, var)
 }
 
-fn composite_bn_relu_fixed(x: &Tensor, gamma: &Tensor, beta: &Tensor, (m, v): &(Vec<f64>, Vec<f64>)) -> Result<Tensor> {
+fn composite_bn_relu_fixed(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    (m, v): &(Vec<f64>, Vec<f64>),
+) -> Result<Tensor> {
     ops::batch_norm_fixed(x, m, v, gamma, beta, 1e-5)?.relu()
 }
 
-fn fast_bn_relu_fixed(x: &Tensor, gamma: &Tensor, beta: &Tensor, (m, v): &(Vec<f64>, Vec<f64>)) -> Result<Tensor> {
+fn fast_bn_relu_fixed(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    (m, v): &(Vec<f64>, Vec<f64>),
+) -> Result<Tensor> {
     kernels::batch_norm_relu_fixed(x, m, v, gamma, beta, 1e-5)
 }
 
@@ -498,10 +477,19 @@ fn batch_norm_fixed_matches_composite() -> Result<()> {
             let stats = fixed_stats(d[1], 160 + i as u64);
             let what = format!("batch_norm_relu_fixed {d:?} {dtype:?}");
             let y = fast_bn_relu_fixed(&x, &gamma, &beta, &stats)?;
-            assert_close(&y, &composite_bn_relu_fixed(&x, &gamma, &beta, &stats)?, tol(dtype), &what);
+            assert_close(
+                &y,
+                &composite_bn_relu_fixed(&x, &gamma, &beta, &stats)?,
+                tol(dtype),
+                &what,
+            );
             let theta = [x, gamma, beta];
-            let g = gradient(&|t| quad(&fast_bn_relu_fixed(&t[0], &t[1], &t[2], &stats)?, 5), &theta)?;
-            let g_ref = gradient(&|t| quad(&composite_bn_relu_fixed(&t[0], &t[1], &t[2], &stats)?, 5), &theta)?;
+            let g =
+                gradient(&|t| quad(&fast_bn_relu_fixed(&t[0], &t[1], &t[2], &stats)?, 5), &theta)?;
+            let g_ref = gradient(
+                &|t| quad(&composite_bn_relu_fixed(&t[0], &t[1], &t[2], &stats)?, 5),
+                &theta,
+            )?;
             for (g, g_ref) in g.iter().zip(&g_ref) {
                 assert_close(g, g_ref, 10.0 * tol(dtype), &format!("{what} gradient"));
             }
@@ -527,7 +515,8 @@ fn batch_norm_fixed_derivatives_are_exact() -> Result<()> {
 fn squared_euclidean_matches_composite() -> Result<()> {
     setup();
     for dtype in DTYPES {
-        for (i, (n, m, d)) in [(7, 3, 5), (20, 5, 64), (1, 1, 1), (4, 6, 9)].into_iter().enumerate() {
+        for (i, (n, m, d)) in [(7, 3, 5), (20, 5, 64), (1, 1, 1), (4, 6, 9)].into_iter().enumerate()
+        {
             let a = uniform(180 + i as u64, &[n, d], dtype)?;
             let b = uniform(190 + i as u64, &[m, d], dtype)?;
             let what = format!("squared_euclidean {n}×{m}×{d} {dtype:?}");
@@ -565,6 +554,9 @@ fn squared_euclidean_is_exact_near_zero() -> Result<()> {
     let exact: f64 = av.iter().zip(&bv).map(|(x, y)| (x - y).powi(2)).sum();
     assert!((d - exact).abs() < 1e-5 * exact, "distance {d} vs {exact}");
     let expanded = ops::squared_euclidean(&a, &b)?.to_vec2::<f32>()?[0][0] as f64;
-    assert!((expanded - exact).abs() > 1e-2 * exact, "the expanded form was expected to cancel badly here");
+    assert!(
+        (expanded - exact).abs() > 1e-2 * exact,
+        "the expanded form was expected to cancel badly here"
+    );
     Ok(())
 }

@@ -7,19 +7,14 @@ mod common;
 use kshot::data::lake_runs::{self, LakeReport, LakeRun, LumaImage};
 
 fn blank() -> LumaImage {
-    LumaImage {
-        width: 1,
-        height: 1,
-        luma: vec![255],
-    }
+    LumaImage { width: 1, height: 1, luma: vec![255] }
 }
 
 fn run(answers: &[&str]) -> LakeRun {
     let mut train_files: Vec<String> = answers.iter().map(|s| s.to_string()).collect();
     train_files.sort();
-    let test_files: Vec<String> = (1..=answers.len())
-        .map(|i| format!("r/test/item{i:02}.png"))
-        .collect();
+    let test_files: Vec<String> =
+        (1..=answers.len()).map(|i| format!("r/test/item{i:02}.png")).collect();
     LakeRun {
         name: "r".into(),
         train: vec![blank(); answers.len()],
@@ -33,11 +28,7 @@ fn run(answers: &[&str]) -> LakeRun {
 #[test]
 fn scorer_follows_the_demo_by_hand() {
     // class_labels.txt: item01 → class03, item02 → class01, item03 → class02.
-    let r = run(&[
-        "r/training/class03.png",
-        "r/training/class01.png",
-        "r/training/class02.png",
-    ]);
+    let r = run(&["r/training/class03.png", "r/training/class01.png", "r/training/class02.png"]);
     // Sorted training files: class01, class02, class03 (columns 0, 1, 2).
     let scores = vec![
         vec![0.1, 0.2, 0.9], // item01 → class03: correct
@@ -47,11 +38,7 @@ fn scorer_follows_the_demo_by_hand() {
     let err = lake_runs::score_run(&r, &scores).unwrap();
     assert!((err - 100.0 / 3.0).abs() < 1e-12, "error {err}");
     // All wrong: item01 and item02 pick class02, item03 picks class01.
-    let all_wrong = vec![
-        vec![0.0, 1.0, 0.0],
-        vec![0.0, 1.0, 0.0],
-        vec![1.0, 0.0, 0.5],
-    ];
+    let all_wrong = vec![vec![0.0, 1.0, 0.0], vec![0.0, 1.0, 0.0], vec![1.0, 0.0, 0.5]];
     assert_eq!(lake_runs::score_run(&r, &all_wrong).unwrap(), 100.0);
     // Wrong shape is an error, not a panic.
     assert!(lake_runs::score_run(&r, &scores[..2]).is_err());
@@ -71,11 +58,7 @@ fn archive_has_twenty_runs_of_twenty_trials() {
     for (i, r) in runs.iter().enumerate() {
         assert_eq!(r.name, format!("run{:02}", i + 1));
         assert_eq!((r.train.len(), r.test.len(), r.answers.len()), (20, 20, 20));
-        assert!(r
-            .train
-            .iter()
-            .chain(&r.test)
-            .all(|im| (im.width, im.height) == (105, 105)));
+        assert!(r.train.iter().chain(&r.test).all(|im| (im.width, im.height) == (105, 105)));
         let mut answers = r.answers.clone();
         answers.sort();
         assert_eq!(
@@ -87,13 +70,9 @@ fn archive_has_twenty_runs_of_twenty_trials() {
     }
     // run01/class_labels.txt begins `run01/test/item01.png run01/training/class08.png`.
     assert_eq!(runs[0].answers[0], "run01/training/class08.png");
-    let err = lake_runs::load(std::path::Path::new("/nonexistent/all_runs.zip"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("all_runs.zip") && err.contains("DATA_DIR/omniglot"),
-        "{err}"
-    );
+    let err =
+        lake_runs::load(std::path::Path::new("/nonexistent/all_runs.zip")).unwrap_err().to_string();
+    assert!(err.contains("all_runs.zip") && err.contains("DATA_DIR/omniglot"), "{err}");
 }
 
 /// Inked pixels (black in the 1-bit originals) as coordinates, centred on their mean, as the

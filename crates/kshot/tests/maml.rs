@@ -29,9 +29,17 @@ fn task(rng: &mut ChaCha8Rng) -> Result<Episode> {
 
 fn maml(steps: usize, first_order: bool, fast_kernels: bool) -> Result<(Maml, Params)> {
     kshot::autograd::init();
-    let config = MamlConfig { ways: 3, inner_steps: steps, inner_steps_test: steps, inner_lr: 0.4, first_order, transductive: true };
+    let config = MamlConfig {
+        ways: 3,
+        inner_steps: steps,
+        inner_steps_test: steps,
+        inner_lr: 0.4,
+        first_order,
+        transductive: true,
+    };
     let backbone = Conv4Config { hidden: 6, fast_kernels, ..Conv4Config::new(1) };
-    let net = Maml::new(config, backbone, (31, 31), &mut ChaCha8Rng::seed_from_u64(7), &Device::Cpu)?;
+    let net =
+        Maml::new(config, backbone, (31, 31), &mut ChaCha8Rng::seed_from_u64(7), &Device::Cpu)?;
     let mut theta = Params::new();
     for (name, t) in net.params().detached_values().iter() {
         theta.insert(name.clone(), t.to_dtype(DType::F64)?);
@@ -95,7 +103,8 @@ fn second_order_meta_gradient_matches_finite_differences() -> Result<()> {
             let dir = random_direction(&theta, &mut rng)?;
             // Small enough that no ReLU or max-pool kink lies within ±h along the direction.
             let h = 1e-7;
-            let fd = (meta_loss(&net, &shifted(&theta, &dir, h)?, &ep)? - meta_loss(&net, &shifted(&theta, &dir, -h)?, &ep)?)
+            let fd = (meta_loss(&net, &shifted(&theta, &dir, h)?, &ep)?
+                - meta_loss(&net, &shifted(&theta, &dir, -h)?, &ep)?)
                 / (2.0 * h);
             let analytic = dot(&g, &dir)?;
             let err = (fd - analytic).abs() / analytic.abs().max(1e-3);
@@ -114,7 +123,10 @@ fn fused_kernels_give_the_composite_meta_gradient_to_1e_10() -> Result<()> {
         let a = flat(&fast.task_gradient(&theta, &ep, steps)?.grads)?;
         let b = flat(&composite.task_gradient(&theta, &ep, steps)?.grads)?;
         let d = max_rel_diff(&b, &a);
-        assert!(d < 1e-10, "{steps} inner steps: fused and composite meta-gradients differ by {d:e}");
+        assert!(
+            d < 1e-10,
+            "{steps} inner steps: fused and composite meta-gradients differ by {d:e}"
+        );
     }
     Ok(())
 }
@@ -127,16 +139,27 @@ fn first_order_differs_from_second_order() -> Result<()> {
     let a = flat(&second.task_gradient(&theta, &ep, 2)?.grads)?;
     let b = flat(&first.task_gradient(&theta, &ep, 2)?.grads)?;
     let d = max_rel_diff(&a, &b);
-    assert!(d > 1e-3, "first- and second-order meta-gradients agree to {d:e}: the second-order term is missing");
+    assert!(
+        d > 1e-3,
+        "first- and second-order meta-gradients agree to {d:e}: the second-order term is missing"
+    );
     Ok(())
 }
 
 #[test]
 fn episode_loss_is_the_query_loss_and_its_gradient_the_meta_gradient() -> Result<()> {
     kshot::autograd::init();
-    let config = MamlConfig { ways: 3, inner_steps: 2, inner_steps_test: 2, inner_lr: 0.4, first_order: false, transductive: true };
+    let config = MamlConfig {
+        ways: 3,
+        inner_steps: 2,
+        inner_steps_test: 2,
+        inner_lr: 0.4,
+        first_order: false,
+        transductive: true,
+    };
     let backbone = Conv4Config { hidden: 6, ..Conv4Config::new(1) };
-    let mut net = Maml::new(config, backbone, (31, 31), &mut ChaCha8Rng::seed_from_u64(7), &Device::Cpu)?;
+    let mut net =
+        Maml::new(config, backbone, (31, 31), &mut ChaCha8Rng::seed_from_u64(7), &Device::Cpu)?;
     let ep = task(&mut ChaCha8Rng::seed_from_u64(4))?;
     let ep = Episode {
         support: ep.support.to_dtype(DType::F32)?,
@@ -147,7 +170,11 @@ fn episode_loss_is_the_query_loss_and_its_gradient_the_meta_gradient() -> Result
     let expected = net.task_gradient(&theta, &ep, 2)?;
     let out = net.episode_loss(&ep)?;
     let value = out.loss.to_scalar::<f32>()? as f64;
-    assert!((value - expected.query_loss).abs() < 1e-5, "surrogate value {value} vs query loss {}", expected.query_loss);
+    assert!(
+        (value - expected.query_loss).abs() < 1e-5,
+        "surrogate value {value} vs query loss {}",
+        expected.query_loss
+    );
     let grads = out.loss.backward()?;
     for (name, var) in net.params().iter() {
         let got = grads.get(var.as_tensor()).expect("every parameter gets a gradient");
@@ -157,7 +184,6 @@ fn episode_loss_is_the_query_loss_and_its_gradient_the_meta_gradient() -> Result
     }
     Ok(())
 }
-
 
 #[test]
 fn non_transductive_scoring_sees_each_query_with_the_support_set_alone() -> Result<()> {
@@ -174,6 +200,9 @@ fn non_transductive_scoring_sees_each_query_with_the_support_set_alone() -> Resu
     let first_alone = scores(&net, &query.narrow(0, 0, 1)?)?;
     assert_eq!(&per_query[..3], &first_alone[..], "a query's scores depend on the other queries");
     let d = transductive.iter().zip(&per_query).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(d > 1e-3, "transductive and per-query scoring agree ({d:e}): batch statistics are not the batch's");
+    assert!(
+        d > 1e-3,
+        "transductive and per-query scoring agree ({d:e}): batch statistics are not the batch's"
+    );
     Ok(())
 }

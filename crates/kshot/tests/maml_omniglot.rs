@@ -25,11 +25,12 @@ fn maml_short_run_beats_chance_and_its_untrained_self() {
 }
 
 fn model_values(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
-    let mut v: Vec<(String, Vec<f32>)> = kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE))
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap()))
-        .collect();
+    let mut v: Vec<(String, Vec<f32>)> =
+        kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE))
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -54,5 +55,9 @@ fn maml_with_meta_batches_resumes_exactly() {
     first_half.episodes = 2;
     train::train(&split, &first_half, &set, None, false, &no_stop, |_| {}).unwrap();
     train::train(&split, &config, &set, None, true, &no_stop, |_| {}).unwrap();
-    assert_eq!(model_values(&straight), model_values(&split), "resumed MAML run differs from the straight one");
+    assert_eq!(
+        model_values(&straight),
+        model_values(&split),
+        "resumed MAML run differs from the straight one"
+    );
 }

@@ -30,27 +30,14 @@ fn matching_short_run_beats_chance_and_its_untrained_self() {
     let untrained = train::new_learner(&config).unwrap();
     let before = eval::evaluate(untrained.as_ref(), &sampler, 100, 0, |_| {}).unwrap();
 
-    train::train(
-        &dir,
-        &config,
-        &train_set,
-        None,
-        false,
-        &AtomicBool::new(false),
-        |_| {},
-    )
-    .unwrap();
+    train::train(&dir, &config, &train_set, None, false, &AtomicBool::new(false), |_| {}).unwrap();
     let (_, learner) = train::load_learner(&dir).unwrap();
     let after = eval::evaluate(learner.as_ref(), &sampler, 100, 0, |_| {}).unwrap();
     eprintln!(
         "matching, 5-way 1-shot held-out: untrained {:.3}, after 100 episodes {:.3}",
         before.accuracy, after.accuracy
     );
-    assert!(
-        after.accuracy > 0.85,
-        "accuracy {} after 100 episodes (chance 0.2)",
-        after.accuracy
-    );
+    assert!(after.accuracy > 0.85, "accuracy {} after 100 episodes (chance 0.2)", after.accuracy);
     assert!(
         after.accuracy > before.accuracy + 0.05,
         "training must help: {} → {}",

@@ -29,7 +29,9 @@ fn preprocessing_matches_hand_computed_values() -> Result<()> {
         [-1.0, 0.0],
         [1e-4f64.ln() / 10.0, 1.0],
     ];
-    assert!((want[0][0] - -0.069_314_718_056).abs() < 1e-12 && (want[2][1] - -0.440_529_3).abs() < 1e-6);
+    assert!(
+        (want[0][0] - -0.069_314_718_056).abs() < 1e-12 && (want[2][1] - -0.440_529_3).abs() < 1e-6
+    );
     for (g, w) in got.iter().zip(&want) {
         assert!((g[0] - w[0]).abs() < 1e-12 && (g[1] - w[1]).abs() < 1e-12, "{g:?} vs {w:?}");
     }
@@ -45,7 +47,10 @@ fn gates_and_cell_update_match_hand_computed_values() -> Result<()> {
     let b = Tensor::new(&[0.1f64], &dev)?;
     let g = gate(&z, &w, &b)?.flatten_all()?.to_vec1::<f64>()?;
     let sigma = |x: f64| 1.0 / (1.0 + (-x).exp());
-    assert!((g[0] - 0.524_979_187_478_940).abs() < 1e-12 && (g[1] - sigma(-1.4)).abs() < 1e-12, "{g:?}");
+    assert!(
+        (g[0] - 0.524_979_187_478_940).abs() < 1e-12 && (g[1] - sigma(-1.4)).abs() < 1e-12,
+        "{g:?}"
+    );
     // c = f·c − i·∇ = 0.9·2 − 0.25·4 = 0.8 and 0.5·(−1) − 0.1·(−3) = −0.2.
     let c = Tensor::new(&[[2.0f64], [-1.0]], &dev)?;
     let grad = Tensor::new(&[[4.0f64], [-3.0]], &dev)?;
@@ -66,9 +71,16 @@ fn normal(rng: &mut ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
 /// with the input-gate bias raised so that the learner's updates are large.
 fn tiny() -> Result<(MetaLstm, Params, Episode)> {
     kshot::autograd::init();
-    let config = MetaLstmConfig { ways: 2, inner_steps: 2, inner_steps_test: 2, hidden: 4, ..MetaLstmConfig::default() };
+    let config = MetaLstmConfig {
+        ways: 2,
+        inner_steps: 2,
+        inner_steps_test: 2,
+        hidden: 4,
+        ..MetaLstmConfig::default()
+    };
     let backbone = Conv4Config { hidden: 3, blocks: 1, ..Conv4Config::new(1) };
-    let net = MetaLstm::new(config, backbone, (6, 6), &mut ChaCha8Rng::seed_from_u64(5), &Device::Cpu)?;
+    let net =
+        MetaLstm::new(config, backbone, (6, 6), &mut ChaCha8Rng::seed_from_u64(5), &Device::Cpu)?;
     let mut meta = Params::new();
     for (name, t) in net.params().detached_values().iter() {
         let t = if name == "gate_i.bias" { t.ones_like()?.neg()? } else { t.clone() };
@@ -102,7 +114,12 @@ fn rel_diff(got: &Tensor, want: &Tensor) -> Result<f64> {
 }
 
 /// The candle-graph meta-gradient of the reference implementation, by name, and the query loss.
-fn reference_meta_gradient(net: &MetaLstm, meta: &Params, ep: &Episode, steps: usize) -> Result<(Params, f64)> {
+fn reference_meta_gradient(
+    net: &MetaLstm,
+    meta: &Params,
+    ep: &Episode,
+    steps: usize,
+) -> Result<(Params, f64)> {
     let mut at = Params::new();
     let mut vars = Vec::new();
     for (name, t) in meta.iter() {
@@ -114,7 +131,10 @@ fn reference_meta_gradient(net: &MetaLstm, meta: &Params, ep: &Episode, steps: u
     let store = loss.backward()?;
     let mut grads = Params::new();
     for (name, v) in &vars {
-        grads.insert(name.clone(), store.get(v.as_tensor()).expect("every meta-parameter gets a gradient").clone());
+        grads.insert(
+            name.clone(),
+            store.get(v.as_tensor()).expect("every meta-parameter gets a gradient").clone(),
+        );
     }
     Ok((grads, loss.to_scalar::<f64>()?))
 }
@@ -125,12 +145,19 @@ fn fused_meta_gradient_equals_the_candle_graph() -> Result<()> {
     for steps in 1..=3 {
         let (want, want_loss) = reference_meta_gradient(&net, &meta, &ep, steps)?;
         let got = net.meta_gradient(&meta, &ep, steps)?;
-        assert!((got.query_loss - want_loss).abs() < 1e-12 * want_loss, "{steps} steps: {} vs {want_loss}", got.query_loss);
+        assert!(
+            (got.query_loss - want_loss).abs() < 1e-12 * want_loss,
+            "{steps} steps: {} vs {want_loss}",
+            got.query_loss
+        );
         assert_eq!(got.grads.len(), meta.len());
         for (name, w) in want.iter() {
             let rel = rel_diff(got.grads.get(name)?, w)?;
             eprintln!("{steps} steps, {name}: relative difference {rel:.1e}");
-            assert!(rel <= 1e-10, "{steps} steps, {name}: fused meta-gradient {rel:e} off the candle graph's");
+            assert!(
+                rel <= 1e-10,
+                "{steps} steps, {name}: fused meta-gradient {rel:e} off the candle graph's"
+            );
         }
     }
     Ok(())
@@ -158,7 +185,8 @@ fn fused_unroll_equals_the_candle_graph() -> Result<()> {
             Ok(StepInputs { grad: (g * mask)?, loss })
         })
         .collect::<Result<_>>()?;
-    let (want, _) = net.reference_unroll(&meta, &ep.support, &labels, frozen.len(), Some(&frozen))?;
+    let (want, _) =
+        net.reference_unroll(&meta, &ep.support, &labels, frozen.len(), Some(&frozen))?;
     let (got, _) = net.unroll(&meta, &ep.support, &labels, frozen.len(), Some(&frozen))?;
     let rel = rel_diff(&got, &want)?;
     assert!(rel <= 1e-12, "replayed inputs: fused c_T {rel:e} off the candle graph's");
@@ -189,11 +217,15 @@ fn check_first_order(
 ) -> Result<()> {
     let h = 1e-6;
     let fd = |frozen: bool| -> Result<f64> {
-        Ok((value(&shifted(meta, dir, h)?, frozen)? - value(&shifted(meta, dir, -h)?, frozen)?) / (2.0 * h))
+        Ok((value(&shifted(meta, dir, h)?, frozen)? - value(&shifted(meta, dir, -h)?, frozen)?)
+            / (2.0 * h))
     };
     let (frozen_fd, full_fd) = (fd(true)?, fd(false)?);
     let rel = |x: f64| (x - analytic).abs() / analytic.abs().max(1e-3);
-    assert!(rel(frozen_fd) < 1e-6, "analytic {analytic} vs frozen-input finite differences {frozen_fd}");
+    assert!(
+        rel(frozen_fd) < 1e-6,
+        "analytic {analytic} vs frozen-input finite differences {frozen_fd}"
+    );
     assert!(
         rel(full_fd) > 1e-3,
         "analytic {analytic} matches the full second-order derivative {full_fd}: the learner gradients are not detached"
@@ -213,7 +245,13 @@ fn meta_gradient_is_first_order_in_the_learner_gradients() -> Result<()> {
     let (analytic, dir) = along_random_direction(&net.meta_gradient(&meta, &ep, 2)?.grads, &meta)?;
     let (_, seen) = net.unroll(&meta, &ep.support, &support_labels, 2, None)?;
     check_first_order(analytic, &meta, &dir, |p, frozen| {
-        let (c, _) = net.unroll(p, &ep.support, &support_labels, 2, if frozen { Some(&seen) } else { None })?;
+        let (c, _) = net.unroll(
+            p,
+            &ep.support,
+            &support_labels,
+            2,
+            if frozen { Some(&seen) } else { None },
+        )?;
         ops::cross_entropy(&net.logits(&c, &ep.query)?, &query_labels)?.to_scalar::<f64>()
     })?;
 
@@ -222,7 +260,9 @@ fn meta_gradient_is_first_order_in_the_learner_gradients() -> Result<()> {
     let (analytic, dir) = along_random_direction(&grads, &meta)?;
     let (_, _, seen) = net.reference_query_loss(&meta, &ep, 2, None)?;
     check_first_order(analytic, &meta, &dir, |p, frozen| {
-        net.reference_query_loss(p, &ep, 2, if frozen { Some(&seen) } else { None })?.0.to_scalar::<f64>()
+        net.reference_query_loss(p, &ep, 2, if frozen { Some(&seen) } else { None })?
+            .0
+            .to_scalar::<f64>()
     })
 }
 
@@ -230,9 +270,16 @@ fn meta_gradient_is_first_order_in_the_learner_gradients() -> Result<()> {
 /// meta-parameters, and an episode in each precision.
 fn two_chunks() -> Result<(MetaLstm, [(Params, Episode); 2])> {
     kshot::autograd::init();
-    let config = MetaLstmConfig { ways: 2, inner_steps: 3, inner_steps_test: 3, hidden: 5, ..MetaLstmConfig::default() };
+    let config = MetaLstmConfig {
+        ways: 2,
+        inner_steps: 3,
+        inner_steps_test: 3,
+        hidden: 5,
+        ..MetaLstmConfig::default()
+    };
     let backbone = Conv4Config { hidden: 12, blocks: 2, ..Conv4Config::new(1) };
-    let net = MetaLstm::new(config, backbone, (12, 12), &mut ChaCha8Rng::seed_from_u64(6), &Device::Cpu)?;
+    let net =
+        MetaLstm::new(config, backbone, (12, 12), &mut ChaCha8Rng::seed_from_u64(6), &Device::Cpu)?;
     assert!(net.learner_size() > 1500, "{} coordinates", net.learner_size());
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let (support, query) = (normal(&mut rng, &[4, 1, 12, 12])?, normal(&mut rng, &[4, 1, 12, 12])?);
@@ -261,18 +308,28 @@ fn fused_meta_gradient_in_f32_follows_f64_and_ignores_the_thread_count() -> Resu
     let (net, [(meta32, ep32), (meta64, ep64)]) = two_chunks()?;
     let exact = net.meta_gradient(&meta64, &ep64, 3)?;
     let on = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool");
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool");
         pool.install(|| net.meta_gradient(&meta32, &ep32, 3))
     };
     let (one, three) = (on(1)?, on(3)?);
     for (name, want) in exact.grads.iter() {
         let (a, b) = (one.grads.get(name)?, three.grads.get(name)?);
-        assert_eq!(a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?, b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?, "{name}: depends on the thread count");
+        assert_eq!(
+            a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+            b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+            "{name}: depends on the thread count"
+        );
         let rel = rel_diff(&a.to_dtype(DType::F64)?, want)?;
         eprintln!("{name}: f32 {rel:.1e} off f64");
         assert!(rel < 1e-4, "{name}: f32 meta-gradient {rel:e} off the f64 one");
     }
-    assert!((one.query_loss - exact.query_loss).abs() < 1e-5, "{} vs {}", one.query_loss, exact.query_loss);
+    assert!(
+        (one.query_loss - exact.query_loss).abs() < 1e-5,
+        "{} vs {}",
+        one.query_loss,
+        exact.query_loss
+    );
     Ok(())
 }
 
@@ -293,7 +350,8 @@ fn training_loss_has_the_clipped_meta_gradient() -> Result<()> {
     let out = net.episode_loss(&ep)?;
     assert!((out.loss.to_scalar::<f32>()? as f64 - want.query_loss).abs() < 1e-6);
     let store = out.loss.backward()?;
-    let vars: Vec<(String, Var)> = net.params().iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+    let vars: Vec<(String, Var)> =
+        net.params().iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
     let got = |name: &str| -> Result<Tensor> {
         let (_, v) = vars.iter().find(|(n, _)| n == name).expect("a parameter");
         Ok(store.get(v.as_tensor()).expect("a gradient").clone())
@@ -302,7 +360,10 @@ fn training_loss_has_the_clipped_meta_gradient() -> Result<()> {
     assert!((clipped - full / 4.0).abs() < 1e-4 * full, "clipped norm {clipped} vs {}", full / 4.0);
     for (name, w) in want.grads.iter() {
         let rel = rel_diff(&(got(name)? * 4.0)?.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?)?;
-        assert!(rel < 1e-4, "{name}: the clipped gradient is not the meta-gradient scaled ({rel:e})");
+        assert!(
+            rel < 1e-4,
+            "{name}: the clipped gradient is not the meta-gradient scaled ({rel:e})"
+        );
     }
     Ok(())
 }
@@ -326,7 +387,8 @@ fn meta_lstm_learns_held_out_synthetic_classes() {
     config.checkpoint_every = 100;
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
     let untrained = train::new_learner(&config).unwrap();
-    let before = kshot::eval::evaluate(untrained.as_ref(), &sampler, 30, 0, |_| {}).unwrap().accuracy;
+    let before =
+        kshot::eval::evaluate(untrained.as_ref(), &sampler, 30, 0, |_| {}).unwrap().accuracy;
     let started = std::time::Instant::now();
     train::train(&dir, &config, &train_set, None, false, &AtomicBool::new(false), |_| {}).unwrap();
     let seconds = started.elapsed().as_secs_f64();
@@ -336,5 +398,8 @@ fn meta_lstm_learns_held_out_synthetic_classes() {
         "meta-lstm synthetic 5-way 1-shot: {before:.3} before, {after:.3} after {} episodes ({seconds:.1} s)",
         config.episodes
     );
-    assert!(after > 0.6 && after > before + 0.2, "5-way accuracy {after} (chance 0.2; untrained {before})");
+    assert!(
+        after > 0.6 && after > before + 0.2,
+        "5-way accuracy {after} (chance 0.2; untrained {before})"
+    );
 }

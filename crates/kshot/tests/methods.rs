@@ -40,15 +40,7 @@ fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
     let mut v: Vec<(String, Vec<f64>)> = t
         .into_iter()
         .map(|(k, t)| {
-            (
-                k,
-                t.to_dtype(kshot::DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap(),
-            )
+            (k, t.to_dtype(kshot::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -62,11 +54,7 @@ fn check_relabelling(config: &RunConfig, shots: usize) {
     let sampler = EpisodeSampler::new(&set, EpisodeSpec::new(4, shots, 3), Grouping::Any).unwrap();
     let ep = sampler.episode(0, 0, &kshot::Device::Cpu).unwrap();
     let perm = [2u32, 0, 3, 1];
-    let relabelled: Vec<u32> = ep
-        .support_labels
-        .iter()
-        .map(|&l| perm[l as usize])
-        .collect();
+    let relabelled: Vec<u32> = ep.support_labels.iter().map(|&l| perm[l as usize]).collect();
     let a: Vec<Vec<f32>> = learner
         .adapt(&ep.support, &ep.support_labels, 4)
         .unwrap()
@@ -96,11 +84,7 @@ fn check_relabelling(config: &RunConfig, shots: usize) {
                 - ra.iter().cloned().fold(f32::MAX, f32::min),
         );
     }
-    assert!(
-        spread > 0.0,
-        "{}: the logits do not depend on the class at all",
-        config.method
-    );
+    assert!(spread > 0.0, "{}: the logits do not depend on the class at all", config.method);
 }
 
 #[test]
@@ -134,30 +118,16 @@ fn held_out_accuracy(config: &RunConfig, classes: usize, tag: &str) -> (f64, f64
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
     let fitted = train::fit_to_training_set(config, &train_set).unwrap();
     let untrained = train::new_learner(&fitted).unwrap();
-    let before = kshot::eval::evaluate(untrained.as_ref(), &sampler, 40, 0, |_| {})
-        .unwrap()
-        .accuracy;
-    train::train(
-        &dir,
-        config,
-        &train_set,
-        None,
-        false,
-        &AtomicBool::new(false),
-        |s| {
-            if s.episode % 50 == 0 {
-                eprintln!(
-                    "{tag} step {}: loss {:.4} acc {:.3}",
-                    s.episode, s.loss, s.accuracy
-                );
-            }
-        },
-    )
+    let before =
+        kshot::eval::evaluate(untrained.as_ref(), &sampler, 40, 0, |_| {}).unwrap().accuracy;
+    train::train(&dir, config, &train_set, None, false, &AtomicBool::new(false), |s| {
+        if s.episode % 50 == 0 {
+            eprintln!("{tag} step {}: loss {:.4} acc {:.3}", s.episode, s.loss, s.accuracy);
+        }
+    })
     .unwrap();
     let (_, learner) = load_learner(&dir).unwrap();
-    let after = kshot::eval::evaluate(learner.as_ref(), &sampler, 40, 0, |_| {})
-        .unwrap()
-        .accuracy;
+    let after = kshot::eval::evaluate(learner.as_ref(), &sampler, 40, 0, |_| {}).unwrap().accuracy;
     eprintln!("{tag}: 5-way 1-shot held-out accuracy {before:.3} untrained → {after:.3} trained");
     (before, after)
 }
@@ -183,10 +153,7 @@ fn siamese_network_learns_held_out_classes() {
     c.siamese.augment = false;
     c.schedule.lr = 3e-3;
     let (before, after) = held_out_accuracy(&c, 400, "siamese");
-    assert!(
-        after > 0.5 && after > before + 0.2,
-        "5-way accuracy {before} → {after} (chance 0.2)"
-    );
+    assert!(after > 0.5 && after > before + 0.2, "5-way accuracy {before} → {after} (chance 0.2)");
 }
 
 #[test]
@@ -207,26 +174,10 @@ fn methods_that_own_their_training_step_resume_exactly() {
     for method in ["siamese", "baseline++", "matching"] {
         let tmp = common::tempdir(&format!("methods-{method}"));
         let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
-        train::train(
-            &straight,
-            &small_config(method, 5),
-            &set,
-            None,
-            false,
-            &no_stop,
-            |_| {},
-        )
-        .unwrap();
-        train::train(
-            &split,
-            &small_config(method, 3),
-            &set,
-            None,
-            false,
-            &no_stop,
-            |_| {},
-        )
-        .unwrap();
+        train::train(&straight, &small_config(method, 5), &set, None, false, &no_stop, |_| {})
+            .unwrap();
+        train::train(&split, &small_config(method, 3), &set, None, false, &no_stop, |_| {})
+            .unwrap();
         let mut config = RunConfig::load(&split.join(train::CONFIG_FILE)).unwrap();
         config.episodes = 5;
         train::train(&split, &config, &set, None, true, &no_stop, |_| {}).unwrap();
@@ -262,16 +213,11 @@ fn koch_twin_builds_and_scores_105_pixel_images() {
     let convs = 64 * 100 + 64 + 128 * 64 * 49 + 128 + 128 * 128 * 16 + 128 + 256 * 128 * 16 + 256;
     assert_eq!(learner.params().numel(), convs + 8 * 9216 + 8 + 8 + 1);
     let x = kshot::Tensor::zeros((3, 1, 105, 105), kshot::DType::F32, &kshot::Device::Cpu).unwrap();
-    let logits = learner
-        .adapt(&x, &[0, 1, 2], 3)
-        .unwrap()
-        .logits(&x.narrow(0, 0, 2).unwrap())
-        .unwrap();
+    let logits =
+        learner.adapt(&x, &[0, 1, 2], 3).unwrap().logits(&x.narrow(0, 0, 2).unwrap()).unwrap();
     assert_eq!(logits.dims(), &[2, 3]);
     c.data.image_size = 28;
-    let err = train::new_learner(&c)
-        .err()
-        .expect("28×28 is too small for the Koch twin")
-        .to_string();
+    let err =
+        train::new_learner(&c).err().expect("28×28 is too small for the Koch twin").to_string();
     assert!(err.contains("105"), "{err}");
 }

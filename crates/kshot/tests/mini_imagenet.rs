@@ -52,9 +52,16 @@ fn subset_counts_and_disjoint_classes() {
     let train = catalog(&root, Subset::Train).unwrap();
     for (c, classes, per_class) in [(&test, 20, 600), (&val, 16, 600)] {
         assert_eq!(c.classes.len(), classes, "{}", c.subset);
-        assert!(c.classes.iter().all(|k| k.files.len() == per_class && k.listed == per_class), "{}", c.subset);
+        assert!(
+            c.classes.iter().all(|k| k.files.len() == per_class && k.listed == per_class),
+            "{}",
+            c.subset
+        );
         assert_eq!((c.missing, c.warning.as_deref()), (0, None), "{}", c.subset);
-        assert!(c.classes.iter().all(|k| k.name.starts_with('n') && k.name.len() == 9), "labels are WordNet ids");
+        assert!(
+            c.classes.iter().all(|k| k.name.starts_with('n') && k.name.len() == 9),
+            "labels are WordNet ids"
+        );
     }
     assert_eq!(train.classes.len(), 64);
     assert_eq!(train.listed, 64 * 600);
@@ -65,11 +72,18 @@ fn subset_counts_and_disjoint_classes() {
         assert!(train.classes.iter().all(|k| k.files.len() == 300 && k.listed == 600));
         assert_eq!(train.missing, 64 * 300);
         let w = train.warning.as_deref().expect("a partial train set warns");
-        assert!(w.contains("partial") && w.contains("300 of 600 per class") && w.contains("images_train.zip"), "{w}");
+        assert!(
+            w.contains("partial")
+                && w.contains("300 of 600 per class")
+                && w.contains("images_train.zip"),
+            "{w}"
+        );
         assert_one_line(w);
     }
     // Disjoint classes; trainval is train + val.
-    let names = |c: &mini_imagenet::Catalog| c.classes.iter().map(|k| k.name.clone()).collect::<HashSet<_>>();
+    let names = |c: &mini_imagenet::Catalog| {
+        c.classes.iter().map(|k| k.name.clone()).collect::<HashSet<_>>()
+    };
     let (tr, va, te) = (names(&train), names(&val), names(&test));
     assert!(tr.is_disjoint(&va) && tr.is_disjoint(&te) && va.is_disjoint(&te));
     let trainval = catalog(&root, Subset::Trainval).unwrap();
@@ -80,7 +94,10 @@ fn subset_counts_and_disjoint_classes() {
         return; // an images/ folder comes first
     }
     let zip_names = |c: &mini_imagenet::Catalog| {
-        c.used_sources().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>()
+        c.used_sources()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
     };
     assert_eq!(zip_names(&val), ["images_val.zip"]);
     assert_eq!(zip_names(&test), ["images_test.zip"]);
@@ -104,9 +121,13 @@ fn val_decodes_to_rgb_84() {
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
         (mean, var.sqrt())
     };
-    let all: Vec<u8> = set.classes.iter().flat_map(|c| c.pixels.iter().step_by(7).copied()).collect();
+    let all: Vec<u8> =
+        set.classes.iter().flat_map(|c| c.pixels.iter().step_by(7).copied()).collect();
     let (mean, std) = stats(&all);
-    assert!((80.0..180.0).contains(&mean) && (40.0..100.0).contains(&std), "mean {mean:.1} std {std:.1}");
+    assert!(
+        (80.0..180.0).contains(&mean) && (40.0..100.0).contains(&std),
+        "mean {mean:.1} std {std:.1}"
+    );
     let img = set.image(0, 0);
     assert_eq!(img.len(), 3 * 84 * 84);
     let plane = 84 * 84;
@@ -122,9 +143,14 @@ fn val_decodes_to_rgb_84() {
     let dir = mini_imagenet::dataset_dir(&root());
     let file = &expected.classes[0].files[0];
     let bytes = std::fs::read(dir.join("images").join(file)).unwrap_or_else(|_| {
-        let mut zip = zip::ZipArchive::new(std::fs::File::open(dir.join("images_val.zip")).unwrap()).unwrap();
+        let mut zip =
+            zip::ZipArchive::new(std::fs::File::open(dir.join("images_val.zip")).unwrap()).unwrap();
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut zip.by_name(&format!("images/{file}")).unwrap(), &mut bytes).unwrap();
+        std::io::Read::read_to_end(
+            &mut zip.by_name(&format!("images/{file}")).unwrap(),
+            &mut bytes,
+        )
+        .unwrap();
         bytes
     });
     let mut direct = vec![0u8; 3 * plane];
@@ -143,7 +169,10 @@ fn val_resized_to_32() {
         let (a, b) = (big.image(c, i), small.image(c, i));
         for ch in 0..3 {
             let mean = |v: &[u8]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
-            let (ma, mb) = (mean(&a[ch * 84 * 84..(ch + 1) * 84 * 84]), mean(&b[ch * 32 * 32..(ch + 1) * 32 * 32]));
+            let (ma, mb) = (
+                mean(&a[ch * 84 * 84..(ch + 1) * 84 * 84]),
+                mean(&b[ch * 32 * 32..(ch + 1) * 32 * 32]),
+            );
             assert!((ma - mb).abs() < 3.0, "class {c} image {i} channel {ch}: {ma:.1} vs {mb:.1}");
         }
     }
@@ -175,7 +204,8 @@ fn names_splits_and_subsets() {
         assert_eq!(s.as_str().parse::<Subset>().unwrap(), s);
         assert_eq!(format!("ravi/{s}").parse::<Subset>().unwrap(), s);
     }
-    let err = data::load(&root(), "mini-imagenet", "ravi", "background", 84).unwrap_err().to_string();
+    let err =
+        data::load(&root(), "mini-imagenet", "ravi", "background", 84).unwrap_err().to_string();
     assert!(err.contains("background") && err.contains("train, val, trainval or test"), "{err}");
     assert_one_line(&err);
 }
@@ -195,8 +225,16 @@ fn presets_point_at_mini_imagenet() {
         assert!(!p.summary.contains("not in this build"), "{name}");
         let c = (p.build)();
         assert_eq!(c.method, method, "{name}");
-        assert_eq!((c.data.dataset.as_str(), c.data.split.as_str()), ("mini-imagenet", "ravi"), "{name}");
-        assert_eq!((c.data.train_subset.as_str(), c.data.test_subset.as_str()), ("train", "test"), "{name}");
+        assert_eq!(
+            (c.data.dataset.as_str(), c.data.split.as_str()),
+            ("mini-imagenet", "ravi"),
+            "{name}"
+        );
+        assert_eq!(
+            (c.data.train_subset.as_str(), c.data.test_subset.as_str()),
+            ("train", "test"),
+            "{name}"
+        );
         assert_eq!(c.data.image_size, 84, "{name}");
         assert_eq!((c.backbone.in_channels, c.backbone.hidden), (3, hidden), "{name}");
         assert_eq!(c.train, EpisodeSpec::new(train_ways, shots, 15), "{name}");
@@ -204,7 +242,10 @@ fn presets_point_at_mini_imagenet() {
         assert_eq!((c.meta_batch, c.test_episodes), (meta_batch, 600), "{name}");
         if method == "maml" {
             let m = c.maml;
-            assert_eq!((m.ways, m.inner_steps, m.inner_steps_test, m.inner_lr, m.first_order), (5, 5, 10, 0.01, false));
+            assert_eq!(
+                (m.ways, m.inner_steps, m.inner_steps_test, m.inner_lr, m.first_order),
+                (5, 5, 10, 0.01, false)
+            );
             assert_eq!((c.episodes, c.schedule.lr, c.schedule.step), (60_000, 1e-3, 0));
         }
         if method == "protonet" {
@@ -219,7 +260,11 @@ fn presets_point_at_mini_imagenet() {
 /// A JPEG of `w`×`h` whose colour encodes (class, index).
 fn jpeg(w: u32, h: u32, class: u8, index: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([class.wrapping_mul(60).wrapping_add(30), index.wrapping_mul(40).wrapping_add(20), ((x + y) % 256) as u8])
+        image::Rgb([
+            class.wrapping_mul(60).wrapping_add(30),
+            index.wrapping_mul(40).wrapping_add(20),
+            ((x + y) % 256) as u8,
+        ])
     });
     let mut out = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95).encode_image(&img).unwrap();
@@ -248,7 +293,8 @@ fn write_csv(dir: &Path, subset: &str, classes: std::ops::Range<u8>, per_class: 
 /// A stored zip of `images/<file>` entries.
 fn write_zip(path: &Path, files: &[(String, Vec<u8>)]) {
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     w.add_directory("images/", opts).unwrap();
     for (name, bytes) in files {
         w.start_file(format!("images/{name}"), opts).unwrap();
@@ -267,12 +313,14 @@ fn synthetic_root() -> tempfile::TempDir {
     write_csv(&dir, "val", 1..3, 3);
     write_csv(&dir, "test", 3..4, 3);
     write_csv(&dir, "train", 4..6, 4);
-    let val: Vec<_> = (1..3).flat_map(|c| (0..3).map(move |i| (file_name(c, i), jpeg(84, 84, c, i)))).collect();
+    let val: Vec<_> =
+        (1..3).flat_map(|c| (0..3).map(move |i| (file_name(c, i), jpeg(84, 84, c, i)))).collect();
     write_zip(&dir.join("images_val.zip"), &val);
     for i in 0..3 {
         std::fs::write(dir.join("images").join(file_name(3, i)), jpeg(100, 60, 3, i)).unwrap();
     }
-    let train: Vec<_> = (4..6).flat_map(|c| (0..2).map(move |i| (file_name(c, i), jpeg(84, 84, c, i)))).collect();
+    let train: Vec<_> =
+        (4..6).flat_map(|c| (0..2).map(move |i| (file_name(c, i), jpeg(84, 84, c, i)))).collect();
     write_zip(&dir.join("images_train_part1.zip"), &train);
     tmp
 }
@@ -288,7 +336,13 @@ fn synthetic_layouts_load() {
     // Colour survives (JPEG is lossy: within a few levels) in channel order R, G, B.
     let img = val.image(1, 2);
     let at = |ch: usize| img[ch * 84 * 84 + 40 * 84 + 40] as i32;
-    assert!((at(0) - 150).abs() <= 4 && (at(1) - 100).abs() <= 4 && (at(2) - 80).abs() <= 6, "{} {} {}", at(0), at(1), at(2));
+    assert!(
+        (at(0) - 150).abs() <= 4 && (at(1) - 100).abs() <= 4 && (at(2) - 80).abs() <= 6,
+        "{} {} {}",
+        at(0),
+        at(1),
+        at(2)
+    );
 
     // The images/ folder, with non-square images stretched to the requested size; a CSV saved with
     // a byte-order mark and CRLF line ends reads the same.
@@ -314,7 +368,10 @@ fn synthetic_layouts_load() {
     let key = mini_imagenet::cache_key(root, Subset::Val, 84).unwrap();
     assert!(cache.path_for(&key).unwrap().is_file());
     assert_eq!(mini_imagenet::load_with_cache(root, Subset::Val, 84, &cache).unwrap(), first);
-    assert_ne!(key.file_name().unwrap(), mini_imagenet::cache_key(root, Subset::Val, 32).unwrap().file_name().unwrap());
+    assert_ne!(
+        key.file_name().unwrap(),
+        mini_imagenet::cache_key(root, Subset::Val, 32).unwrap().file_name().unwrap()
+    );
 
     kshot::data::download::fetch_mini_imagenet(root).unwrap().expect("partial train warning");
 }
@@ -331,7 +388,12 @@ fn synthetic_errors_are_one_line_and_name_the_file() {
     text.push_str(&format!("{},{}\n", file_name(2, 7), label(2)));
     std::fs::write(dir.join("val.csv"), text).unwrap();
     let err = format!("{:#}", mini_imagenet::build(root, Subset::Val, 84).unwrap_err());
-    assert!(err.contains(&file_name(2, 7)) && err.contains("val.csv:8") && err.contains("images_val.zip"), "{err}");
+    assert!(
+        err.contains(&file_name(2, 7))
+            && err.contains("val.csv:8")
+            && err.contains("images_val.zip"),
+        "{err}"
+    );
     assert_one_line(&err);
     write_csv(&dir, "val", 1..3, 3);
 
@@ -344,7 +406,10 @@ fn synthetic_errors_are_one_line_and_name_the_file() {
 
     // A corrupt image: the error names it.
     std::fs::write(dir.join("images").join(file_name(3, 1)), b"\xff\xd8\xff broken").unwrap();
-    let err = format!("{:#}", mini_imagenet::load_with_cache(root, Subset::Test, 84, &cache).unwrap_err());
+    let err = format!(
+        "{:#}",
+        mini_imagenet::load_with_cache(root, Subset::Test, 84, &cache).unwrap_err()
+    );
     assert!(err.contains(&file_name(3, 1)) && err.contains("decode"), "{err}");
     assert_one_line(&err);
 
@@ -357,15 +422,24 @@ fn synthetic_errors_are_one_line_and_name_the_file() {
     // No files at all: where to put them (there is no download).
     let empty = common::tempdir("mini-imagenet-empty");
     for err in [
-        format!("{:#}", data::load(empty.path(), "mini-imagenet", "ravi", "train", 84).unwrap_err()),
+        format!(
+            "{:#}",
+            data::load(empty.path(), "mini-imagenet", "ravi", "train", 84).unwrap_err()
+        ),
         format!("{:#}", kshot::data::download::fetch_mini_imagenet(empty.path()).unwrap_err()),
     ] {
-        assert!(err.contains("cannot be downloaded") && err.contains("mini-imagenet") && err.contains("val.csv"), "{err}");
+        assert!(
+            err.contains("cannot be downloaded")
+                && err.contains("mini-imagenet")
+                && err.contains("val.csv"),
+            "{err}"
+        );
         assert!(err.contains("images_train.zip") && err.contains("images/"), "{err}");
         assert_one_line(&err);
     }
     std::fs::create_dir_all(empty.path().join("mini-imagenet")).unwrap();
-    let err = format!("{:#}", kshot::data::download::fetch_mini_imagenet(empty.path()).unwrap_err());
+    let err =
+        format!("{:#}", kshot::data::download::fetch_mini_imagenet(empty.path()).unwrap_err());
     assert!(err.contains("train.csv not found") && err.contains("cannot be downloaded"), "{err}");
     assert_one_line(&err);
 }

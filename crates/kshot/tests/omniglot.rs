@@ -24,10 +24,7 @@ fn data_root() -> PathBuf {
 
 /// A fresh directory under the system temp dir, removed on drop.
 fn tempdir(tag: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("kshot-test-{tag}-"))
-        .tempdir()
-        .unwrap()
+    tempfile::Builder::new().prefix(&format!("kshot-test-{tag}-")).tempdir().unwrap()
 }
 
 /// Each split decoded once per test binary (no cache), shared by the read-only tests.
@@ -38,18 +35,13 @@ fn set(split: Split) -> &'static ImageSet {
     if let Some((_, s)) = guard.iter().find(|(s, _)| *s == split) {
         return s;
     }
-    let s = Box::leak(Box::new(
-        omniglot::build(&data_root(), &split, SIZE).unwrap(),
-    ));
+    let s = Box::leak(Box::new(omniglot::build(&data_root(), &split, SIZE).unwrap()));
     guard.push((split, s));
     s
 }
 
 fn class_index(set: &ImageSet, name: &str) -> usize {
-    set.classes
-        .iter()
-        .position(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no class {name}"))
+    set.classes.iter().position(|c| c.name == name).unwrap_or_else(|| panic!("no class {name}"))
 }
 
 /// Symlinks (or copies) the real zips into `dir/omniglot/`.
@@ -57,10 +49,7 @@ fn link_zips(dir: &Path) {
     let src = data_root().join("omniglot");
     std::fs::create_dir_all(dir.join("omniglot/splits/vinyals")).unwrap();
     for z in ["images_background.zip", "images_evaluation.zip"] {
-        let (from, to) = (
-            src.join(z).canonicalize().unwrap(),
-            dir.join("omniglot").join(z),
-        );
+        let (from, to) = (src.join(z).canonicalize().unwrap(), dir.join("omniglot").join(z));
         #[cfg(unix)]
         std::os::unix::fs::symlink(&from, &to).unwrap();
         #[cfg(not(unix))]
@@ -74,10 +63,9 @@ fn assert_one_line(msg: &str) {
 
 #[test]
 fn lake_counts() {
-    for (subset, classes, alphabets) in [
-        (LakeSubset::Background, 964, 30),
-        (LakeSubset::Evaluation, 659, 20),
-    ] {
+    for (subset, classes, alphabets) in
+        [(LakeSubset::Background, 964, 30), (LakeSubset::Evaluation, 659, 20)]
+    {
         let s = set(Split::Lake(subset));
         assert_eq!(s.name, format!("omniglot/lake/{subset}"));
         assert_eq!((s.channels, s.height, s.width), (1, SIZE, SIZE));
@@ -109,17 +97,10 @@ fn vinyals_counts() {
         assert_eq!(s.total_images(), classes * 20);
         let names: HashSet<&str> = s.classes.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names.len(), classes, "{subset}: names unique");
-        assert!(s
-            .classes
-            .iter()
-            .all(|c| c.name.starts_with(&format!("{}/", c.group))));
+        assert!(s.classes.iter().all(|c| c.name.starts_with(&format!("{}/", c.group))));
     }
     let names = |s: VinyalsSubset| -> HashSet<String> {
-        set(Split::Vinyals(s))
-            .classes
-            .iter()
-            .map(|c| c.name.clone())
-            .collect()
+        set(Split::Vinyals(s)).classes.iter().map(|c| c.name.clone()).collect()
     };
     let (train, val, trainval, test) = (
         names(VinyalsSubset::Train),
@@ -138,30 +119,17 @@ fn vinyals_counts() {
     // class equals the Lake evaluation class of the same character.
     let ev = set(Split::Lake(LakeSubset::Evaluation));
     let angelic = &tr.classes[class_index(tr, "Angelic/character01/rot000")];
-    assert_eq!(
-        angelic.pixels,
-        ev.classes[class_index(ev, "Angelic/character01")].pixels
-    );
+    assert_eq!(angelic.pixels, ev.classes[class_index(ev, "Angelic/character01")].pixels);
 }
 
 #[test]
 fn ink_convention() {
     let s = set(Split::Lake(LakeSubset::Background));
-    let all: Vec<u8> = s
-        .classes
-        .iter()
-        .flat_map(|c| c.pixels.iter().copied())
-        .collect();
+    let all: Vec<u8> = s.classes.iter().flat_map(|c| c.pixels.iter().copied()).collect();
     let mean = all.iter().map(|&v| v as f64).sum::<f64>() / all.len() as f64 / 255.0;
-    assert!(
-        mean > 0.01 && mean < 0.2,
-        "mean ink {mean}: background must be 0, ink 1"
-    );
+    assert!(mean > 0.01 && mean < 0.2, "mean ink {mean}: background must be 0, ink 1");
     assert!(all.contains(&255), "full-ink pixels exist");
-    assert!(
-        all.iter().any(|&v| v > 0 && v < 255),
-        "area resize produces gray edges"
-    );
+    assert!(all.iter().any(|&v| v > 0 && v < 255), "area resize produces gray edges");
     let n = s.image_len();
     let images = all.len() / n;
     let blank_corners = all
@@ -201,17 +169,9 @@ fn rotations_are_counter_clockwise_rotations_of_rot000() {
             let a = s.image(i, k);
             assert_eq!(ccw(a), s.image(r90, k), "{base} image {k}: rot090");
             assert_eq!(ccw(&ccw(a)), s.image(r180, k), "{base} image {k}: rot180");
-            assert_eq!(
-                ccw(&ccw(&ccw(a))),
-                s.image(r270, k),
-                "{base} image {k}: rot270"
-            );
+            assert_eq!(ccw(&ccw(&ccw(a))), s.image(r270, k), "{base} image {k}: rot270");
         }
-        assert_ne!(
-            s.image(i, 0),
-            s.image(r90, 0),
-            "{base}: a glyph is not rotation-invariant"
-        );
+        assert_ne!(s.image(i, 0), s.image(r90, 0), "{base}: a glyph is not rotation-invariant");
         checked += 1;
     }
     assert_eq!(checked, 688 / 4);
@@ -222,10 +182,7 @@ fn extracted_folders_load_like_zips() {
     // Extract two alphabets from each zip and point a split file at them.
     let tmp = tempdir("extracted");
     let dir = tmp.path().join("omniglot");
-    let pick = [
-        ("images_background", "Greek"),
-        ("images_evaluation", "Angelic"),
-    ];
+    let pick = [("images_background", "Greek"), ("images_evaluation", "Angelic")];
     for (stem, alphabet) in pick {
         let bytes =
             std::fs::read(data_root().join("omniglot").join(format!("{stem}.zip"))).unwrap();
@@ -251,11 +208,7 @@ fn extracted_folders_load_like_zips() {
     let names: Vec<&str> = got.classes.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names,
-        [
-            "Greek/character03/rot090",
-            "Angelic/character01/rot000",
-            "Angelic/character02/rot270"
-        ]
+        ["Greek/character03/rot090", "Angelic/character01/rot000", "Angelic/character02/rot270"]
     );
     // Compare with the same classes loaded from the zips (rot000 + rotation of the zip class).
     let all = set(Split::Vinyals(VinyalsSubset::Trainval));
@@ -280,10 +233,8 @@ fn cache_roundtrip_and_corruption() {
     let file = cache.path_for(&key).unwrap();
     assert!(file.is_file(), "cache file written");
     let len = std::fs::metadata(&file).unwrap().len();
-    let leftovers: Vec<_> = std::fs::read_dir(cache.dir().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(cache.dir().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "no temporary files left: {leftovers:?}");
 
     let again = omniglot::load_with_cache(&root, &split, SIZE, &cache).unwrap();
@@ -291,10 +242,7 @@ fn cache_roundtrip_and_corruption() {
 
     // A different size is a different key.
     assert_ne!(
-        omniglot::cache_key(&root, &split, 14)
-            .unwrap()
-            .file_name()
-            .unwrap(),
+        omniglot::cache_key(&root, &split, 14).unwrap().file_name().unwrap(),
         key.file_name().unwrap()
     );
 
@@ -302,20 +250,11 @@ fn cache_roundtrip_and_corruption() {
     let bytes = std::fs::read(&file).unwrap();
     let mut flipped = bytes.clone();
     flipped[bytes.len() / 2] ^= 1;
-    for bad in [
-        bytes[..bytes.len() / 3].to_vec(),
-        flipped,
-        b"not a cache".to_vec(),
-        Vec::new(),
-    ] {
+    for bad in [bytes[..bytes.len() / 3].to_vec(), flipped, b"not a cache".to_vec(), Vec::new()] {
         std::fs::write(&file, &bad).unwrap();
         let rebuilt = omniglot::load_with_cache(&root, &split, SIZE, &cache).unwrap();
         assert_eq!(&rebuilt, fresh);
-        assert_eq!(
-            std::fs::metadata(&file).unwrap().len(),
-            len,
-            "cache file rewritten"
-        );
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), len, "cache file rewritten");
     }
 }
 
@@ -336,10 +275,7 @@ fn missing_data_names_the_file() {
     let tmp = tempdir("missing");
     std::fs::create_dir_all(tmp.path().join("omniglot")).unwrap();
     let cache = Cache::at(tmp.path().join("cache"));
-    for split in [
-        Split::Lake(LakeSubset::Background),
-        Split::Vinyals(VinyalsSubset::Train),
-    ] {
+    for split in [Split::Lake(LakeSubset::Background), Split::Vinyals(VinyalsSubset::Train)] {
         let err = format!(
             "{:#}",
             omniglot::load_with_cache(tmp.path(), &split, SIZE, &cache).unwrap_err()
@@ -382,16 +318,8 @@ fn bad_split_lines_name_file_and_line() {
             "Nope/character01",
         ),
         ("Greek/character01/rot045\n", "train.txt:1", "rot045"),
-        (
-            "Greek/character01\n",
-            "train.txt:1",
-            "Alphabet/characterNN/rotDDD",
-        ),
-        (
-            "Greek/character01/rot000\nGreek/character01/rot000\n",
-            "train.txt:2",
-            "listed twice",
-        ),
+        ("Greek/character01\n", "train.txt:1", "Alphabet/characterNN/rotDDD"),
+        ("Greek/character01/rot000\nGreek/character01/rot000\n", "train.txt:2", "listed twice"),
         ("\n\n", "lists no classes", "train.txt"),
     ];
     for (text, at, what) in cases {
@@ -410,11 +338,7 @@ fn corrupt_zip_is_an_error_not_a_panic() {
     let tmp = tempdir("corrupt");
     let dir = tmp.path().join("omniglot");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("images_evaluation.zip"),
-        b"PK\x03\x04 definitely not a zip",
-    )
-    .unwrap();
+    std::fs::write(dir.join("images_evaluation.zip"), b"PK\x03\x04 definitely not a zip").unwrap();
     let err = format!(
         "{:#}",
         omniglot::build(tmp.path(), &Split::Lake(LakeSubset::Evaluation), SIZE).unwrap_err()
@@ -430,11 +354,7 @@ fn corrupt_zip_is_an_error_not_a_panic() {
     )
     .unwrap();
     std::io::Write::write_all(&mut w, b"\x89PNG broken").unwrap();
-    std::fs::write(
-        dir.join("images_evaluation.zip"),
-        w.finish().unwrap().into_inner(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("images_evaluation.zip"), w.finish().unwrap().into_inner()).unwrap();
     let err = format!(
         "{:#}",
         omniglot::build(tmp.path(), &Split::Lake(LakeSubset::Evaluation), SIZE).unwrap_err()
@@ -449,16 +369,9 @@ fn fetch_unreachable_fails_fast_with_one_line() {
     let dest = tmp.path().join("sub/x.zip");
     let t = Instant::now();
     let err = fetch_file("http://127.0.0.1:9/x", &dest, None).unwrap_err();
-    assert!(
-        t.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
     let msg = format!("{err:#}");
-    assert!(
-        msg.starts_with("could not download http://127.0.0.1:9/x: "),
-        "{msg}"
-    );
+    assert!(msg.starts_with("could not download http://127.0.0.1:9/x: "), "{msg}");
     assert!(msg.contains("check your connection"), "{msg}");
     assert_one_line(&msg);
     assert!(!dest.exists());
@@ -474,8 +387,7 @@ fn fetch_from_a_silent_server_times_out() {
     let hold = std::thread::spawn(move || {
         // Read (and never answer) until the client gives up and closes the connection.
         if let Ok((mut conn, _)) = listener.accept() {
-            conn.set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let _ = std::io::Read::read_to_end(&mut conn, &mut Vec::new());
         }
     });
@@ -487,17 +399,10 @@ fn fetch_from_a_silent_server_times_out() {
     };
     let t = Instant::now();
     let err = fetch_file_with(&url, &tmp.path().join("slow.zip"), None, timeouts).unwrap_err();
-    assert!(
-        t.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(4), "took {:?}", t.elapsed());
     let msg = format!("{err:#}");
     eprintln!("{msg}");
-    assert!(
-        msg.starts_with(&format!("could not download {url}: ")),
-        "{msg}"
-    );
+    assert!(msg.starts_with(&format!("could not download {url}: ")), "{msg}");
     assert_one_line(&msg);
     assert!(!tmp.path().join("slow.zip").exists());
     hold.join().unwrap();
@@ -518,11 +423,7 @@ fn fetch_keeps_present_verified_files() {
     std::fs::write(&dest, b"wrong").unwrap();
     let err = fetch_file("http://127.0.0.1:9/y.txt", &dest, Some(&"0".repeat(64))).unwrap_err();
     assert!(format!("{err:#}").contains("could not download"), "{err:#}");
-    assert_eq!(
-        std::fs::read(&dest).unwrap(),
-        b"wrong",
-        "existing file untouched on failure"
-    );
+    assert_eq!(std::fs::read(&dest).unwrap(), b"wrong", "existing file untouched on failure");
 }
 
 /// Load times for the report: `cargo test --test omniglot timing -- --nocapture`.

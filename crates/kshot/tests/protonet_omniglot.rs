@@ -14,7 +14,9 @@ fn protonet_short_run_beats_chance_and_its_untrained_self() {
     config.validation = None;
     config.checkpoint_every = 100;
     let (before, after) = common::omniglot_before_and_after(&config, "protonet");
-    eprintln!("5-way 1-shot on held-out classes: untrained {before:.3}, after 100 episodes {after:.3}");
+    eprintln!(
+        "5-way 1-shot on held-out classes: untrained {before:.3}, after 100 episodes {after:.3}"
+    );
     assert!(after > 0.85, "accuracy {after} after 100 episodes (chance 0.2)");
     assert!(after > before + 0.1, "training must help: {before} → {after}");
 }

@@ -40,7 +40,8 @@ fn outer_update_on_quadratic_tasks_matches_the_hand_derived_value() {
     // By hand. Step 1 (t = 1, v = (1−β2)g²): φ1 = θ − lr·√(1−β2)·g1 / (√(1−β2)·|g1| + ε).
     // Step 2 (t = 2, v = β2(1−β2)g1² + (1−β2)g2²): φ2 = θ − lr·√(1−β2²)·g2 / (√v + ε).
     for i in 0..3 {
-        let phi1 = theta[i] - lr * (1.0 - beta2).sqrt() * g1[i] / ((1.0 - beta2).sqrt() * g1[i].abs() + eps);
+        let phi1 = theta[i]
+            - lr * (1.0 - beta2).sqrt() * g1[i] / ((1.0 - beta2).sqrt() * g1[i].abs() + eps);
         let v2 = beta2 * (1.0 - beta2) * g1[i] * g1[i] + (1.0 - beta2) * g2[i] * g2[i];
         let phi2 = theta[i] - lr * (1.0 - beta2 * beta2).sqrt() * g2[i] / (v2.sqrt() + eps);
         let want = theta[i] + outer * ((phi1 + phi2) / 2.0 - theta[i]);
@@ -62,7 +63,10 @@ fn first_inner_step_is_a_sign_step_and_unit_outer_step_lands_on_phi() {
     let damp = 1e-8 / (1.0f64 - 0.999).sqrt();
     let want = [0.3 - 0.01 * 5.0 / (5.0 + damp), -0.7 + 0.01 * 0.002 / (0.002 + damp)];
     assert!((want[0] - 0.29).abs() < 1e-9 && (want[1] - -0.690_001_6).abs() < 1e-7);
-    assert!((got[0] - want[0]).abs() < 1e-12 && (got[1] - want[1]).abs() < 1e-12, "{got:?} vs {want:?}");
+    assert!(
+        (got[0] - want[0]).abs() < 1e-12 && (got[1] - want[1]).abs() < 1e-12,
+        "{got:?} vs {want:?}"
+    );
     let moved = outer_update(&theta, std::slice::from_ref(&phi), 1.0).unwrap();
     assert_eq!(v(&moved[0]), got);
     let stayed = outer_update(&theta, &[phi], 0.0).unwrap();
@@ -130,7 +134,11 @@ fn meta_step_moves_theta_along_phi_minus_theta() {
 }
 
 fn flat(learner: &dyn Learner) -> Vec<f32> {
-    learner.params().iter().flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    learner
+        .params()
+        .iter()
+        .flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
 }
 
 /// Non-transductive scoring sees one query at a time (with the support set): a query's logits do
@@ -141,7 +149,11 @@ fn only_transductive_scoring_lets_queries_see_each_other() {
     let sampler = EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 3), Grouping::Any).unwrap();
     let ep = sampler.episode(0, 0, &Device::Cpu).unwrap();
     let other = sampler.episode(0, 1, &Device::Cpu).unwrap();
-    let mixed = Tensor::cat(&[&ep.query.narrow(0, 0, 1).unwrap(), &other.query.narrow(0, 1, 14).unwrap()], 0).unwrap();
+    let mixed = Tensor::cat(
+        &[&ep.query.narrow(0, 0, 1).unwrap(), &other.query.narrow(0, 1, 14).unwrap()],
+        0,
+    )
+    .unwrap();
     for transductive in [false, true] {
         let mut c = small_config(1);
         c.reptile.transductive = transductive;
@@ -180,7 +192,11 @@ fn resume_continues_exactly() {
     assert_eq!(second.episodes_done, 7);
     let a = model_tensors(&straight);
     assert!(a.iter().any(|(k, _)| k == "inner_adam.t"), "the inner Adam state is not saved");
-    assert_eq!(a, model_tensors(&split), "resumed run must equal the uninterrupted one bit for bit");
+    assert_eq!(
+        a,
+        model_tensors(&split),
+        "resumed run must equal the uninterrupted one bit for bit"
+    );
 }
 
 #[test]
@@ -194,7 +210,8 @@ fn reptile_learns_held_out_synthetic_classes() {
     config.checkpoint_every = 1000;
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
     let untrained = train::new_learner(&config).unwrap();
-    let before = kshot::eval::evaluate(untrained.as_ref(), &sampler, 50, 0, |_| {}).unwrap().accuracy;
+    let before =
+        kshot::eval::evaluate(untrained.as_ref(), &sampler, 50, 0, |_| {}).unwrap().accuracy;
     let started = std::time::Instant::now();
     train::train(&dir, &config, &train_set, None, false, &AtomicBool::new(false), |_| {}).unwrap();
     let seconds = started.elapsed().as_secs_f64();
@@ -204,14 +221,19 @@ fn reptile_learns_held_out_synthetic_classes() {
         "reptile synthetic 5-way 1-shot: {before:.3} before, {after:.3} after 1000 meta-iterations ({seconds:.1} s)"
     );
     // 3 test steps from a random init are not enough; from the meta-learned init they are.
-    assert!(after > 0.6 && after > before + 0.2, "5-way accuracy {after} (chance 0.2; untrained {before})");
+    assert!(
+        after > 0.6 && after > before + 0.2,
+        "5-way accuracy {after} (chance 0.2; untrained {before})"
+    );
 }
 
 fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
     let t = kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE)).unwrap();
     let mut v: Vec<(String, Vec<f64>)> = t
         .into_iter()
-        .map(|(k, t)| (k, t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+        .map(|(k, t)| {
+            (k, t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+        })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v

@@ -42,14 +42,21 @@ fn labels_are_shuffled_and_classes_cover_the_set() {
     let s = EpisodeSampler::new(&set, EpisodeSpec::new(10, 1, 1), Grouping::Any).unwrap();
     // With all 10 classes in every episode, only the label order varies.
     let orders: HashSet<Vec<usize>> = (0..50).map(|i| s.draw(0, i).classes).collect();
-    assert!(orders.len() > 40, "label order must be random per episode, got {} distinct", orders.len());
+    assert!(
+        orders.len() > 40,
+        "label order must be random per episode, got {} distinct",
+        orders.len()
+    );
     let s5 = EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 1), Grouping::Any).unwrap();
     let mut first_label = [0usize; 10];
     for i in 0..2000 {
         first_label[s5.draw(0, i).classes[0]] += 1;
     }
     for (c, &n) in first_label.iter().enumerate() {
-        assert!((120..=280).contains(&n), "class {c} took label 0 in {n} of 2000 episodes (expect ~200)");
+        assert!(
+            (120..=280).contains(&n),
+            "class {c} took label 0 in {n} of 2000 episodes (expect ~200)"
+        );
     }
 }
 
@@ -60,7 +67,8 @@ fn within_group_episodes_use_one_group() {
     let mut groups_seen = HashSet::new();
     for i in 0..100 {
         let d = s.draw(3, i);
-        let groups: HashSet<&str> = d.classes.iter().map(|&c| set.classes[c].group.as_str()).collect();
+        let groups: HashSet<&str> =
+            d.classes.iter().map(|&c| set.classes[c].group.as_str()).collect();
         assert_eq!(groups.len(), 1);
         groups_seen.extend(groups);
     }
@@ -87,8 +95,13 @@ fn materialised_episode_matches_the_draw() {
 fn too_few_images_names_the_class() {
     let mut set = common::synthetic_set(10, 1, 20, 4, 1);
     set.classes[3].pixels.truncate(16 * 5);
-    let err = EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap_err().to_string();
-    assert!(err.contains("g0/c3") && err.contains("5 images") && err.contains("6 per class"), "{err}");
+    let err = EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 5), Grouping::Any)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("g0/c3") && err.contains("5 images") && err.contains("6 per class"),
+        "{err}"
+    );
     assert!(!err.contains('\n'));
     EpisodeSampler::new(&set, EpisodeSpec::new(5, 1, 4), Grouping::Any).unwrap();
 }
@@ -96,8 +109,12 @@ fn too_few_images_names_the_class() {
 #[test]
 fn too_many_ways_names_the_numbers() {
     let set = common::synthetic_set(10, 2, 20, 4, 1);
-    let err = EpisodeSampler::new(&set, EpisodeSpec::new(11, 1, 1), Grouping::Any).unwrap_err().to_string();
+    let err = EpisodeSampler::new(&set, EpisodeSpec::new(11, 1, 1), Grouping::Any)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("10 classes") && err.contains("11-way"), "{err}");
-    let err = EpisodeSampler::new(&set, EpisodeSpec::new(6, 1, 1), Grouping::WithinGroup).unwrap_err().to_string();
+    let err = EpisodeSampler::new(&set, EpisodeSpec::new(6, 1, 1), Grouping::WithinGroup)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("6 classes") && err.contains("largest has 5"), "{err}");
 }

@@ -26,7 +26,9 @@ fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
     let t = kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE)).unwrap();
     let mut v: Vec<(String, Vec<f64>)> = t
         .into_iter()
-        .map(|(k, t)| (k, t.to_dtype(kshot::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+        .map(|(k, t)| {
+            (k, t.to_dtype(kshot::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+        })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -41,17 +43,24 @@ fn resume_continues_exactly() {
     let split = tmp.path().join("split");
     train::train(&straight, &small_config(7), &set, None, false, &no_stop, |_| {}).unwrap();
     // The same run in two sessions: stop after 4 episodes (a checkpoint), then resume to 7.
-    let first = train::train(&split, &small_config(4), &set, None, false, &no_stop, |_| {}).unwrap();
+    let first =
+        train::train(&split, &small_config(4), &set, None, false, &no_stop, |_| {}).unwrap();
     assert_eq!(first.episodes_done, 4);
     let mut config = kshot::config::RunConfig::load(&split.join(train::CONFIG_FILE)).unwrap();
     config.episodes = 7;
     let second = train::train(&split, &config, &set, None, true, &no_stop, |_| {}).unwrap();
     assert_eq!(second.episodes_done, 7);
-    assert_eq!(model_tensors(&straight), model_tensors(&split), "resumed run must equal the uninterrupted one bit for bit");
+    assert_eq!(
+        model_tensors(&straight),
+        model_tensors(&split),
+        "resumed run must equal the uninterrupted one bit for bit"
+    );
     let metrics = std::fs::read_to_string(split.join(train::METRICS_FILE)).unwrap();
     assert_eq!(metrics.lines().count(), 8, "header + one line per episode:\n{metrics}");
     // A second start in the same directory is refused, naming the directory.
-    let err = train::train(&split, &small_config(7), &set, None, false, &no_stop, |_| {}).unwrap_err().to_string();
+    let err = train::train(&split, &small_config(7), &set, None, false, &no_stop, |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
 }
 
@@ -84,8 +93,20 @@ fn relabelling_the_support_permutes_the_logits() {
     let ep = sampler.episode(0, 0, &kshot::Device::Cpu).unwrap();
     let perm = [2u32, 0, 3, 1];
     let relabelled: Vec<u32> = ep.support_labels.iter().map(|&l| perm[l as usize]).collect();
-    let a: Vec<Vec<f32>> = learner.adapt(&ep.support, &ep.support_labels, 4).unwrap().logits(&ep.query).unwrap().to_vec2().unwrap();
-    let b: Vec<Vec<f32>> = learner.adapt(&ep.support, &relabelled, 4).unwrap().logits(&ep.query).unwrap().to_vec2().unwrap();
+    let a: Vec<Vec<f32>> = learner
+        .adapt(&ep.support, &ep.support_labels, 4)
+        .unwrap()
+        .logits(&ep.query)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let b: Vec<Vec<f32>> = learner
+        .adapt(&ep.support, &relabelled, 4)
+        .unwrap()
+        .logits(&ep.query)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     for (ra, rb) in a.iter().zip(&b) {
         for l in 0..4 {
             assert_eq!(ra[l], rb[perm[l] as usize]);

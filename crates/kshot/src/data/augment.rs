@@ -15,10 +15,7 @@ pub struct Affine {
 }
 
 impl Affine {
-    pub const IDENTITY: Affine = Affine {
-        a: [1.0, 0.0, 0.0, 1.0],
-        t: [0.0, 0.0],
-    };
+    pub const IDENTITY: Affine = Affine { a: [1.0, 0.0, 0.0, 1.0], t: [0.0, 0.0] };
 
     /// Koch's random distortion for `size`×`size` images.
     pub fn koch(rng: &mut impl Rng, size: usize) -> Self {
@@ -37,12 +34,8 @@ impl Affine {
         let (c, s) = (theta.cos(), theta.sin());
         // Shear [[1, ρx], [ρy, 1]] · Scale diag(sx, sy), then rotation.
         let m = [sx, rx * sy, ry * sx, sy];
-        let a = [
-            c * m[0] - s * m[2],
-            c * m[1] - s * m[3],
-            s * m[0] + c * m[2],
-            s * m[1] + c * m[3],
-        ];
+        let a =
+            [c * m[0] - s * m[2], c * m[1] - s * m[3], s * m[0] + c * m[2], s * m[1] + c * m[3]];
         Affine { a, t: [tx, ty] }
     }
 
@@ -62,10 +55,7 @@ impl Affine {
         let mut out = vec![0u8; size * size];
         for oy in 0..size {
             for ox in 0..size {
-                let (px, py) = (
-                    ox as f64 - centre - self.t[0],
-                    oy as f64 - centre - self.t[1],
-                );
+                let (px, py) = (ox as f64 - centre - self.t[0], oy as f64 - centre - self.t[1]);
                 let sx = inv[0] * px + inv[1] * py + centre;
                 let sy = inv[2] * px + inv[3] * py + centre;
                 let (x0, y0) = (sx.floor(), sy.floor());
@@ -90,11 +80,7 @@ mod tests {
     fn identity_keeps_the_image_and_translation_moves_it() {
         let img: Vec<u8> = (0..25).map(|i| (i * 10) as u8).collect();
         assert_eq!(Affine::IDENTITY.apply(&img, 5), img);
-        let shifted = Affine {
-            a: [1.0, 0.0, 0.0, 1.0],
-            t: [1.0, 0.0],
-        }
-        .apply(&img, 5);
+        let shifted = Affine { a: [1.0, 0.0, 0.0, 1.0], t: [1.0, 0.0] }.apply(&img, 5);
         for y in 0..5 {
             assert_eq!(shifted[y * 5], 0, "column 0 comes from outside");
             for x in 1..5 {

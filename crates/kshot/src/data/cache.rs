@@ -114,9 +114,7 @@ pub struct Cache {
 impl Cache {
     /// A cache in `dir` (created on first write).
     pub fn at(dir: impl Into<PathBuf>) -> Self {
-        Cache {
-            dir: Some(dir.into()),
-        }
+        Cache { dir: Some(dir.into()) }
     }
 
     /// No caching: [`Cache::load_or_build`] always builds.
@@ -180,11 +178,7 @@ pub fn load_or_build(key: &CacheKey, build: impl FnOnce() -> Result<ImageSet>) -
 
 /// `$KSHOT_CACHE`, else `$XDG_CACHE_HOME/kshot`, else `$HOME/.cache/kshot` (empty values ignored).
 pub fn default_dir() -> Option<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(d) = var(CACHE_ENV) {
         return Some(d);
     }
@@ -232,33 +226,19 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
             walk(base, &path, out)?;
         } else {
             let rel = path.strip_prefix(base).unwrap_or(&path);
-            out.push(format!(
-                "{}:{}:{}",
-                rel.display(),
-                meta.len(),
-                mtime_ns(&meta)
-            ));
+            out.push(format!("{}:{}:{}", rel.display(), meta.len(), mtime_ns(&meta)));
         }
     }
     Ok(())
 }
 
 fn mtime_ns(meta: &fs::Metadata) -> u128 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos())
+    meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos())
 }
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
         .collect()
 }
 
@@ -318,10 +298,7 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn write_atomic(dir: &Path, path: &Path, set: &ImageSet, digest: &[u8; HASH_LEN]) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(
         ".{name}.tmp-{}-{}",
         std::process::id(),
@@ -329,10 +306,7 @@ fn write_atomic(dir: &Path, path: &Path, set: &ImageSet, digest: &[u8; HASH_LEN]
     ));
     let result = (|| -> Result<()> {
         let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = Hashing {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            hash: Sha256::new(),
-        };
+        let mut w = Hashing { inner: BufWriter::with_capacity(1 << 20, file), hash: Sha256::new() };
         encode(&mut w, set, digest).with_context(|| format!("writing {}", tmp.display()))?;
         let sum = w.hash.finalize();
         let mut inner = w.inner;
@@ -391,11 +365,7 @@ fn decode(r: impl Read, total_len: u64, digest: &[u8; HASH_LEN]) -> Result<Image
     if total_len < (MAGIC.len() + 4 + 2 * HASH_LEN) as u64 {
         bail!("file is truncated");
     }
-    let mut r = Reader {
-        inner: r,
-        hash: Sha256::new(),
-        left: total_len - HASH_LEN as u64,
-    };
+    let mut r = Reader { inner: r, hash: Sha256::new(), left: total_len - HASH_LEN as u64 };
     let mut magic = [0u8; 8];
     r.fill(&mut magic)?;
     if &magic != MAGIC {
@@ -416,10 +386,7 @@ fn decode(r: impl Read, total_len: u64, digest: &[u8; HASH_LEN]) -> Result<Image
     let channels = r.u64()?;
     let height = r.u64()?;
     let width = r.u64()?;
-    let image_len = channels
-        .checked_mul(height)
-        .and_then(|v| v.checked_mul(width))
-        .unwrap_or(0);
+    let image_len = channels.checked_mul(height).and_then(|v| v.checked_mul(width)).unwrap_or(0);
     if image_len == 0 {
         bail!("invalid image shape {channels}x{height}x{width}");
     }
@@ -437,11 +404,7 @@ fn decode(r: impl Read, total_len: u64, digest: &[u8; HASH_LEN]) -> Result<Image
             bail!("class {name}: {len} bytes is not a whole number of images");
         }
         let pixels = r.bytes(len)?;
-        classes.push(Class {
-            name,
-            group,
-            pixels,
-        });
+        classes.push(Class { name, group, pixels });
     }
     if r.left != 0 {
         bail!("trailing bytes");
@@ -451,25 +414,14 @@ fn decode(r: impl Read, total_len: u64, digest: &[u8; HASH_LEN]) -> Result<Image
     if r.hash.finalize().as_slice() != sum {
         bail!("checksum mismatch (file is truncated or corrupt)");
     }
-    Ok(ImageSet {
-        name,
-        channels,
-        height,
-        width,
-        classes,
-    })
+    Ok(ImageSet { name, channels, height, width, classes })
 }
 
 /// Reads the cached set at `path`; `Ok(None)` when there is no such file.
 fn read_file(path: &Path, digest: &[u8; HASH_LEN]) -> Result<Option<ImageSet>> {
     let file = match fs::File::open(path) {
         Ok(f) => f,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-            ) =>
-        {
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
             return Ok(None)
         }
         Err(e) => return Err(e.into()),
@@ -489,16 +441,8 @@ mod tests {
             height: 2,
             width: 2,
             classes: vec![
-                Class {
-                    name: "a".into(),
-                    group: "g".into(),
-                    pixels: vec![1, 2, 3, 4, 5, 6, 7, 8],
-                },
-                Class {
-                    name: "b".into(),
-                    group: "h".into(),
-                    pixels: vec![9, 9, 9, 9],
-                },
+                Class { name: "a".into(), group: "g".into(), pixels: vec![1, 2, 3, 4, 5, 6, 7, 8] },
+                Class { name: "b".into(), group: "h".into(), pixels: vec![9, 9, 9, 9] },
             ],
         }
     }
@@ -507,10 +451,7 @@ mod tests {
     fn encode_decode_roundtrip_and_corruption() {
         let set = sample();
         let d = [7u8; 32];
-        let mut w = Hashing {
-            inner: Vec::new(),
-            hash: Sha256::new(),
-        };
+        let mut w = Hashing { inner: Vec::new(), hash: Sha256::new() };
         encode(&mut w, &set, &d).unwrap();
         let sum = w.hash.finalize();
         let mut bytes = w.inner;

@@ -52,10 +52,7 @@ pub struct RemoteFile {
 /// A file of `brendenlake/omniglot`'s `python/` folder.
 macro_rules! lake {
     ($file:literal) => {
-        concat!(
-            "https://github.com/brendenlake/omniglot/raw/master/python/",
-            $file
-        )
+        concat!("https://github.com/brendenlake/omniglot/raw/master/python/", $file)
     };
 }
 
@@ -170,15 +167,9 @@ pub fn fetch_file_with(
             }
         }
     }
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("could not create {}", dir.display()))?;
-    let file_name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.part-{}", std::process::id()));
     let result = download_to(url, &tmp, dest, &file_name, timeouts).and_then(|got| {
         if let Some(want) = &expected {
@@ -256,8 +247,7 @@ fn download_to(
             hash.update(&buf[..n]);
             bar.inc(n as u64);
         }
-        out.flush()
-            .with_context(|| format!("could not write {}", tmp.display()))?;
+        out.flush().with_context(|| format!("could not write {}", tmp.display()))?;
         Ok(())
     })();
     bar.finish_and_clear();

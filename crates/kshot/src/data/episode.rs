@@ -93,7 +93,10 @@ impl<'a> EpisodeSampler<'a> {
     /// Checks that every episode can be drawn: enough classes (in some group, for
     /// [`Grouping::WithinGroup`]) and at least K+M images in every class.
     pub fn new(set: &'a ImageSet, spec: EpisodeSpec, grouping: Grouping) -> anyhow::Result<Self> {
-        ensure!(spec.ways >= 1 && spec.shots >= 1, "an episode needs at least 1 way and 1 shot (got {spec})");
+        ensure!(
+            spec.ways >= 1 && spec.shots >= 1,
+            "an episode needs at least 1 way and 1 shot (got {spec})"
+        );
         let per_class = spec.shots + spec.queries;
         for (i, class) in set.classes.iter().enumerate() {
             let n = set.num_images(i);
@@ -107,11 +110,9 @@ impl<'a> EpisodeSampler<'a> {
         }
         let pools: Vec<Vec<usize>> = match grouping {
             Grouping::Any => vec![(0..set.classes.len()).collect()],
-            Grouping::WithinGroup => set
-                .groups()
-                .into_values()
-                .filter(|classes| classes.len() >= spec.ways)
-                .collect(),
+            Grouping::WithinGroup => {
+                set.groups().into_values().filter(|classes| classes.len() >= spec.ways).collect()
+            }
         };
         let largest = pools.iter().map(Vec::len).max().unwrap_or(0);
         if largest < spec.ways {
@@ -147,8 +148,10 @@ impl<'a> EpisodeSampler<'a> {
     pub fn draw(&self, seed: u64, index: u64) -> EpisodeDraw {
         let mut rng = episode_rng(seed, index);
         let pool = &self.pools[rng.random_range(0..self.pools.len())];
-        let mut classes: Vec<usize> =
-            index::sample(&mut rng, pool.len(), self.spec.ways).into_iter().map(|i| pool[i]).collect();
+        let mut classes: Vec<usize> = index::sample(&mut rng, pool.len(), self.spec.ways)
+            .into_iter()
+            .map(|i| pool[i])
+            .collect();
         classes.shuffle(&mut rng);
         let per_class = self.spec.shots + self.spec.queries;
         let mut support = Vec::with_capacity(self.spec.ways * self.spec.shots);
@@ -165,7 +168,9 @@ impl<'a> EpisodeSampler<'a> {
     pub fn episode(&self, seed: u64, index: u64, device: &Device) -> candle_core::Result<Episode> {
         let draw = self.draw(seed, index);
         let spec = self.spec;
-        let labels = |per: usize| -> Vec<u32> { (0..spec.ways as u32).flat_map(|l| std::iter::repeat_n(l, per)).collect() };
+        let labels = |per: usize| -> Vec<u32> {
+            (0..spec.ways as u32).flat_map(|l| std::iter::repeat_n(l, per)).collect()
+        };
         Ok(Episode {
             spec,
             support: images_tensor(self.set, &draw.support, device)?,
@@ -178,7 +183,11 @@ impl<'a> EpisodeSampler<'a> {
 }
 
 /// Stacks the given (class, image) pairs into [n, C, H, W] f32 in [0, 1].
-pub fn images_tensor(set: &ImageSet, picks: &[(usize, usize)], device: &Device) -> candle_core::Result<Tensor> {
+pub fn images_tensor(
+    set: &ImageSet,
+    picks: &[(usize, usize)],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let mut data = Vec::with_capacity(picks.len() * set.image_len());
     for &(class, i) in picks {
         data.extend(set.image(class, i).iter().map(|&v| v as f32 / 255.0));

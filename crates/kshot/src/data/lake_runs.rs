@@ -71,11 +71,7 @@ pub struct LakeReport {
 impl LakeReport {
     pub fn from_runs(runs: Vec<(String, f64)>) -> Self {
         let error = runs.iter().map(|r| r.1).sum::<f64>() / runs.len().max(1) as f64;
-        Self {
-            runs,
-            error,
-            accuracy: 100.0 - error,
-        }
+        Self { runs, error, accuracy: 100.0 - error }
     }
 }
 
@@ -125,23 +121,14 @@ pub fn load(path: &Path) -> Result<Vec<LakeRun>> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| anyhow!("{}: unreadable entry name ({e})", path.display()))?;
     names.sort();
-    let label_files: Vec<String> = names
-        .iter()
-        .filter(|n| n.ends_with("/class_labels.txt"))
-        .cloned()
-        .collect();
+    let label_files: Vec<String> =
+        names.iter().filter(|n| n.ends_with("/class_labels.txt")).cloned().collect();
     if label_files.is_empty() {
-        bail!(
-            "{}: no runNN/class_labels.txt inside; is this Lake's all_runs.zip?",
-            path.display()
-        );
+        bail!("{}: no runNN/class_labels.txt inside; is this Lake's all_runs.zip?", path.display());
     }
     let mut read = |name: &str| -> Result<Vec<u8>> {
         let mut entry = zip.by_name(name).map_err(|_| {
-            anyhow!(
-                "{}: `{name}` is missing, though class_labels.txt names it",
-                path.display()
-            )
+            anyhow!("{}: `{name}` is missing, though class_labels.txt names it", path.display())
         })?;
         let mut bytes = Vec::new();
         entry
@@ -160,10 +147,7 @@ pub fn load(path: &Path) -> Result<Vec<LakeRun>> {
                 let mut it = l.split_whitespace();
                 match (it.next(), it.next()) {
                     (Some(a), Some(b)) => Ok((a.to_string(), b.to_string())),
-                    _ => Err(anyhow!(
-                        "{}: `{labels}` has a malformed line `{l}`",
-                        path.display()
-                    )),
+                    _ => Err(anyhow!("{}: `{labels}` has a malformed line `{l}`", path.display())),
                 }
             })
             .collect::<Result<_>>()?;
@@ -175,28 +159,11 @@ pub fn load(path: &Path) -> Result<Vec<LakeRun>> {
         let mut decode = |f: &str| -> Result<LumaImage> {
             let (luma, width, height) =
                 decode_luma(&read(f)?).with_context(|| format!("{}: `{f}`", path.display()))?;
-            Ok(LumaImage {
-                width,
-                height,
-                luma,
-            })
+            Ok(LumaImage { width, height, luma })
         };
-        let train = train_files
-            .iter()
-            .map(|f| decode(f))
-            .collect::<Result<Vec<_>>>()?;
-        let test = test_files
-            .iter()
-            .map(|f| decode(f))
-            .collect::<Result<Vec<_>>>()?;
-        runs.push(LakeRun {
-            name: run_name,
-            train_files,
-            train,
-            test_files,
-            test,
-            answers,
-        });
+        let train = train_files.iter().map(|f| decode(f)).collect::<Result<Vec<_>>>()?;
+        let test = test_files.iter().map(|f| decode(f)).collect::<Result<Vec<_>>>()?;
+        runs.push(LakeRun { name: run_name, train_files, train, test_files, test, answers });
     }
     Ok(runs)
 }

@@ -129,7 +129,12 @@ pub fn load(root: &Path, subset: Subset, image_size: usize) -> Result<ImageSet> 
 }
 
 /// [`load`] with an explicit cache ([`Cache::disabled`] to always decode).
-pub fn load_with_cache(root: &Path, subset: Subset, image_size: usize, cache: &Cache) -> Result<ImageSet> {
+pub fn load_with_cache(
+    root: &Path,
+    subset: Subset,
+    image_size: usize,
+    cache: &Cache,
+) -> Result<ImageSet> {
     check_size(image_size)?;
     let catalog = catalog(root, subset)?;
     if let Some(w) = &catalog.warning {
@@ -192,7 +197,12 @@ impl Catalog {
 
     /// The image sources (zips, the `images/` folder) that hold at least one image of the subset.
     pub fn used_sources(&self) -> Vec<&Path> {
-        self.sources.iter().zip(self.used()).filter(|(_, u)| *u).map(|(s, _)| s.path.as_path()).collect()
+        self.sources
+            .iter()
+            .zip(self.used())
+            .filter(|(_, u)| *u)
+            .map(|(s, _)| s.path.as_path())
+            .collect()
     }
 
     /// Per source: whether it holds an image of the subset.
@@ -227,9 +237,8 @@ impl Catalog {
             .iter()
             .zip(&used)
             .map(|(s, &u)| match s.kind {
-                SourceKind::Zip if u => {
-                    fs::read(&s.path).with_context(|| format!("could not read {}", s.path.display()))
-                }
+                SourceKind::Zip if u => fs::read(&s.path)
+                    .with_context(|| format!("could not read {}", s.path.display())),
                 _ => Ok(Vec::new()),
             })
             .collect::<Result<_>>()?;
@@ -241,9 +250,13 @@ impl Catalog {
                 if b.is_empty() {
                     Ok(None)
                 } else {
-                    zip::ZipArchive::new(Cursor::new(&b[..]))
-                        .map(Some)
-                        .map_err(|e| anyhow!("{} is not a readable zip ({e}); {}", s.path.display(), bad_file_hint()))
+                    zip::ZipArchive::new(Cursor::new(&b[..])).map(Some).map_err(|e| {
+                        anyhow!(
+                            "{} is not a readable zip ({e}); {}",
+                            s.path.display(),
+                            bad_file_hint()
+                        )
+                    })
                 }
             })
             .collect::<Result<_>>()?;
@@ -252,7 +265,11 @@ impl Catalog {
         let mut classes: Vec<Class> = self
             .classes
             .iter()
-            .map(|c| Class { name: c.name.clone(), group: GROUP.to_string(), pixels: vec![0u8; c.files.len() * len] })
+            .map(|c| Class {
+                name: c.name.clone(),
+                group: GROUP.to_string(),
+                pixels: vec![0u8; c.files.len() * len],
+            })
             .collect();
         classes.par_iter_mut().zip(&self.refs).try_for_each(|(class, refs)| {
             class.pixels.par_chunks_mut(len).zip(refs).try_for_each_init(
@@ -261,11 +278,19 @@ impl Catalog {
                     let source = &self.sources[*src];
                     read_entry(zips[*src].as_mut(), entry)
                         .and_then(|b| preprocess(&b, image_size, out))
-                        .map_err(|e| anyhow!("{}: {e:#}; {}", source.describe(entry), bad_file_hint()))
+                        .map_err(|e| {
+                            anyhow!("{}: {e:#}; {}", source.describe(entry), bad_file_hint())
+                        })
                 },
             )
         })?;
-        Ok(ImageSet { name: self.subset.set_name(), channels: 3, height: image_size, width: image_size, classes })
+        Ok(ImageSet {
+            name: self.subset.set_name(),
+            channels: 3,
+            height: image_size,
+            width: image_size,
+            classes,
+        })
     }
 }
 
@@ -291,9 +316,14 @@ pub fn catalog(root: &Path, subset: Subset) -> Result<Catalog> {
     }
     let sources = find_sources(&dir)?;
     if sources.is_empty() {
-        bail!("no miniImageNet images in {} (no images/ folder, no images*.zip): {}", dir.display(), fetch_hint(root));
+        bail!(
+            "no miniImageNet images in {} (no images/ folder, no images*.zip): {}",
+            dir.display(),
+            fetch_hint(root)
+        );
     }
-    let names = || sources.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
+    let names =
+        || sources.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
 
     // Group rows by label (classes in order of first appearance) and find each image.
     let mut class_of: HashMap<&str, usize> = HashMap::new();
@@ -318,7 +348,11 @@ pub fn catalog(root: &Path, subset: Subset) -> Result<Catalog> {
             classes.len() - 1
         });
         classes[c].listed += 1;
-        match sources.iter().enumerate().find_map(|(i, s)| s.entries.get(&row.file).map(|e| (i, e.clone()))) {
+        match sources
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.entries.get(&row.file).map(|e| (i, e.clone())))
+        {
             Some(r) => {
                 classes[c].files.push(row.file.clone());
                 refs[c].push(r);
@@ -356,11 +390,21 @@ pub fn catalog(root: &Path, subset: Subset) -> Result<Catalog> {
             dir.display()
         );
     }
-    let warning = (!missing.is_empty()).then(|| partial_warning(&classes, missing.len(), rows.len(), &dir));
+    let warning =
+        (!missing.is_empty()).then(|| partial_warning(&classes, missing.len(), rows.len(), &dir));
     // Drop classes none of whose images were found (their count is in the warning).
     let (classes, refs): (Vec<_>, Vec<_>) =
         classes.into_iter().zip(refs).filter(|(c, _)| !c.files.is_empty()).unzip();
-    Ok(Catalog { subset, classes, listed: rows.len(), missing: missing.len(), warning, csvs, sources, refs })
+    Ok(Catalog {
+        subset,
+        classes,
+        listed: rows.len(),
+        missing: missing.len(),
+        warning,
+        csvs,
+        sources,
+        refs,
+    })
 }
 
 fn is_train_csv(csv: &Path) -> bool {
@@ -374,11 +418,13 @@ fn csv_subset(csv: &Path) -> String {
 
 fn partial_warning(classes: &[CatalogClass], missing: usize, listed: usize, dir: &Path) -> String {
     let found: Vec<usize> = classes.iter().map(|c| c.files.len()).collect();
-    let (lo, hi) = (found.iter().min().copied().unwrap_or(0), found.iter().max().copied().unwrap_or(0));
+    let (lo, hi) =
+        (found.iter().min().copied().unwrap_or(0), found.iter().max().copied().unwrap_or(0));
     let per_listed = classes.iter().map(|c| c.listed).max().unwrap_or(0);
     let per_class = if lo == hi { format!("{lo}") } else { format!("{lo}-{hi}") };
     let empty = found.iter().filter(|&&n| n == 0).count();
-    let dropped = if empty > 0 { format!(", {empty} classes with no image left out") } else { String::new() };
+    let dropped =
+        if empty > 0 { format!(", {empty} classes with no image left out") } else { String::new() };
     format!(
         "the miniImageNet train set is partial: {} of {listed} listed images found ({per_class} of {per_listed} per \
          class{dropped}), fewer training images than the papers had. Add images_train.zip (or the missing files to \
@@ -414,11 +460,20 @@ fn read_csv(path: &Path) -> Result<Vec<Row>> {
         if rows.is_empty() && i == 0 && file.eq_ignore_ascii_case("filename") {
             continue; // the header
         }
-        let plain = |s: &str| !s.is_empty() && !s.contains(['/', '\\', ',']) && s != "." && s != "..";
+        let plain =
+            |s: &str| !s.is_empty() && !s.contains(['/', '\\', ',']) && s != "." && s != "..";
         if !plain(file) || !plain(label) {
-            bail!("{}:{at}: expected `filename,label` (a file name and a WordNet id), got `{line}`", path.display());
+            bail!(
+                "{}:{at}: expected `filename,label` (a file name and a WordNet id), got `{line}`",
+                path.display()
+            );
         }
-        rows.push(Row { csv: path.to_path_buf(), line: at, file: file.to_string(), label: label.to_string() });
+        rows.push(Row {
+            csv: path.to_path_buf(),
+            line: at,
+            file: file.to_string(),
+            label: label.to_string(),
+        });
     }
     Ok(rows)
 }
@@ -499,9 +554,11 @@ fn index_dir(folder: &Path) -> Result<Source> {
 
 /// Indexes a zip's central directory by the base name of each image (any folder inside the zip).
 fn index_zip(path: &Path) -> Result<Source> {
-    let file = fs::File::open(path).with_context(|| format!("could not open {}", path.display()))?;
-    let zip = zip::ZipArchive::new(BufReader::new(file))
-        .map_err(|e| anyhow!("{} is not a readable zip ({e}); {}", path.display(), bad_file_hint()))?;
+    let file =
+        fs::File::open(path).with_context(|| format!("could not open {}", path.display()))?;
+    let zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
+        anyhow!("{} is not a readable zip ({e}); {}", path.display(), bad_file_hint())
+    })?;
     let mut entries = HashMap::new();
     for index in 0..zip.len() {
         let Some(Ok(name)) = zip.name_for_index(index) else {
@@ -512,7 +569,9 @@ fn index_zip(path: &Path) -> Result<Source> {
         }
         let base = name.rsplit('/').next().unwrap_or(&name);
         if is_image(base) {
-            entries.entry(base.to_string()).or_insert_with(|| Entry::Zip { index, name: name.to_string() });
+            entries
+                .entry(base.to_string())
+                .or_insert_with(|| Entry::Zip { index, name: name.to_string() });
         }
     }
     Ok(Source { path: path.to_path_buf(), kind: SourceKind::Zip, entries })
@@ -521,12 +580,15 @@ fn index_zip(path: &Path) -> Result<Source> {
 fn read_entry(zip: Option<&mut zip::ZipArchive<Cursor<&[u8]>>>, entry: &Entry) -> Result<Vec<u8>> {
     match (entry, zip) {
         (Entry::Zip { index, .. }, Some(zip)) => {
-            let file = zip.by_index(*index).map_err(|e| anyhow!("could not read zip entry ({e})"))?;
+            let file =
+                zip.by_index(*index).map_err(|e| anyhow!("could not read zip entry ({e})"))?;
             if file.size() > MAX_ENTRY_BYTES {
                 bail!("entry is implausibly large ({} bytes)", file.size());
             }
             let mut buf = Vec::with_capacity(file.size() as usize);
-            file.take(MAX_ENTRY_BYTES).read_to_end(&mut buf).map_err(|e| anyhow!("could not read zip entry ({e})"))?;
+            file.take(MAX_ENTRY_BYTES)
+                .read_to_end(&mut buf)
+                .map_err(|e| anyhow!("could not read zip entry ({e})"))?;
             Ok(buf)
         }
         (Entry::File(p), _) => {
@@ -563,7 +625,9 @@ pub fn preprocess(bytes: &[u8], size: usize, out: &mut [u8]) -> Result<()> {
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| anyhow!("could not decode the image ({})", one_line(&e.to_string())))?;
+    let img = reader
+        .decode()
+        .map_err(|e| anyhow!("could not decode the image ({})", one_line(&e.to_string())))?;
     if img.width() == 0 || img.height() == 0 {
         bail!("empty image");
     }

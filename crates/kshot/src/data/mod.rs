@@ -2,9 +2,9 @@
 
 pub mod augment;
 pub mod cache;
-pub mod lake_runs;
 pub mod download;
 pub mod episode;
+pub mod lake_runs;
 pub mod mini_imagenet;
 pub mod omniglot;
 
@@ -95,7 +95,11 @@ pub struct DatasetDefaults {
 pub fn dataset_defaults(dataset: &str) -> anyhow::Result<DatasetDefaults> {
     match dataset {
         "omniglot" => Ok(DatasetDefaults { split: "vinyals", image_size: 28, channels: 1 }),
-        "mini-imagenet" => Ok(DatasetDefaults { split: "ravi", image_size: mini_imagenet::NATIVE_SIZE, channels: 3 }),
+        "mini-imagenet" => Ok(DatasetDefaults {
+            split: "ravi",
+            image_size: mini_imagenet::NATIVE_SIZE,
+            channels: 3,
+        }),
         other => anyhow::bail!("unknown dataset `{other}`; choose one of: {}", DATASETS.join(", ")),
     }
 }
@@ -110,17 +114,35 @@ pub struct SplitSubsets {
 /// Default subsets of `dataset`/`split`.
 pub fn split_subsets(dataset: &str, split: &str) -> anyhow::Result<SplitSubsets> {
     match (dataset, split) {
-        ("omniglot", "vinyals") => Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" }),
-        ("omniglot", "lake") => Ok(SplitSubsets { train: "background", val: None, test: "evaluation" }),
-        ("omniglot", other) => anyhow::bail!("unknown Omniglot split `{other}`; choose vinyals or lake"),
-        ("mini-imagenet", "ravi") => Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" }),
-        ("mini-imagenet", other) => anyhow::bail!("unknown miniImageNet split `{other}`; choose ravi"),
-        (other, _) => anyhow::bail!("unknown dataset `{other}`; choose one of: {}", DATASETS.join(", ")),
+        ("omniglot", "vinyals") => {
+            Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" })
+        }
+        ("omniglot", "lake") => {
+            Ok(SplitSubsets { train: "background", val: None, test: "evaluation" })
+        }
+        ("omniglot", other) => {
+            anyhow::bail!("unknown Omniglot split `{other}`; choose vinyals or lake")
+        }
+        ("mini-imagenet", "ravi") => {
+            Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" })
+        }
+        ("mini-imagenet", other) => {
+            anyhow::bail!("unknown miniImageNet split `{other}`; choose ravi")
+        }
+        (other, _) => {
+            anyhow::bail!("unknown dataset `{other}`; choose one of: {}", DATASETS.join(", "))
+        }
     }
 }
 
 /// Loads the `subset` classes of `dataset`/`split` at `image_size`×`image_size`.
-pub fn load(root: &Path, dataset: &str, split: &str, subset: &str, image_size: usize) -> anyhow::Result<ImageSet> {
+pub fn load(
+    root: &Path,
+    dataset: &str,
+    split: &str,
+    subset: &str,
+    image_size: usize,
+) -> anyhow::Result<ImageSet> {
     split_subsets(dataset, split)?;
     if dataset == "mini-imagenet" {
         return mini_imagenet::load(root, subset.parse()?, image_size);

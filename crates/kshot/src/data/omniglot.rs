@@ -60,12 +60,8 @@ pub enum Split {
 }
 
 impl VinyalsSubset {
-    pub const ALL: [VinyalsSubset; 4] = [
-        VinyalsSubset::Train,
-        VinyalsSubset::Val,
-        VinyalsSubset::Trainval,
-        VinyalsSubset::Test,
-    ];
+    pub const ALL: [VinyalsSubset; 4] =
+        [VinyalsSubset::Train, VinyalsSubset::Val, VinyalsSubset::Trainval, VinyalsSubset::Test];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -140,12 +136,9 @@ impl fmt::Display for Split {
 impl FromStr for VinyalsSubset {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        VinyalsSubset::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| {
-                anyhow!("unknown Vinyals subset `{s}`: expected train, val, trainval or test")
-            })
+        VinyalsSubset::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| {
+            anyhow!("unknown Vinyals subset `{s}`: expected train, val, trainval or test")
+        })
     }
 }
 
@@ -221,10 +214,7 @@ pub fn dataset_dir(root: &Path) -> PathBuf {
 
 /// The split file of a Vinyals subset.
 pub fn vinyals_split_file(root: &Path, subset: VinyalsSubset) -> PathBuf {
-    dataset_dir(root)
-        .join("splits")
-        .join("vinyals")
-        .join(format!("{}.txt", subset.as_str()))
+    dataset_dir(root).join("splits").join("vinyals").join(format!("{}.txt", subset.as_str()))
 }
 
 fn check_size(image_size: usize) -> Result<()> {
@@ -273,13 +263,7 @@ struct AreaResize {
 impl AreaResize {
     fn new(w: usize, h: usize, size: usize) -> Self {
         assert!(w > 0 && h > 0 && size > 0, "empty image");
-        AreaResize {
-            w,
-            h,
-            size,
-            wx: area_weights(w, size),
-            wy: area_weights(h, size),
-        }
+        AreaResize { w, h, size, wx: area_weights(w, size), wy: area_weights(h, size) }
     }
 
     fn apply(&self, luma: &[u8]) -> Vec<u8> {
@@ -336,10 +320,7 @@ pub fn rotate_ccw(img: &[u8], n: usize, quarter_turns: u32) -> Vec<u8> {
 
 /// [`rotate_ccw`] into `out` (`n`×`n`).
 pub fn rotate_ccw_into(img: &[u8], n: usize, quarter_turns: u32, out: &mut [u8]) {
-    assert!(
-        img.len() == n * n && out.len() == n * n,
-        "rotate_ccw: image is not {n}x{n}"
-    );
+    assert!(img.len() == n * n && out.len() == n * n, "rotate_ccw: image is not {n}x{n}");
     if n == 0 {
         return;
     }
@@ -355,11 +336,7 @@ pub fn rotate_ccw_into(img: &[u8], n: usize, quarter_turns: u32, out: &mut [u8])
         turns => {
             for (r, row) in out.chunks_exact_mut(n).enumerate() {
                 for (c, o) in row.iter_mut().enumerate() {
-                    *o = if turns == 1 {
-                        img[c * n + (m - r)]
-                    } else {
-                        img[(m - c) * n + r]
-                    };
+                    *o = if turns == 1 { img[c * n + (m - r)] } else { img[(m - c) * n + r] };
                 }
             }
         }
@@ -432,10 +409,7 @@ struct Planned {
 /// Sort key putting `CCCC_DD.png` in drawer order.
 fn drawer_key(file: &str) -> (u32, String) {
     let stem = file.rsplit_once('.').map_or(file, |(s, _)| s);
-    let drawer = stem
-        .rsplit_once('_')
-        .and_then(|(_, d)| d.parse().ok())
-        .unwrap_or(u32::MAX);
+    let drawer = stem.rsplit_once('_').and_then(|(_, d)| d.parse().ok()).unwrap_or(u32::MAX);
     (drawer, file.to_string())
 }
 
@@ -470,31 +444,18 @@ impl Archive {
             if parts.len() < 3 || parts.iter().any(|p| p.starts_with("__MACOSX")) {
                 continue;
             }
-            let (alphabet, character, file) = (
-                parts[parts.len() - 3],
-                parts[parts.len() - 2],
-                parts[parts.len() - 1],
-            );
+            let (alphabet, character, file) =
+                (parts[parts.len() - 3], parts[parts.len() - 2], parts[parts.len() - 1]);
             if name.ends_with('/') || !is_png(file) {
                 continue;
             }
             found
                 .entry(format!("{alphabet}/{character}"))
                 .or_default()
-                .push((
-                    drawer_key(file),
-                    ImageRef::Zip {
-                        index,
-                        name: name.to_string(),
-                    },
-                ));
+                .push((drawer_key(file), ImageRef::Zip { index, name: name.to_string() }));
         }
         drop(zip);
-        Ok(Archive {
-            path: path.to_path_buf(),
-            bytes,
-            chars: sorted(found),
-        })
+        Ok(Archive { path: path.to_path_buf(), bytes, chars: sorted(found) })
     }
 
     fn open_dir(path: &Path) -> Result<Archive> {
@@ -528,11 +489,7 @@ impl Archive {
                 }
             }
         }
-        Ok(Archive {
-            path: path.to_path_buf(),
-            bytes: Vec::new(),
-            chars: sorted(found),
-        })
+        Ok(Archive { path: path.to_path_buf(), bytes: Vec::new(), chars: sorted(found) })
     }
 
     /// Where an image is, for messages.
@@ -565,10 +522,9 @@ struct Inputs {
 impl Inputs {
     fn locate(root: &Path, split: &Split) -> Result<Inputs> {
         match split {
-            Split::Lake(s) => Ok(Inputs {
-                archives: vec![locate_archive(root, *s)?],
-                split_file: None,
-            }),
+            Split::Lake(s) => {
+                Ok(Inputs { archives: vec![locate_archive(root, *s)?], split_file: None })
+            }
             Split::Vinyals(s) => {
                 let file = vinyals_split_file(root, *s);
                 let archives = LakeSubset::ALL
@@ -578,10 +534,7 @@ impl Inputs {
                 if !file.is_file() {
                     bail!("{} not found: {}", file.display(), fetch_hint());
                 }
-                Ok(Inputs {
-                    archives,
-                    split_file: Some(file),
-                })
+                Ok(Inputs { archives, split_file: Some(file) })
             }
         }
     }
@@ -603,11 +556,7 @@ impl Inputs {
     }
 
     fn build(&self, split: &Split, image_size: usize) -> Result<ImageSet> {
-        let archives = self
-            .archives
-            .iter()
-            .map(Archive::open)
-            .collect::<Result<Vec<_>>>()?;
+        let archives = self.archives.iter().map(Archive::open).collect::<Result<Vec<_>>>()?;
         let plan: Vec<Planned> = match split {
             Split::Lake(_) => {
                 let a = &archives[0];
@@ -629,10 +578,7 @@ impl Inputs {
                     .collect()
             }
             Split::Vinyals(_) => {
-                let file = self
-                    .split_file
-                    .as_ref()
-                    .expect("Vinyals inputs have a split file");
+                let file = self.split_file.as_ref().expect("Vinyals inputs have a split file");
                 vinyals_plan(file, &archives)?
             }
         };
@@ -687,34 +633,19 @@ impl Inputs {
                 for (from, to) in src.chunks_exact(n * n).zip(pixels.chunks_exact_mut(n * n)) {
                     rotate_ccw_into(from, n, p.quarter_turns, to);
                 }
-                let group = p
-                    .key
-                    .split_once('/')
-                    .map_or(p.key.as_str(), |(g, _)| g)
-                    .to_string();
-                Class {
-                    name: p.name.clone(),
-                    group,
-                    pixels,
-                }
+                let group = p.key.split_once('/').map_or(p.key.as_str(), |(g, _)| g).to_string();
+                Class { name: p.name.clone(), group, pixels }
             })
             .collect();
-        Ok(ImageSet {
-            name: split.set_name(),
-            channels: 1,
-            height: n,
-            width: n,
-            classes,
-        })
+        Ok(ImageSet { name: split.set_name(), channels: 1, height: n, width: n, classes })
     }
 }
 
 fn read_image(zip: Option<&mut zip::ZipArchive<Cursor<&[u8]>>>, r: &ImageRef) -> Result<Vec<u8>> {
     match (r, zip) {
         (ImageRef::Zip { index, .. }, Some(zip)) => {
-            let entry = zip
-                .by_index(*index)
-                .map_err(|e| anyhow!("could not read zip entry ({e})"))?;
+            let entry =
+                zip.by_index(*index).map_err(|e| anyhow!("could not read zip entry ({e})"))?;
             if entry.size() > MAX_ENTRY_BYTES {
                 bail!("entry is implausibly large ({} bytes)", entry.size());
             }
@@ -736,9 +667,7 @@ pub(crate) fn decode_luma(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().map_err(bad)?;
-    let len = reader
-        .output_buffer_size()
-        .ok_or_else(|| anyhow!("PNG is too large"))?;
+    let len = reader.output_buffer_size().ok_or_else(|| anyhow!("PNG is too large"))?;
     let mut buf = vec![0u8; len];
     let info = reader.next_frame(&mut buf).map_err(bad)?;
     let (w, h) = (info.width as usize, info.height as usize);
@@ -816,10 +745,8 @@ fn vinyals_plan(file: &Path, archives: &[Archive]) -> Result<Vec<Planned>> {
         };
         let key = format!("{}/{}", parts[0], parts[1]);
         let Some(a) = archives.iter().position(|a| a.chars.contains_key(&key)) else {
-            let names: Vec<String> = archives
-                .iter()
-                .map(|a| a.path.display().to_string())
-                .collect();
+            let names: Vec<String> =
+                archives.iter().map(|a| a.path.display().to_string()).collect();
             bail!(
                 "{}: class `{line}` names character `{key}`, which is in none of {}; the split file and \
                  the image archives do not match",
@@ -828,17 +755,9 @@ fn vinyals_plan(file: &Path, archives: &[Archive]) -> Result<Vec<Planned>> {
             );
         };
         if let Some(first) = seen.insert(line.to_string(), lineno) {
-            bail!(
-                "{}: class `{line}` is listed twice (first on line {first})",
-                at()
-            );
+            bail!("{}: class `{line}` is listed twice (first on line {first})", at());
         }
-        plan.push(Planned {
-            archive: a,
-            key,
-            name: line.to_string(),
-            quarter_turns: turns,
-        });
+        plan.push(Planned { archive: a, key, name: line.to_string(), quarter_turns: turns });
     }
     if plan.is_empty() {
         bail!("{} lists no classes", file.display());
@@ -863,10 +782,7 @@ mod tests {
                 }
             }
             // Every input pixel contributes its whole area once overall.
-            assert!(
-                per_input.iter().all(|&p| p as usize == n_out),
-                "{n_in}->{n_out}"
-            );
+            assert!(per_input.iter().all(|&p| p as usize == n_out), "{n_in}->{n_out}");
         }
     }
 
@@ -879,17 +795,11 @@ mod tests {
         }
         assert_eq!(preprocess(&luma, 4, 4, 2), vec![255, 0, 0, 0]);
         assert_eq!(preprocess(&luma, 4, 4, 1), vec![64]); // 255/4 = 63.75
-        assert_eq!(
-            preprocess(&luma, 4, 4, 4),
-            luma.iter().map(|v| 255 - v).collect::<Vec<_>>()
-        );
+        assert_eq!(preprocess(&luma, 4, 4, 4), luma.iter().map(|v| 255 - v).collect::<Vec<_>>());
         // 3 -> 2: the middle pixel is split between both outputs.
         let row = [0u8, 255, 255, 0, 255, 255, 0, 255, 255];
         // Output (0,0) covers [0,1.5)^2: pixel (0,0) weight 1, (0,1),(1,0) 0.5, (1,1) 0.25 -> 1/2.25.
-        assert_eq!(
-            preprocess(&row, 3, 3, 2)[0],
-            ((255.0f64 * (1.0 + 0.5) / 2.25).round()) as u8
-        );
+        assert_eq!(preprocess(&row, 3, 3, 2)[0], ((255.0f64 * (1.0 + 0.5) / 2.25).round()) as u8);
     }
 
     #[test]
@@ -907,9 +817,8 @@ mod tests {
 
     #[test]
     fn resize_commutes_with_rotation() {
-        let luma: Vec<u8> = (0..105 * 105u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
-            .collect();
+        let luma: Vec<u8> =
+            (0..105 * 105u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
         for turns in 1..4 {
             let a = rotate_ccw(&preprocess(&luma, 105, 105, 28), 28, turns);
             let b = preprocess(&rotate_ccw(&luma, 105, turns), 105, 105, 28);
@@ -919,32 +828,14 @@ mod tests {
 
     #[test]
     fn split_names() {
-        for s in [
-            "train",
-            "val",
-            "trainval",
-            "test",
-            "background",
-            "evaluation",
-        ] {
+        for s in ["train", "val", "trainval", "test", "background", "evaluation"] {
             let split: Split = s.parse().unwrap();
             assert_eq!(split.to_string(), s);
-            assert_eq!(
-                format!("{}/{}", split.family(), s)
-                    .parse::<Split>()
-                    .unwrap(),
-                split
-            );
+            assert_eq!(format!("{}/{}", split.family(), s).parse::<Split>().unwrap(), split);
         }
-        assert_eq!(
-            "vinyals/train".parse::<Split>().unwrap(),
-            Split::Vinyals(VinyalsSubset::Train)
-        );
+        assert_eq!("vinyals/train".parse::<Split>().unwrap(), Split::Vinyals(VinyalsSubset::Train));
         assert!("lake/train".parse::<Split>().is_err());
         assert!("nope".parse::<Split>().is_err());
-        assert_eq!(
-            Split::Lake(LakeSubset::Evaluation).set_name(),
-            "omniglot/lake/evaluation"
-        );
+        assert_eq!(Split::Lake(LakeSubset::Evaluation).set_name(), "omniglot/lake/evaluation");
     }
 }

@@ -13,7 +13,12 @@ use rayon::prelude::*;
 use super::cpu::{dispatch, same_dtype, slice, storage, zero, Real};
 use crate::nn::ops::BatchStats;
 
-pub fn batch_norm_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
+pub fn batch_norm_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BatchStats)> {
     let saved = BnReluTrain::forward(x, gamma, beta, eps)?;
     let stats = saved.batch_stats()?;
     Ok((saved.y, stats))
@@ -32,11 +37,7 @@ impl BnReluTrain {
     pub fn forward(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Self> {
         let c = x.dims4()?.1;
         if gamma.dims() != [c] || beta.dims() != [c] {
-            bail!(
-                "batch norm: gamma {:?} and beta {:?} must be [{c}]",
-                gamma.dims(),
-                beta.dims()
-            );
+            bail!("batch norm: gamma {:?} and beta {:?} must be [{c}]", gamma.dims(), beta.dims());
         }
         let x = x.contiguous()?;
         let gb = Tensor::stack(&[gamma, beta], 0)?;
@@ -59,7 +60,12 @@ impl BnReluTrain {
     }
 }
 
-fn bn_relu_vjp(x: &Tensor, gb: &Tensor, stats: &Arc<OnceLock<Stats>>, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+fn bn_relu_vjp(
+    x: &Tensor,
+    gb: &Tensor,
+    stats: &Arc<OnceLock<Stats>>,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let packed = x.apply_op3(gb, &dy.contiguous()?, BnReluBwd { stats: stats.clone() })?;
     let n = x.elem_count();
     let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
@@ -113,10 +119,8 @@ fn channel_stats<T: Real>(x: &[T], (b, c, hw): (usize, usize, usize), eps: f64) 
         .into_par_iter()
         .map(|ch| {
             let mean = planes(x, c, hw, ch).map(|p| sum(p, |v| v)).sum::<f64>() / n;
-            let var = planes(x, c, hw, ch)
-                .map(|p| sum(p, |v| (v - mean) * (v - mean)))
-                .sum::<f64>()
-                / n;
+            let var =
+                planes(x, c, hw, ch).map(|p| sum(p, |v| (v - mean) * (v - mean))).sum::<f64>() / n;
             (mean, var)
         })
         .unzip();
@@ -134,12 +138,24 @@ impl CustomOp2 for BnRelu {
         "kshot-batch-norm-relu"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(xs, gs)?;
         dispatch!(xs, bn_relu_fwd(self, xs, xl, gs, gl))
     }
 
-    fn bwd(&self, x: &Tensor, gb: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dgb) = bn_relu_vjp(x, gb, &self.stats, dy)?;
         Ok((Some(dx), Some(dgb)))
     }
@@ -252,10 +268,11 @@ fn bn_relu_bwd_fwd<T: Real>(
     let mut out = vec![zero::<T>(); x.len() + 2 * c];
     let (dx, dgb) = out.split_at_mut(x.len());
     if !dx.is_empty() {
-        dx.par_chunks_mut(c * hw)
-            .zip(x.par_chunks(c * hw).zip(dy.par_chunks(c * hw)))
-            .for_each(|(dx, (x, dy))| {
-                for (ch, (dx, (x, dy))) in dx.chunks_mut(hw).zip(x.chunks(hw).zip(dy.chunks(hw))).enumerate() {
+        dx.par_chunks_mut(c * hw).zip(x.par_chunks(c * hw).zip(dy.par_chunks(c * hw))).for_each(
+            |(dx, (x, dy))| {
+                for (ch, (dx, (x, dy))) in
+                    dx.chunks_mut(hw).zip(x.chunks(hw).zip(dy.chunks(hw))).enumerate()
+                {
                     let (scale, shift) = stats.affine(gb, ch);
                     let (mean, inv_std) = (stats.mean[ch], stats.inv_std[ch]);
                     let (a, bv) = (sum_gz[ch] / n, sum_gz_xhat[ch] / n);
@@ -265,7 +282,8 @@ fn bn_relu_bwd_fwd<T: Real>(
                         *dx = T::from_f64(scale * (gz - a - (x - mean) * inv_std * bv));
                     }
                 }
-            });
+            },
+        );
     }
     for ch in 0..c {
         dgb[ch] = T::from_f64(sum_gz_xhat[ch]);
@@ -323,7 +341,11 @@ fn bn_relu_vjp_fwd<T: Real>(
     let (b, c, hw) = bchw(xl)?;
     let numel = x.len();
     if dyu.len() != 2 * numel + 2 * c {
-        bail!("batch norm second order: cotangent has {} elements, expected {}", dyu.len(), 2 * numel + 2 * c);
+        bail!(
+            "batch norm second order: cotangent has {} elements, expected {}",
+            dyu.len(),
+            2 * numel + 2 * c
+        );
     }
     let (dy, u) = dyu.split_at(numel);
     let (u_x, u_gb) = u.split_at(numel);
@@ -336,7 +358,9 @@ fn bn_relu_vjp_fwd<T: Real>(
             let (scale, shift) = stats.affine(gb, ch);
             let (mean, inv_std) = (stats.mean[ch], stats.inv_std[ch]);
             let mut acc = [0.0; 5];
-            for ((x, dy), ux) in planes(x, c, hw, ch).zip(planes(dy, c, hw, ch)).zip(planes(u_x, c, hw, ch)) {
+            for ((x, dy), ux) in
+                planes(x, c, hw, ch).zip(planes(dy, c, hw, ch)).zip(planes(u_x, c, hw, ch))
+            {
                 for ((&x, &dy), &ux) in x.iter().zip(dy).zip(ux) {
                     let x = x.to_f64();
                     let xhat = (x - mean) * inv_std;
@@ -389,7 +413,11 @@ fn bn_relu_vjp_fwd<T: Real>(
                         let on = x * scale + shift > 0.0;
                         let gz = if on { dy.to_f64() } else { 0.0 };
                         let ux = ux.to_f64();
-                        *ddyo = T::from_f64(if on { gs * (ux - u1_n - xhat * u2_n) + u_gamma * xhat + u_beta } else { 0.0 });
+                        *ddyo = T::from_f64(if on {
+                            gs * (ux - u1_n - xhat * u2_n) + u_gamma * xhat + u_beta
+                        } else {
+                            0.0
+                        });
                         let bracket = xhat * coef_xhat - bv * ux - u2 * gz + constant;
                         *dxo = T::from_f64(outer * bracket + u_gamma * s * (gz - a_n - xhat * b_n));
                     }
@@ -433,17 +461,30 @@ impl CustomOp2 for ScaleShiftRelu {
         "kshot-scale-shift-relu"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ss: &CpuStorage, sl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(xs, ss)?;
         dispatch!(xs, scale_shift_relu_fwd(xs, xl, ss, sl))
     }
 
-    fn bwd(&self, x: &Tensor, ss: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ss: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let c = ss.dim(1)?;
         let mask = y.detach().gt(0.0)?.to_dtype(y.dtype())?;
         let gz = (dy * mask)?;
         let per_channel = |t: Tensor| t.reshape((1, c, 1, 1));
-        let dx = if x.track_op() { Some(gz.broadcast_mul(&per_channel(ss.get(0)?)?)?) } else { None };
+        let dx =
+            if x.track_op() { Some(gz.broadcast_mul(&per_channel(ss.get(0)?)?)?) } else { None };
         let dss = if ss.track_op() {
             let sum = |t: &Tensor| t.sum_keepdim(0)?.sum_keepdim(2)?.sum_keepdim(3)?.flatten_all();
             Some(Tensor::stack(&[&sum(&(&gz * x)?)?, &sum(&gz)?], 0)?)
@@ -454,7 +495,12 @@ impl CustomOp2 for ScaleShiftRelu {
     }
 }
 
-fn scale_shift_relu_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ss: &CpuStorage, sl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn scale_shift_relu_fwd<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ss: &CpuStorage,
+    sl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (x, s) = (slice::<T>(xs, xl)?, slice::<T>(ss, sl)?);
     let (_, c, hw) = bchw(xl)?;
     if s.len() != 2 * c {

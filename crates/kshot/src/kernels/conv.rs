@@ -30,11 +30,7 @@ pub(crate) fn weight_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let (b, _, h, w) = x.dims4()?;
     let (db, _, dh, dw) = dy.dims4()?;
     if (b, h, w) != (db, dh, dw) {
-        bail!(
-            "weight_grad: gradient {:?} does not fit input {:?}",
-            dy.dims(),
-            x.dims()
-        );
+        bail!("weight_grad: gradient {:?} does not fit input {:?}", dy.dims(), x.dims());
     }
     x.contiguous()?.apply_op2(&dy.contiguous()?, WeightGrad)
 }
@@ -46,17 +42,25 @@ impl CustomOp2 for Conv3x3 {
         "kshot-conv3x3"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(xs, ws)?;
         dispatch!(xs, conv_fwd(xs, xl, ws, wl))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = if x.track_op() {
-            Some(conv3x3(dy, &flip_t(w)?)?)
-        } else {
-            None
-        };
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() { Some(conv3x3(dy, &flip_t(w)?)?) } else { None };
         let dw = if w.track_op() { Some(weight_grad(x, dy)?) } else { None };
         Ok((dx, dw))
     }
@@ -85,17 +89,25 @@ impl CustomOp2 for WeightGrad {
         "kshot-conv3x3-weight-grad"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(xs, ds)?;
         dispatch!(xs, weight_grad_fwd(xs, xl, ds, dl))
     }
 
-    fn bwd(&self, x: &Tensor, dy: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = if x.track_op() {
-            Some(conv3x3(dy, &flip_t(g)?)?)
-        } else {
-            None
-        };
+    fn bwd(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() { Some(conv3x3(dy, &flip_t(g)?)?) } else { None };
         let ddy = if dy.track_op() { Some(conv3x3(x, g)?) } else { None };
         Ok((dx, ddy))
     }
@@ -155,7 +167,12 @@ fn swap_outer<T: Real>(src: &[T], n: usize, c: usize, hw: usize, dst: &mut [T]) 
 /// Planes at least this large get one gemm per image; smaller ones are batched into one gemm.
 const DIRECT_MIN_PLANE: usize = 128;
 
-fn conv_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn conv_fwd<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (x, w) = (slice::<T>(xs, xl)?, slice::<T>(ws, wl)?);
     let (b, ci, h, wd) = xl.shape().dims4()?;
     let co = wl.shape().dims4()?.0;
@@ -183,7 +200,12 @@ fn conv_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout)
     Ok(storage(out, (b, co, h, wd)))
 }
 
-fn weight_grad_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ds: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn weight_grad_fwd<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ds: &CpuStorage,
+    dl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (x, dy) = (slice::<T>(xs, xl)?, slice::<T>(ds, dl)?);
     let (b, ci, h, wd) = xl.shape().dims4()?;
     let co = dl.shape().dims4()?.1;

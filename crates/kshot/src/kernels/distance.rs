@@ -25,12 +25,24 @@ impl CustomOp2 for SquaredEuclidean {
         "kshot-squared-euclidean"
     }
 
-    fn cpu_fwd(&self, as_: &CpuStorage, al: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(as_, bs)?;
         dispatch!(as_, distances(as_, al, bs, bl))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let da = if a.track_op() {
             Some(((a.broadcast_mul(&g.sum_keepdim(1)?)? - g.matmul(b)?)? * 2.0)?)
         } else {
@@ -46,7 +58,12 @@ impl CustomOp2 for SquaredEuclidean {
     }
 }
 
-fn distances<T: Real>(as_: &CpuStorage, al: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn distances<T: Real>(
+    as_: &CpuStorage,
+    al: &Layout,
+    bs: &CpuStorage,
+    bl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (a, b) = (slice::<T>(as_, al)?, slice::<T>(bs, bl)?);
     let (n, d) = al.shape().dims2()?;
     let m = bl.shape().dims2()?.0;
@@ -63,7 +80,11 @@ fn distances<T: Real>(as_: &CpuStorage, al: &Layout, bs: &CpuStorage, bl: &Layou
                     }
                 }
                 let tail = d - d % 4;
-                let rest: f64 = a[tail..].iter().zip(&b[tail..]).map(|(x, y)| (x.to_f64() - y.to_f64()).powi(2)).sum();
+                let rest: f64 = a[tail..]
+                    .iter()
+                    .zip(&b[tail..])
+                    .map(|(x, y)| (x.to_f64() - y.to_f64()).powi(2))
+                    .sum();
                 *o = T::from_f64(lanes.iter().sum::<f64>() + rest);
             }
         });

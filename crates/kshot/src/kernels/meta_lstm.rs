@@ -83,7 +83,12 @@ macro_rules! each {
 impl MetaLstmUnroll {
     /// Starts from the learner's weights `c0` (P elements, f32 or f64, which the unroll keeps).
     /// With `keep_tape`, each step keeps what [`MetaLstmUnroll::backward`] needs.
-    pub(crate) fn new(weights: &MetaLstmWeights, c0: &Tensor, preprocess_p: f64, keep_tape: bool) -> Result<Self> {
+    pub(crate) fn new(
+        weights: &MetaLstmWeights,
+        c0: &Tensor,
+        preprocess_p: f64,
+        keep_tape: bool,
+    ) -> Result<Self> {
         Ok(Self(match c0.dtype() {
             DType::F32 => Inner::F32(Unroll::new(weights, c0, preprocess_p, keep_tape)?),
             DType::F64 => Inner::F64(Unroll::new(weights, c0, preprocess_p, keep_tape)?),
@@ -168,7 +173,9 @@ fn exp_f32(x: f32) -> f32 {
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
     let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
+    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
         + 0.5;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits() - 127) << 23)
@@ -229,7 +236,13 @@ impl<T: Float> Gate<T> {
         let w = &self.w[self.w.len() - 6..];
         let mut u = uh;
         for (((u, x), c), prev) in u.iter_mut().zip(x.chunks_exact(4)).zip(c).zip(prev) {
-            *u += self.b + x[0] * w[0] + x[1] * w[1] + x[2] * w[2] + x[3] * w[3] + *c * w[4] + *prev * w[5];
+            *u += self.b
+                + x[0] * w[0]
+                + x[1] * w[1]
+                + x[2] * w[2]
+                + x[3] * w[3]
+                + *c * w[4]
+                + *prev * w[5];
         }
         u
     }
@@ -276,7 +289,15 @@ impl<T: Float> Weights<T> {
     fn from_tensors(w: &MetaLstmWeights) -> Result<Self> {
         let hidden = w.w_hh.dim(0)?;
         let mut out = Self::zeros(hidden);
-        let sources = [&w.w_ih, &w.w_hh, &w.bias, &w.gate_i_weight, &w.gate_i_bias, &w.gate_f_weight, &w.gate_f_bias];
+        let sources = [
+            &w.w_ih,
+            &w.w_hh,
+            &w.bias,
+            &w.gate_i_weight,
+            &w.gate_i_bias,
+            &w.gate_f_weight,
+            &w.gate_f_bias,
+        ];
         for (dst, src) in out.parts_mut().into_iter().zip(sources) {
             let v = to_vec::<T>(src)?;
             if v.len() != dst.len() {
@@ -395,7 +416,11 @@ impl<T: Float> Chunk<T> {
         matmul((n, g, 4), &mut z, true, Mat::rows(&x, 4), Mat::rows(&w.w_ih, g));
         matmul((n, g, hd), &mut z, true, Mat::rows(&self.h, hd), Mat::rows(&w.w_hh, g));
         let mut tanh_s = vec![zero(); n * hd];
-        let states = self.s.chunks_exact_mut(hd).zip(tanh_s.chunks_exact_mut(hd)).zip(self.h.chunks_exact_mut(hd));
+        let states = self
+            .s
+            .chunks_exact_mut(hd)
+            .zip(tanh_s.chunks_exact_mut(hd))
+            .zip(self.h.chunks_exact_mut(hd));
         for (z, ((s, tanh_s), h)) in z.chunks_exact_mut(g).zip(states) {
             lstm_row(z, s, tanh_s, h);
         }
@@ -414,7 +439,13 @@ impl<T: Float> Chunk<T> {
     }
 
     /// δc_0 for δc_T = `d_cell`, and this chunk's share of the shared weights' gradients.
-    fn backward(self, w: &Weights<T>, d_cell: &[T], pre_loss: &[[T; 2]], p: f64) -> (Vec<T>, Weights<T>) {
+    fn backward(
+        self,
+        w: &Weights<T>,
+        d_cell: &[T],
+        pre_loss: &[[T; 2]],
+        p: f64,
+    ) -> (Vec<T>, Weights<T>) {
         let (n, hd, g) = (self.c.len(), w.hidden, 4 * w.hidden);
         let mut grads = Weights::zeros(hd);
         let mut dc = d_cell.to_vec();
@@ -427,7 +458,8 @@ impl<T: Float> Chunk<T> {
         for (t, step) in self.tape.iter().enumerate().rev() {
             let prev = t.checked_sub(1).map(|k| &self.tape[k]);
             let h_prev = prev.map_or_else(|| zeros_nh.clone(), |step| hidden_state(step, hd));
-            let (s_prev, i_prev, f_prev) = prev.map_or((&zeros_nh, &zeros_n, &zeros_n), |q| (&q.s, &q.i, &q.f));
+            let (s_prev, i_prev, f_prev) =
+                prev.map_or((&zeros_nh, &zeros_n, &zeros_n), |q| (&q.s, &q.i, &q.f));
             let x = inputs(&step.grad, pre_loss[t], p);
             // Layer 2: δu, then δc_{t−1}, δi_{t−1}, δf_{t−1}, and δh_t += δu W[h].
             let (wi, wf) = (&w.gate_i.w, &w.gate_f.w);
@@ -441,13 +473,42 @@ impl<T: Float> Chunk<T> {
             }
             grads.gate_i.accumulate(&du_i, &x, &step.c_prev, i_prev);
             grads.gate_f.accumulate(&du_f, &x, &step.c_prev, f_prev);
-            matmul((hd, 1, n), &mut grads.gate_i.w[..hd], true, Mat::rows_t(&h, hd), Mat::rows(&du_i, 1));
-            matmul((hd, 1, n), &mut grads.gate_f.w[..hd], true, Mat::rows_t(&h, hd), Mat::rows(&du_f, 1));
-            matmul((n, hd, 1), &mut dh, true, Mat::rows(&du_i, 1), Mat::rows(w.gate_i.over_h(), hd));
-            matmul((n, hd, 1), &mut dh, true, Mat::rows(&du_f, 1), Mat::rows(w.gate_f.over_h(), hd));
+            matmul(
+                (hd, 1, n),
+                &mut grads.gate_i.w[..hd],
+                true,
+                Mat::rows_t(&h, hd),
+                Mat::rows(&du_i, 1),
+            );
+            matmul(
+                (hd, 1, n),
+                &mut grads.gate_f.w[..hd],
+                true,
+                Mat::rows_t(&h, hd),
+                Mat::rows(&du_f, 1),
+            );
+            matmul(
+                (n, hd, 1),
+                &mut dh,
+                true,
+                Mat::rows(&du_i, 1),
+                Mat::rows(w.gate_i.over_h(), hd),
+            );
+            matmul(
+                (n, hd, 1),
+                &mut dh,
+                true,
+                Mat::rows(&du_f, 1),
+                Mat::rows(w.gate_f.over_h(), hd),
+            );
             // Layer 1.
-            let rows = step.gates.chunks_exact(g).zip(s_prev.chunks_exact(hd)).zip(step.tanh_s.chunks_exact(hd));
-            let deltas = dh.chunks_exact(hd).zip(ds.chunks_exact_mut(hd)).zip(dz.chunks_exact_mut(g));
+            let rows = step
+                .gates
+                .chunks_exact(g)
+                .zip(s_prev.chunks_exact(hd))
+                .zip(step.tanh_s.chunks_exact(hd));
+            let deltas =
+                dh.chunks_exact(hd).zip(ds.chunks_exact_mut(hd)).zip(dz.chunks_exact_mut(g));
             for (((gates, s_prev), tanh_s), ((dh, ds), dz)) in rows.zip(deltas) {
                 lstm_row_backward(gates, s_prev, tanh_s, dh, ds, dz);
             }
@@ -458,7 +519,13 @@ impl<T: Float> Chunk<T> {
             }
             matmul((4, g, n), &mut grads.w_ih, true, Mat::rows_t(&x, 4), Mat::rows(&dz, g));
             if t > 0 {
-                matmul((hd, g, n), &mut grads.w_hh, true, Mat::rows_t(&h_prev, hd), Mat::rows(&dz, g));
+                matmul(
+                    (hd, g, n),
+                    &mut grads.w_hh,
+                    true,
+                    Mat::rows_t(&h_prev, hd),
+                    Mat::rows(&dz, g),
+                );
                 matmul((n, hd, g), &mut dh, false, Mat::rows(&dz, g), Mat::rows_t(&w.w_hh, g));
             }
             h = h_prev;
@@ -510,7 +577,14 @@ fn lstm_row<T: Float>(z: &mut [T], s: &mut [T], tanh_s: &mut [T], h: &mut [T]) {
 }
 
 /// Layer 1 backward of one coordinate: δz from δh_t and δs_t; δs_t becomes δs_{t−1}.
-fn lstm_row_backward<T: Float>(gates: &[T], s_prev: &[T], tanh_s: &[T], dh: &[T], ds: &mut [T], dz: &mut [T]) {
+fn lstm_row_backward<T: Float>(
+    gates: &[T],
+    s_prev: &[T],
+    tanh_s: &[T],
+    dh: &[T],
+    ds: &mut [T],
+    dz: &mut [T],
+) {
     let (hd, one) = (dh.len(), one::<T>());
     let [a_i, a_f, a_g, a_o] = blocks(gates, hd);
     let (s_prev, tanh_s, ds) = (&s_prev[..hd], &tanh_s[..hd], &mut ds[..hd]);
@@ -559,7 +633,11 @@ impl<T: Float> Unroll<T> {
     fn step(&mut self, grad: &Tensor, loss: f64) -> Result<()> {
         let grad = to_vec::<T>(grad)?;
         if grad.len() != self.size {
-            bail!("Meta-LSTM step: a gradient of {} elements for {} weights", grad.len(), self.size);
+            bail!(
+                "Meta-LSTM step: a gradient of {} elements for {} weights",
+                grad.len(),
+                self.size
+            );
         }
         let pre_loss = preprocess(T::from_f64(loss), self.p);
         let (w, p, keep) = (&self.weights, self.p, self.keep_tape);
@@ -577,7 +655,11 @@ impl<T: Float> Unroll<T> {
         }
         let d_cell = to_vec::<T>(d_cell)?;
         if d_cell.len() != self.size {
-            bail!("Meta-LSTM backward: a gradient of {} elements for {} weights", d_cell.len(), self.size);
+            bail!(
+                "Meta-LSTM backward: a gradient of {} elements for {} weights",
+                d_cell.len(),
+                self.size
+            );
         }
         let (w, pre_loss, p) = (&self.weights, &self.pre_loss, self.p);
         let parts: Vec<(Vec<T>, Weights<T>)> = self
@@ -593,7 +675,10 @@ impl<T: Float> Unroll<T> {
             partials.push(grads);
         }
         let weights = Weights::sum_in_order(w.hidden, &partials);
-        Ok(MetaLstmGrads { cell: Tensor::from_vec(cell, self.size, &self.device)?, weights: weights.to_tensors(&self.device)? })
+        Ok(MetaLstmGrads {
+            cell: Tensor::from_vec(cell, self.size, &self.device)?,
+            weights: weights.to_tensors(&self.device)?,
+        })
     }
 }
 
@@ -606,7 +691,10 @@ mod tests {
         for k in 0..=200_000 {
             let x = -87.0 + 175.3 * k as f32 / 200_000.0;
             let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
-            assert!((got - want).abs() <= 2.0 * f32::EPSILON as f64 * want, "e^{x}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 2.0 * f32::EPSILON as f64 * want,
+                "e^{x}: {got} vs {want}"
+            );
         }
         assert_eq!((exp_f32(100.0), exp_f32(-100.0)), (exp_f32(88.3), exp_f32(-87.0)));
         assert!(exp_f32(f32::NAN).is_nan());

@@ -25,7 +25,12 @@ pub fn conv3x3(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// Training-mode batch norm followed by ReLU: y = relu(γ·(x - μ)/√(σ² + ε) + β) over [B, C, H, W],
 /// with the per-channel mean and biased variance summed in f64.
-pub fn batch_norm_relu_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
+pub fn batch_norm_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BatchStats)> {
     batch_norm::batch_norm_relu_train(x, gamma, beta, eps)
 }
 
@@ -33,7 +38,12 @@ pub use batch_norm::BnReluTrain;
 
 /// The gradients of [`conv3x3`] for the output gradient `dy`: (d/dx, d/dw), as differentiable ops
 /// (the op's own backward). d/dx is skipped (None) when `want_dx` is false.
-pub fn conv3x3_vjp(x: &Tensor, w: &Tensor, dy: &Tensor, want_dx: bool) -> Result<(Option<Tensor>, Tensor)> {
+pub fn conv3x3_vjp(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
     let dx = if want_dx { Some(conv::conv3x3(dy, &conv::flip_t(w)?)?) } else { None };
     Ok((dx, conv::weight_grad(x, dy)?))
 }

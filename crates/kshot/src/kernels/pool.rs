@@ -59,12 +59,24 @@ impl CustomOp2 for Unpool {
         "kshot-max-unpool2x2"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(xs, gs)?;
         dispatch!(xs, unpool_fwd(xs, xl, gs, gl))
     }
 
-    fn bwd(&self, x: &Tensor, g: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dg = if g.track_op() { Some(gather(x, dy)?) } else { None };
         Ok((None, dg))
     }
@@ -77,12 +89,24 @@ impl CustomOp2 for Gather {
         "kshot-max-gather2x2"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         same_dtype(xs, ts)?;
         dispatch!(xs, gather_fwd(xs, xl, ts, tl))
     }
 
-    fn bwd(&self, x: &Tensor, t: &Tensor, _: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dt = if t.track_op() { Some(unpool(x, dy)?) } else { None };
         Ok((None, dt))
     }
@@ -125,13 +149,19 @@ fn per_plane<T: Real>(
     out.par_chunks_mut(c * out_plane)
         .zip(x.par_chunks(c * hw).zip(t.par_chunks(c * t_plane)))
         .for_each(|(out, (x, t))| {
-            for ((out, x), t) in out.chunks_mut(out_plane).zip(x.chunks(hw)).zip(t.chunks(t_plane)) {
+            for ((out, x), t) in out.chunks_mut(out_plane).zip(x.chunks(hw)).zip(t.chunks(t_plane))
+            {
                 f(out, x, t);
             }
         });
 }
 
-fn gather_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ts: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn gather_fwd<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ts: &CpuStorage,
+    tl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (x, t) = (slice::<T>(xs, xl)?, slice::<T>(ts, tl)?);
     let (b, c, h, w) = xl.shape().dims4()?;
     let (ho, wo) = (h / 2, w / 2);
@@ -146,7 +176,12 @@ fn gather_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, ts: &CpuStorage, tl: &Layou
     Ok(storage(out, (b, c, ho, wo)))
 }
 
-fn unpool_fwd<T: Real>(xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+fn unpool_fwd<T: Real>(
+    xs: &CpuStorage,
+    xl: &Layout,
+    gs: &CpuStorage,
+    gl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
     let (x, g) = (slice::<T>(xs, xl)?, slice::<T>(gs, gl)?);
     let (b, c, h, w) = xl.shape().dims4()?;
     let (ho, wo) = (h / 2, w / 2);

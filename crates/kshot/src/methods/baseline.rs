@@ -108,32 +108,20 @@ impl Baseline {
         let dim = backbone.embedding_dim(image_size, image_size);
         let backbone = Conv4::new(backbone);
         let mut params = backbone.init(rng, device)?;
-        params.push(
-            "head.weight",
-            init::torch_default(rng, &[config.classes, dim], dim, device)?,
-        )?;
+        params
+            .push("head.weight", init::torch_default(rng, &[config.classes, dim], dim, device)?)?;
         if head == Head::Linear {
-            params.push(
-                "head.bias",
-                init::torch_default(rng, &[config.classes], dim, device)?,
-            )?;
+            params.push("head.bias", init::torch_default(rng, &[config.classes], dim, device)?)?;
         }
         let running = backbone.running_stats();
-        Ok(Self {
-            config,
-            head,
-            backbone,
-            params,
-            running,
-            dim,
-        })
+        Ok(Self { config, head, backbone, params, running, dim })
     }
 
     fn head_logits(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         match self.head {
-            Head::Linear => x
-                .matmul(&weight.t()?)?
-                .broadcast_add(bias.expect("linear head has a bias")),
+            Head::Linear => {
+                x.matmul(&weight.t()?)?.broadcast_add(bias.expect("linear head has a bias"))
+            }
             Head::Cosine => {
                 ops::cosine_similarity(x, weight, 1e-10)? * cosine_scale(weight.dim(0)?)
             }
@@ -147,12 +135,9 @@ impl Baseline {
         let c = &self.config;
         let mut rng = ChaCha8Rng::seed_from_u64(FINETUNE_SEED);
         let bound = 1.0 / (d as f64).sqrt();
-        let fresh_w: Vec<f32> = (0..ways * d)
-            .map(|_| rng.random_range(-bound..bound) as f32)
-            .collect();
-        let fresh_b: Vec<f32> = (0..ways)
-            .map(|_| rng.random_range(-bound..bound) as f32)
-            .collect();
+        let fresh_w: Vec<f32> =
+            (0..ways * d).map(|_| rng.random_range(-bound..bound) as f32).collect();
+        let fresh_b: Vec<f32> = (0..ways).map(|_| rng.random_range(-bound..bound) as f32).collect();
         // Row r of the fresh head goes to the r-th class to appear in the support set.
         let mut order: Vec<u32> = Vec::new();
         for &l in labels {
@@ -201,11 +186,7 @@ impl Baseline {
                 let step = |p: &mut [f32], g: &[f32], buf: &mut [f32]| {
                     for i in 0..p.len() {
                         let gi = g[i] + wd * p[i];
-                        buf[i] = if first {
-                            gi
-                        } else {
-                            mom * buf[i] + (1.0 - damp) * gi
-                        };
+                        buf[i] = if first { gi } else { mom * buf[i] + (1.0 - damp) * gi };
                         p[i] -= lr * buf[i];
                     }
                 };
@@ -235,14 +216,7 @@ impl Baseline {
         let norms: Vec<f32> = match self.head {
             Head::Linear => vec![1.0; ways],
             Head::Cosine => (0..ways)
-                .map(|c| {
-                    w[c * d..(c + 1) * d]
-                        .iter()
-                        .map(|v| v * v)
-                        .sum::<f32>()
-                        .sqrt()
-                        + 1e-10
-                })
+                .map(|c| w[c * d..(c + 1) * d].iter().map(|v| v * v).sum::<f32>().sqrt() + 1e-10)
                 .collect(),
         };
         // Gradient with respect to the effective weight rows (W itself, or W's unit rows · scale).
@@ -301,9 +275,7 @@ struct FineTuned<'a> {
 impl Classifier for FineTuned<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
         let q =
-            self.net
-                .backbone
-                .forward(&self.params, query, BnMode::Running(&self.net.running))?;
+            self.net.backbone.forward(&self.params, query, BnMode::Running(&self.net.running))?;
         self.net.head_logits(&q, &self.weight, self.bias.as_ref())
     }
 }
@@ -330,9 +302,7 @@ impl Learner for Baseline {
             candle_core::bail!("support label out of range for {ways} ways");
         }
         let params = self.params.detached_values();
-        let feats = self
-            .backbone
-            .forward(&params, support, BnMode::Running(&self.running))?;
+        let feats = self.backbone.forward(&params, support, BnMode::Running(&self.running))?;
         let x = feats.flatten_all()?.to_vec1::<f32>()?;
         let (w, b) = self.finetune(&x, labels, ways);
         let device = support.device();
@@ -341,12 +311,7 @@ impl Learner for Baseline {
             Head::Linear => Some(Tensor::from_vec(b, ways, device)?),
             Head::Cosine => None,
         };
-        Ok(Box::new(FineTuned {
-            net: self,
-            params,
-            weight,
-            bias,
-        }))
+        Ok(Box::new(FineTuned { net: self, params, weight, bias }))
     }
 
     /// Episodes are not how Baseline trains; an episode's loss is its query loss after fine-tuning
@@ -382,13 +347,9 @@ impl Learner for Baseline {
         let labels = Tensor::new(labels.as_slice(), &device)?;
         let params = self.params.values();
         let feats =
-            self.backbone
-                .forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
-        let bias = if self.head == Head::Linear {
-            Some(params.get("head.bias")?.clone())
-        } else {
-            None
-        };
+            self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
+        let bias =
+            if self.head == Head::Linear { Some(params.get("head.bias")?.clone()) } else { None };
         let logits = self.head_logits(&feats, params.get("head.weight")?, bias.as_ref())?;
         let loss = ops::cross_entropy(&logits, &labels)?;
         let accuracy = ops::accuracy(&logits, &labels)?;

@@ -14,8 +14,8 @@
 //! batch at training and at test time, as in the paper.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use rayon::prelude::*;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{Classifier, EpisodeOutput, Learner};
@@ -48,7 +48,14 @@ fn transductive_default() -> bool {
 
 impl Default for MamlConfig {
     fn default() -> Self {
-        Self { ways: 5, inner_steps: 1, inner_steps_test: 3, inner_lr: 0.4, first_order: false, transductive: true }
+        Self {
+            ways: 5,
+            inner_steps: 1,
+            inner_steps_test: 3,
+            inner_lr: 0.4,
+            first_order: false,
+            transductive: true,
+        }
     }
 }
 
@@ -96,7 +103,13 @@ impl Maml {
     }
 
     /// φ after `steps` inner SGD steps from `theta`, without a graph back to θ (for inference).
-    pub fn adapt_params(&self, theta: &Params, support: &Tensor, labels: &Tensor, steps: usize) -> Result<Params> {
+    pub fn adapt_params(
+        &self,
+        theta: &Params,
+        support: &Tensor,
+        labels: &Tensor,
+        steps: usize,
+    ) -> Result<Params> {
         let names: Vec<String> = theta.iter().map(|(n, _)| n.clone()).collect();
         let mut current: Vec<Tensor> = theta.iter().map(|(_, t)| t.detach()).collect();
         for _ in 0..steps {
@@ -116,15 +129,21 @@ impl Maml {
     ) -> Result<(Tensor, Vec<Tensor>, Tensor)> {
         if self.backbone.config.fast_kernels {
             let values: Vec<Tensor> = values.iter().map(|v| v.detach()).collect();
-            let out = self.backbone.linear_head_loss_and_grad(&to_params(names, &values), x, labels)?;
-            let grads = names.iter().map(|n| Ok(out.grads.get(n)?.detach())).collect::<Result<Vec<_>>>()?;
+            let out =
+                self.backbone.linear_head_loss_and_grad(&to_params(names, &values), x, labels)?;
+            let grads =
+                names.iter().map(|n| Ok(out.grads.get(n)?.detach())).collect::<Result<Vec<_>>>()?;
             return Ok((out.loss.detach(), grads, out.logits.detach()));
         }
         let vars = values.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
-        let params = to_params(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+        let params =
+            to_params(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
         let (loss, logits) = self.loss(&params, x, labels)?;
         let store = loss.backward()?;
-        let grads = vars.iter().map(|v| Ok(grad_or_zeros(&store, v)?.detach())).collect::<Result<Vec<_>>>()?;
+        let grads = vars
+            .iter()
+            .map(|v| Ok(grad_or_zeros(&store, v)?.detach()))
+            .collect::<Result<Vec<_>>>()?;
         Ok((loss.detach(), grads, logits.detach()))
     }
 
@@ -137,10 +156,12 @@ impl Maml {
         labels: &Tensor,
     ) -> Result<(Vec<Var>, Vec<Tensor>)> {
         let vars = values.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
-        let params = to_params(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+        let params =
+            to_params(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
         if self.backbone.config.fast_kernels {
             let out = self.backbone.linear_head_loss_and_grad(&params, support, labels)?;
-            let grads = names.iter().map(|n| Ok(out.grads.get(n)?.clone())).collect::<Result<Vec<_>>>()?;
+            let grads =
+                names.iter().map(|n| Ok(out.grads.get(n)?.clone())).collect::<Result<Vec<_>>>()?;
             return Ok((vars, grads));
         }
         let (loss, _) = self.loss(&params, support, labels)?;
@@ -150,7 +171,12 @@ impl Maml {
     }
 
     /// dL_Q(φ(θ))/dθ for one task, with `steps` inner steps from `theta`.
-    pub fn task_gradient(&self, theta: &Params, episode: &Episode, steps: usize) -> Result<TaskGradient> {
+    pub fn task_gradient(
+        &self,
+        theta: &Params,
+        episode: &Episode,
+        steps: usize,
+    ) -> Result<TaskGradient> {
         let alpha = self.config.inner_lr;
         let names: Vec<String> = theta.iter().map(|(n, _)| n.clone()).collect();
         let support_labels = episode.support_labels_tensor()?;
@@ -163,13 +189,15 @@ impl Maml {
                 let g = self.gradient(&names, &current, &episode.support, &support_labels)?.1;
                 current = sgd_step(&current, &g, alpha)?;
             } else {
-                let (vars, g) = self.support_gradient(&names, &current, &episode.support, &support_labels)?;
+                let (vars, g) =
+                    self.support_gradient(&names, &current, &episode.support, &support_labels)?;
                 current = sgd_step(&current, &g, alpha)?;
                 trajectory.push((vars, g));
             }
         }
 
-        let (loss, mut v, logits) = self.gradient(&names, &current, &episode.query, &query_labels)?;
+        let (loss, mut v, logits) =
+            self.gradient(&names, &current, &episode.query, &query_labels)?;
         let query_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let query_accuracy = ops::accuracy(&logits, &query_labels)?;
 
@@ -184,7 +212,8 @@ impl Maml {
             }
             let Some(dot) = dot else { break };
             let store = dot.backward()?;
-            let hv = vars.iter().map(|var| grad_or_zeros(&store, var)).collect::<Result<Vec<_>>>()?;
+            let hv =
+                vars.iter().map(|var| grad_or_zeros(&store, var)).collect::<Result<Vec<_>>>()?;
             v = sgd_step(&v, &hv, alpha)?;
         }
         Ok(TaskGradient { grads: to_params(&names, &v), query_loss, query_accuracy })
@@ -201,12 +230,18 @@ impl Maml {
         let n = tasks.len() as f64;
         let mut mean = Params::new();
         for (name, _) in self.params.iter() {
-            let sum = tasks.iter().skip(1).try_fold(tasks[0].grads.get(name)?.clone(), |acc, t| acc + t.grads.get(name)?)?;
+            let sum = tasks
+                .iter()
+                .skip(1)
+                .try_fold(tasks[0].grads.get(name)?.clone(), |acc, t| acc + t.grads.get(name)?)?;
             mean.insert(name.to_string(), (sum / n)?);
         }
         let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
         let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
-        Ok(EpisodeOutput { loss: super::surrogate_loss(&self.params, &mean, query_loss)?, accuracy })
+        Ok(EpisodeOutput {
+            loss: super::surrogate_loss(&self.params, &mean, query_loss)?,
+            accuracy,
+        })
     }
 }
 
@@ -241,7 +276,9 @@ impl Classifier for Adapted<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
         match &self.support {
             None => self.net.logits(&self.params, query),
-            Some(support) => super::score_each_with_support(support, query, |batch| self.net.logits(&self.params, batch)),
+            Some(support) => super::score_each_with_support(support, query, |batch| {
+                self.net.logits(&self.params, batch)
+            }),
         }
     }
 }
@@ -259,10 +296,20 @@ impl Learner for Maml {
         &self.params
     }
 
-    fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
+    fn adapt(
+        &self,
+        support: &Tensor,
+        labels: &[u32],
+        ways: usize,
+    ) -> Result<Box<dyn Classifier + '_>> {
         super::ensure_ways("MAML", self.config.ways, ways)?;
         let labels = Tensor::new(labels, support.device())?;
-        let params = self.adapt_params(&self.params.detached_values(), support, &labels, self.config.inner_steps_test)?;
+        let params = self.adapt_params(
+            &self.params.detached_values(),
+            support,
+            &labels,
+            self.config.inner_steps_test,
+        )?;
         let support = if self.config.transductive { None } else { Some(support.clone()) };
         Ok(Box::new(Adapted { net: self, params, support }))
     }
@@ -279,9 +326,15 @@ impl Learner for Maml {
         let theta = self.params.detached_values();
         let steps = self.config.inner_steps;
         let tasks: Vec<TaskGradient> = if self.parallel_tasks && episodes.len() > 1 {
-            episodes.par_iter().map(|ep| self.task_gradient(&theta, ep, steps)).collect::<Result<_>>()?
+            episodes
+                .par_iter()
+                .map(|ep| self.task_gradient(&theta, ep, steps))
+                .collect::<Result<_>>()?
         } else {
-            episodes.iter().map(|ep| self.task_gradient(&theta, ep, steps)).collect::<Result<_>>()?
+            episodes
+                .iter()
+                .map(|ep| self.task_gradient(&theta, ep, steps))
+                .collect::<Result<_>>()?
         };
         self.surrogate(&tasks)
     }

@@ -30,11 +30,7 @@ pub struct MatchingConfig {
 
 impl Default for MatchingConfig {
     fn default() -> Self {
-        Self {
-            fce: false,
-            fce_steps: 3,
-            attention_scale: 1.0,
-        }
+        Self { fce: false, fce_steps: 3, attention_scale: 1.0 }
     }
 }
 
@@ -71,15 +67,7 @@ impl MatchingNet {
             f_cell.init("fce.f", &mut params, rng, device)?;
         }
         let running = backbone.running_stats();
-        Ok(Self {
-            config,
-            backbone,
-            params,
-            running,
-            dim,
-            g_cell,
-            f_cell,
-        })
+        Ok(Self { config, backbone, params, running, dim, g_cell, f_cell })
     }
 
     /// g(xᵢ, S) for support embeddings `g` [n, D] (the identity without FCE).
@@ -93,9 +81,7 @@ impl MatchingNet {
             let (mut h, mut c) = (zeros.clone(), zeros.clone());
             let mut out = vec![zeros.clone(); n];
             for i in order {
-                (h, c) = self
-                    .g_cell
-                    .forward(params, prefix, &g.narrow(0, i, 1)?, &h, &c)?;
+                (h, c) = self.g_cell.forward(params, prefix, &g.narrow(0, i, 1)?, &h, &c)?;
                 out[i] = h.clone();
             }
             Ok(out)
@@ -157,11 +143,8 @@ struct Matcher<'a> {
 impl Classifier for Matcher<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
         let q =
-            self.net
-                .backbone
-                .forward(&self.params, query, BnMode::Running(&self.net.running))?;
-        self.net
-            .classify(&self.params, &self.support, &q, &self.labels, self.ways)
+            self.net.backbone.forward(&self.params, query, BnMode::Running(&self.net.running))?;
+        self.net.classify(&self.params, &self.support, &q, &self.labels, self.ways)
     }
 }
 
@@ -181,16 +164,8 @@ impl Learner for MatchingNet {
         ways: usize,
     ) -> Result<Box<dyn Classifier + '_>> {
         let params = self.params.detached_values();
-        let support = self
-            .backbone
-            .forward(&params, support, BnMode::Running(&self.running))?;
-        Ok(Box::new(Matcher {
-            net: self,
-            params,
-            support,
-            labels: labels.to_vec(),
-            ways,
-        }))
+        let support = self.backbone.forward(&params, support, BnMode::Running(&self.running))?;
+        Ok(Box::new(Matcher { net: self, params, support, labels: labels.to_vec(), ways }))
     }
 
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
@@ -198,17 +173,11 @@ impl Learner for MatchingNet {
         let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
         let params = self.params.values();
         let emb =
-            self.backbone
-                .forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
+            self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
         let support = emb.narrow(0, 0, n_support)?;
         let query = emb.narrow(0, n_support, emb.dim(0)? - n_support)?;
-        let logits = self.classify(
-            &params,
-            &support,
-            &query,
-            &episode.support_labels,
-            episode.spec.ways,
-        )?;
+        let logits =
+            self.classify(&params, &support, &query, &episode.support_labels, episode.spec.ways)?;
         let labels = episode.query_labels_tensor()?;
         let loss = ops::cross_entropy(&logits, &labels)?;
         let accuracy = ops::accuracy(&logits, &labels)?;

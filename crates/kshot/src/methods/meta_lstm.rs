@@ -55,7 +55,14 @@ pub struct MetaLstmConfig {
 
 impl Default for MetaLstmConfig {
     fn default() -> Self {
-        Self { ways: 5, inner_steps: 12, inner_steps_test: 12, hidden: 20, preprocess_p: 10.0, grad_clip: 0.25 }
+        Self {
+            ways: 5,
+            inner_steps: 12,
+            inner_steps_test: 12,
+            hidden: 20,
+            preprocess_p: 10.0,
+            grad_clip: 0.25,
+        }
     }
 }
 
@@ -102,8 +109,15 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The names of the meta-learner's shared weights, in [`MetaLstmWeights`]' field order.
-const WEIGHT_NAMES: [&str; 7] =
-    ["lstm.w_ih", "lstm.w_hh", "lstm.bias", "gate_i.weight", "gate_i.bias", "gate_f.weight", "gate_f.bias"];
+const WEIGHT_NAMES: [&str; 7] = [
+    "lstm.w_ih",
+    "lstm.w_hh",
+    "lstm.bias",
+    "gate_i.weight",
+    "gate_i.bias",
+    "gate_f.weight",
+    "gate_f.bias",
+];
 
 fn weights_of(meta: &Params) -> Result<MetaLstmWeights> {
     let [w_ih, w_hh, bias, gate_i_weight, gate_i_bias, gate_f_weight, gate_f_bias] =
@@ -145,7 +159,8 @@ impl MetaLstm {
             candle_core::bail!("the meta-learner LSTM needs at least 1 hidden unit")
         }
         let backbone = Conv4::new(backbone);
-        let learner_init = backbone.init_with_linear_head((height, width), config.ways, rng, device)?;
+        let learner_init =
+            backbone.init_with_linear_head((height, width), config.ways, rng, device)?;
         let mut params = ParamSet::new();
         let mut learner = Vec::new();
         for (name, var) in learner_init.iter() {
@@ -211,17 +226,31 @@ impl MetaLstm {
     /// The learner's loss at `c` (detached from anything before it), its gradient with respect to
     /// c (shaped like c) and its logits: by Conv4's explicit backward pass, or by candle's with the
     /// composite kernels.
-    fn loss_and_grad(&self, c: &Tensor, images: &Tensor, labels: &Tensor) -> Result<(f64, Tensor, Tensor)> {
+    fn loss_and_grad(
+        &self,
+        c: &Tensor,
+        images: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(f64, Tensor, Tensor)> {
         if !self.backbone.config.fast_kernels {
             return self.graph_loss_and_grad(c, images, labels);
         }
-        let out = self.backbone.linear_head_loss_and_grad(&self.learner_params(&c.detach())?, images, labels)?;
+        let out = self.backbone.linear_head_loss_and_grad(
+            &self.learner_params(&c.detach())?,
+            images,
+            labels,
+        )?;
         let grad = self.flatten_learner(&out.grads, "")?.reshape(c.shape())?;
         Ok((scalar(&out.loss)?, grad, out.logits))
     }
 
     /// [`MetaLstm::loss_and_grad`] by candle's backward pass.
-    fn graph_loss_and_grad(&self, c: &Tensor, images: &Tensor, labels: &Tensor) -> Result<(f64, Tensor, Tensor)> {
+    fn graph_loss_and_grad(
+        &self,
+        c: &Tensor,
+        images: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(f64, Tensor, Tensor)> {
         let var = Var::from_tensor(&c.detach())?;
         let logits = self.logits(var.as_tensor(), images)?;
         let loss = ops::cross_entropy(&logits, labels)?;
@@ -246,11 +275,18 @@ impl MetaLstm {
         keep_tape: bool,
     ) -> Result<(MetaLstmUnroll, Vec<StepInputs>)> {
         let c0 = self.initial_cell(meta)?.detach();
-        let mut unroll = kernels::meta_lstm_unroll(&weights_of(meta)?, &c0, self.config.preprocess_p, keep_tape)?;
+        let mut unroll = kernels::meta_lstm_unroll(
+            &weights_of(meta)?,
+            &c0,
+            self.config.preprocess_p,
+            keep_tape,
+        )?;
         let mut seen = Vec::with_capacity(steps);
         for t in 0..steps {
             let inputs = match frozen {
-                Some(f) => f.get(t).cloned().ok_or_else(|| candle_core::Error::Msg(format!("no frozen inputs for step {t}")))?,
+                Some(f) => f.get(t).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("no frozen inputs for step {t}"))
+                })?,
                 None => {
                     let (loss, grad, _) = self.loss_and_grad(&unroll.cell()?, support, labels)?;
                     StepInputs { grad, loss }
@@ -278,11 +314,17 @@ impl MetaLstm {
 
     /// The query loss of `episode` after `steps` updates and its first-order meta-gradient with
     /// respect to every tensor of `meta` (c_0 as `learner.*`, the meta-learner's weights).
-    pub fn meta_gradient(&self, meta: &Params, episode: &Episode, steps: usize) -> Result<MetaGradient> {
+    pub fn meta_gradient(
+        &self,
+        meta: &Params,
+        episode: &Episode,
+        steps: usize,
+    ) -> Result<MetaGradient> {
         let support_labels = episode.support_labels_tensor()?;
         let (unroll, _) = self.run(meta, &episode.support, &support_labels, steps, None, true)?;
         let query_labels = episode.query_labels_tensor()?;
-        let (query_loss, d_cell, logits) = self.loss_and_grad(&unroll.cell()?, &episode.query, &query_labels)?;
+        let (query_loss, d_cell, logits) =
+            self.loss_and_grad(&unroll.cell()?, &episode.query, &query_labels)?;
         let query_accuracy = ops::accuracy(&logits, &query_labels)?;
         let grads = self.named(unroll.backward(&d_cell)?)?;
         Ok(MetaGradient { grads, query_loss, query_accuracy })
@@ -295,7 +337,15 @@ impl MetaLstm {
             out.insert(format!("learner.{name}"), t.clone());
         }
         let w = grads.weights;
-        let tensors = [w.w_ih, w.w_hh, w.bias, w.gate_i_weight, w.gate_i_bias, w.gate_f_weight, w.gate_f_bias];
+        let tensors = [
+            w.w_ih,
+            w.w_hh,
+            w.bias,
+            w.gate_i_weight,
+            w.gate_i_bias,
+            w.gate_f_weight,
+            w.gate_f_bias,
+        ];
         for (name, t) in WEIGHT_NAMES.into_iter().zip(tensors) {
             out.insert(name, t);
         }
@@ -322,14 +372,14 @@ impl MetaLstm {
         let mut cell = h.clone();
         let mut i_prev = Tensor::zeros((rows, 1), dtype, &dev)?;
         let mut f_prev = i_prev.clone();
-        let (w_ih, w_hh, bias) = (meta.get("lstm.w_ih")?, meta.get("lstm.w_hh")?, meta.get("lstm.bias")?);
+        let (w_ih, w_hh, bias) =
+            (meta.get("lstm.w_ih")?, meta.get("lstm.w_hh")?, meta.get("lstm.bias")?);
         let mut seen = Vec::with_capacity(steps);
         for t in 0..steps {
             let inputs = match frozen {
-                Some(f) => f
-                    .get(t)
-                    .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("no frozen inputs for step {t}")))?,
+                Some(f) => f.get(t).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("no frozen inputs for step {t}"))
+                })?,
                 None => {
                     let (loss, grad, _) = self.graph_loss_and_grad(&c, support, labels)?;
                     StepInputs { grad, loss }
@@ -337,15 +387,25 @@ impl MetaLstm {
             };
             let grad = inputs.grad.to_dtype(dtype)?.reshape((rows, 1))?;
             let loss = Tensor::new(&[inputs.loss], &dev)?.to_dtype(dtype)?;
-            let x = Tensor::cat(&[preprocess(&grad, p)?, preprocess(&loss, p)?.broadcast_as((rows, 2))?], 1)?;
+            let x = Tensor::cat(
+                &[preprocess(&grad, p)?, preprocess(&loss, p)?.broadcast_as((rows, 2))?],
+                1,
+            )?;
             let gates = x.matmul(w_ih)?.add(&h.matmul(w_hh)?)?.broadcast_add(bias)?;
             let chunk = |k: usize| gates.narrow(1, k * h_size, h_size);
-            cell = ((sigmoid(&chunk(1)?)? * &cell)? + (sigmoid(&chunk(0)?)? * chunk(2)?.tanh()?)?)?;
+            cell =
+                ((sigmoid(&chunk(1)?)? * &cell)? + (sigmoid(&chunk(0)?)? * chunk(2)?.tanh()?)?)?;
             h = (sigmoid(&chunk(3)?)? * cell.tanh()?)?;
-            let i =
-                gate(&Tensor::cat(&[&h, &x, &c, &i_prev], 1)?, meta.get("gate_i.weight")?, meta.get("gate_i.bias")?)?;
-            let f =
-                gate(&Tensor::cat(&[&h, &x, &c, &f_prev], 1)?, meta.get("gate_f.weight")?, meta.get("gate_f.bias")?)?;
+            let i = gate(
+                &Tensor::cat(&[&h, &x, &c, &i_prev], 1)?,
+                meta.get("gate_i.weight")?,
+                meta.get("gate_i.bias")?,
+            )?;
+            let f = gate(
+                &Tensor::cat(&[&h, &x, &c, &f_prev], 1)?,
+                meta.get("gate_f.weight")?,
+                meta.get("gate_f.bias")?,
+            )?;
             c = cell_update(&c, &grad, &i, &f)?;
             (i_prev, f_prev) = (i, f);
             seen.push(inputs);
@@ -363,7 +423,13 @@ impl MetaLstm {
         steps: usize,
         frozen: Option<&[StepInputs]>,
     ) -> Result<(Tensor, Tensor, Vec<StepInputs>)> {
-        let (c, seen) = self.reference_unroll(meta, &episode.support, &episode.support_labels_tensor()?, steps, frozen)?;
+        let (c, seen) = self.reference_unroll(
+            meta,
+            &episode.support,
+            &episode.support_labels_tensor()?,
+            steps,
+            frozen,
+        )?;
         let logits = self.logits(&c, &episode.query)?;
         let loss = ops::cross_entropy(&logits, &episode.query_labels_tensor()?)?;
         Ok((loss, logits, seen))
@@ -411,7 +477,12 @@ impl Learner for MetaLstm {
         &self.params
     }
 
-    fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
+    fn adapt(
+        &self,
+        support: &Tensor,
+        labels: &[u32],
+        ways: usize,
+    ) -> Result<Box<dyn Classifier + '_>> {
         super::ensure_ways("Meta-LSTM", self.config.ways, ways)?;
         let labels = Tensor::new(labels, support.device())?;
         let meta = self.params.detached_values();
@@ -438,12 +509,19 @@ impl Learner for MetaLstm {
         let n = tasks.len() as f64;
         let mut mean = Params::new();
         for (name, _) in self.params.iter() {
-            let sum = tasks.iter().skip(1).try_fold(tasks[0].grads.get(name)?.clone(), |acc, t| acc + t.grads.get(name)?)?;
+            let sum = tasks
+                .iter()
+                .skip(1)
+                .try_fold(tasks[0].grads.get(name)?.clone(), |acc, t| acc + t.grads.get(name)?)?;
             mean.insert(name, (sum / n)?);
         }
         let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
         let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
-        let loss = super::surrogate_loss(&self.params, &clip_norm(mean, self.config.grad_clip)?, query_loss)?;
+        let loss = super::surrogate_loss(
+            &self.params,
+            &clip_norm(mean, self.config.grad_clip)?,
+            query_loss,
+        )?;
         Ok(EpisodeOutput { loss, accuracy })
     }
 

@@ -62,7 +62,12 @@ pub trait Learner {
     fn params(&self) -> &ParamSet;
 
     /// f_θ(S) = m_ψ, in inference mode. `labels` are in 0..ways.
-    fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>>;
+    fn adapt(
+        &self,
+        support: &Tensor,
+        labels: &[u32],
+        ways: usize,
+    ) -> Result<Box<dyn Classifier + '_>>;
 
     /// Query loss of one training episode, differentiable with respect to [`Learner::params`].
     /// Training mode: may update non-trainable state such as batch-norm running statistics.
@@ -82,7 +87,9 @@ pub trait Learner {
             });
         }
         let n = episodes.len().max(1) as f64;
-        let total = total.ok_or_else(|| candle_core::Error::Msg("a meta-batch needs at least one episode".into()))?;
+        let total = total.ok_or_else(|| {
+            candle_core::Error::Msg("a meta-batch needs at least one episode".into())
+        })?;
         Ok(EpisodeOutput { loss: (total / n)?, accuracy: accuracy / n })
     }
 
@@ -92,7 +99,12 @@ pub trait Learner {
     /// deterministically in (`seed`, `step`) so that resume stays exact; the trainer then takes the
     /// same gradient step, checkpoints and resumes as for episodic learners.
     /// `None` (the default): the trainer draws an episode and calls [`Learner::episode_loss`].
-    fn own_training_step(&mut self, _set: &ImageSet, _seed: u64, _step: u64) -> Result<Option<EpisodeOutput>> {
+    fn own_training_step(
+        &mut self,
+        _set: &ImageSet,
+        _seed: u64,
+        _step: u64,
+    ) -> Result<Option<EpisodeOutput>> {
         Ok(None)
     }
 
@@ -121,7 +133,11 @@ pub trait Learner {
 }
 
 /// [ways, n] weights whose product with [n, D] rows averages the rows of each label.
-pub fn class_means_matrix(labels: &[u32], ways: usize, device: &candle_core::Device) -> Result<Tensor> {
+pub fn class_means_matrix(
+    labels: &[u32],
+    ways: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let n = labels.len();
     let mut counts = vec![0f32; ways];
     for &l in labels {
@@ -143,7 +159,9 @@ pub(crate) fn score_each_with_support(
 ) -> Result<Tensor> {
     let n_support = support.dim(0)?;
     let rows = (0..query.dim(0)?)
-        .map(|i| logits(&Tensor::cat(&[support, &query.narrow(0, i, 1)?], 0)?)?.narrow(0, n_support, 1))
+        .map(|i| {
+            logits(&Tensor::cat(&[support, &query.narrow(0, i, 1)?], 0)?)?.narrow(0, n_support, 1)
+        })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&rows, 0)
 }
@@ -160,7 +178,8 @@ pub(crate) fn surrogate_loss(params: &ParamSet, grads: &Params, value: f64) -> R
             None => term,
         });
     }
-    let linear = linear.ok_or_else(|| candle_core::Error::Msg("the learner has no parameters".into()))?;
+    let linear =
+        linear.ok_or_else(|| candle_core::Error::Msg("the learner has no parameters".into()))?;
     let value = Tensor::new(value, linear.device())?.to_dtype(linear.dtype())?;
     (&linear - linear.detach())? + value
 }
@@ -168,14 +187,19 @@ pub(crate) fn surrogate_loss(params: &ParamSet, grads: &Params, value: f64) -> R
 /// Fails unless a task has as many classes as a model's output layer (MAML, Reptile, Meta-LSTM).
 pub(crate) fn ensure_ways(model: &str, head: usize, ways: usize) -> Result<()> {
     if ways != head {
-        candle_core::bail!("this {model} model has a {head}-way output layer; evaluate it with --ways {head}")
+        candle_core::bail!(
+            "this {model} model has a {head}-way output layer; evaluate it with --ways {head}"
+        )
     }
     Ok(())
 }
 
 /// The query loss and accuracy of an episode scored through [`Learner::adapt`], for methods that do
 /// not train on episodes (Siamese, Baseline): not differentiable with respect to their parameters.
-pub(crate) fn adapted_query_loss(learner: &dyn Learner, episode: &Episode) -> Result<EpisodeOutput> {
+pub(crate) fn adapted_query_loss(
+    learner: &dyn Learner,
+    episode: &Episode,
+) -> Result<EpisodeOutput> {
     let classifier = learner.adapt(&episode.support, &episode.support_labels, episode.spec.ways)?;
     let logits = classifier.logits(&episode.query)?;
     let labels = episode.query_labels_tensor()?;
@@ -186,8 +210,17 @@ pub(crate) fn adapted_query_loss(learner: &dyn Learner, episode: &Episode) -> Re
 }
 
 /// The methods `kshot train --method` accepts.
-pub const METHODS: &[&str] =
-    &["protonet", "matching", "siamese", "baseline", "baseline++", "maml", "fomaml", "reptile", "meta-lstm"];
+pub const METHODS: &[&str] = &[
+    "protonet",
+    "matching",
+    "siamese",
+    "baseline",
+    "baseline++",
+    "maml",
+    "fomaml",
+    "reptile",
+    "meta-lstm",
+];
 
 /// A fresh learner for `config`, its parameters drawn from `rng`.
 pub fn build(
@@ -198,7 +231,10 @@ pub fn build(
     match config.method.as_str() {
         "protonet" => Ok(Box::new(ProtoNet::new(config.protonet, config.backbone, rng, device)?)),
         "maml" | "fomaml" => {
-            let maml = MamlConfig { first_order: config.method == "fomaml" || config.maml.first_order, ..config.maml };
+            let maml = MamlConfig {
+                first_order: config.method == "fomaml" || config.maml.first_order,
+                ..config.maml
+            };
             anyhow::ensure!(
                 maml.ways == config.train.ways,
                 "MAML's output layer has {} units but training episodes are {}-way; set --train-ways and --ways alike",
@@ -236,7 +272,13 @@ pub fn build(
         "meta-lstm" => {
             ensure_head(config.meta_lstm.ways, config)?;
             let size = config.data.image_size;
-            Ok(Box::new(MetaLstm::new(config.meta_lstm, config.backbone, (size, size), rng, device)?))
+            Ok(Box::new(MetaLstm::new(
+                config.meta_lstm,
+                config.backbone,
+                (size, size),
+                rng,
+                device,
+            )?))
         }
         other => anyhow::bail!("unknown method `{other}`; choose one of: {}", METHODS.join(", ")),
     }

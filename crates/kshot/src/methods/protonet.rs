@@ -41,7 +41,12 @@ pub struct ProtoNet {
 }
 
 impl ProtoNet {
-    pub fn new(config: ProtoNetConfig, backbone: Conv4Config, rng: &mut ChaCha8Rng, device: &Device) -> Result<Self> {
+    pub fn new(
+        config: ProtoNetConfig,
+        backbone: Conv4Config,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<Self> {
         let backbone = Conv4::new(backbone);
         let params = backbone.init(rng, device)?;
         let running = backbone.running_stats();
@@ -60,7 +65,9 @@ impl ProtoNet {
                 kernels::squared_euclidean(query, prototypes)?.neg()
             }
             Distance::Euclidean => ops::squared_euclidean(query, prototypes)?.neg(),
-            Distance::Cosine => ops::cosine_similarity(query, prototypes, 1e-8)? * self.config.cosine_scale,
+            Distance::Cosine => {
+                ops::cosine_similarity(query, prototypes, 1e-8)? * self.config.cosine_scale
+            }
         }
     }
 }
@@ -88,7 +95,8 @@ struct Prototypes<'a> {
 
 impl Classifier for Prototypes<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        let q = self.net.backbone.forward(&self.params, query, BnMode::Running(&self.net.running))?;
+        let q =
+            self.net.backbone.forward(&self.params, query, BnMode::Running(&self.net.running))?;
         self.net.logits(&q, &self.prototypes)
     }
 }
@@ -102,7 +110,12 @@ impl Learner for ProtoNet {
         &self.params
     }
 
-    fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
+    fn adapt(
+        &self,
+        support: &Tensor,
+        labels: &[u32],
+        ways: usize,
+    ) -> Result<Box<dyn Classifier + '_>> {
         let params = self.params.detached_values();
         let emb = self.backbone.forward(&params, support, BnMode::Running(&self.running))?;
         let prototypes = Self::prototypes(&emb, labels, ways)?;
@@ -116,22 +129,23 @@ impl Learner for ProtoNet {
         let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
         if !self.backbone.config.fast_kernels {
             let params = self.params.values();
-            let emb = self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
+            let emb =
+                self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
             return self.embedding_loss(&emb, episode);
         }
         let params = self.params.detached_values();
         let tape = self.backbone.forward_taped(&params, &images, Some(&mut self.running))?;
         let emb = Var::from_tensor(&tape.embedding)?;
         let out = self.embedding_loss(emb.as_tensor(), episode)?;
-        let d_emb = out
-            .loss
-            .backward()?
-            .get(emb.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("the ProtoNet loss does not depend on the embeddings".into()))?;
+        let d_emb = out.loss.backward()?.get(emb.as_tensor()).cloned().ok_or_else(|| {
+            candle_core::Error::Msg("the ProtoNet loss does not depend on the embeddings".into())
+        })?;
         let grads = tape.backward(&params, &d_emb)?;
         let value = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        Ok(EpisodeOutput { loss: super::surrogate_loss(&self.params, &grads, value)?, accuracy: out.accuracy })
+        Ok(EpisodeOutput {
+            loss: super::surrogate_loss(&self.params, &grads, value)?,
+            accuracy: out.accuracy,
+        })
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
@@ -146,4 +160,3 @@ impl Learner for ProtoNet {
         self.running.load_from(tensors, "", origin)
     }
 }
-

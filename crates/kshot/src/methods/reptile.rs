@@ -232,7 +232,8 @@ impl Reptile {
             let x = images.index_select(&idx, 0)?;
             let y = Tensor::new(picked.as_slice(), images.device())?;
             let vars = current.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
-            let params = self.to_params(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+            let params =
+                self.to_params(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
             let logits = self.logits(&params, &x)?;
             let loss = ops::cross_entropy(&logits, &y)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -263,7 +264,9 @@ impl Classifier for Adapted<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
         match &self.support {
             None => self.net.logits(&self.params, query),
-            Some(support) => super::score_each_with_support(support, query, |batch| self.net.logits(&self.params, batch)),
+            Some(support) => super::score_each_with_support(support, query, |batch| {
+                self.net.logits(&self.params, batch)
+            }),
         }
     }
 }
@@ -277,7 +280,12 @@ impl Learner for Reptile {
         &self.params
     }
 
-    fn adapt(&self, support: &Tensor, labels: &[u32], ways: usize) -> Result<Box<dyn Classifier + '_>> {
+    fn adapt(
+        &self,
+        support: &Tensor,
+        labels: &[u32],
+        ways: usize,
+    ) -> Result<Box<dyn Classifier + '_>> {
         super::ensure_ways("Reptile", self.config.ways, ways)?;
         let mut state = self.inner.clone();
         let mut rng = ChaCha8Rng::seed_from_u64(MINI_BATCH_SALT);
@@ -312,7 +320,9 @@ impl Learner for Reptile {
         let (mut loss, mut accuracy) = (0.0, 0.0);
         for (t, ep) in episodes.iter().enumerate() {
             let mut rng = ChaCha8Rng::seed_from_u64(progress.seed ^ MINI_BATCH_SALT);
-            rng.set_stream(progress.step.wrapping_mul(episodes.len() as u64).wrapping_add(t as u64));
+            rng.set_stream(
+                progress.step.wrapping_mul(episodes.len() as u64).wrapping_add(t as u64),
+            );
             let task = self.train_task(
                 &theta,
                 &mut state,
@@ -336,8 +346,12 @@ impl Learner for Reptile {
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out: Vec<(String, Tensor)> =
-            self.names.iter().zip(&self.inner.v).map(|(n, v)| (format!("inner_adam.v.{n}"), v.clone())).collect();
+        let mut out: Vec<(String, Tensor)> = self
+            .names
+            .iter()
+            .zip(&self.inner.v)
+            .map(|(n, v)| (format!("inner_adam.v.{n}"), v.clone()))
+            .collect();
         out.push(("inner_adam.t".into(), Tensor::new(&[self.inner.t as i64], &Device::Cpu)?));
         Ok(out)
     }
@@ -349,7 +363,10 @@ impl Learner for Reptile {
     ) -> anyhow::Result<()> {
         let get = |key: &str| {
             tensors.get(key).ok_or_else(|| {
-                anyhow::anyhow!("{}: `{key}` is missing; the file was not written by a Reptile model", origin.display())
+                anyhow::anyhow!(
+                    "{}: `{key}` is missing; the file was not written by a Reptile model",
+                    origin.display()
+                )
             })
         };
         for (i, name) in self.names.iter().enumerate() {

@@ -120,26 +120,14 @@ impl Siamese {
             "embed.weight",
             init::torch_default(rng, &[config.hidden, features], features, device)?,
         )?;
-        params.push(
-            "embed.bias",
-            init::torch_default(rng, &[config.hidden], features, device)?,
-        )?;
+        params.push("embed.bias", init::torch_default(rng, &[config.hidden], features, device)?)?;
         params.push(
             "head.alpha",
             init::torch_default(rng, &[1, config.hidden], config.hidden, device)?,
         )?;
-        params.push(
-            "head.bias",
-            Tensor::zeros(1, candle_core::DType::F32, device)?,
-        )?;
+        params.push("head.bias", Tensor::zeros(1, candle_core::DType::F32, device)?)?;
         let running = conv4.running_stats();
-        Ok(Self {
-            config,
-            conv4,
-            params,
-            running,
-            image_size,
-        })
+        Ok(Self { config, conv4, params, running, image_size })
     }
 
     /// h(x): [B, C, H, W] → [B, hidden].
@@ -150,11 +138,7 @@ impl Siamese {
     /// Pair logits z for embeddings `a` [B, H] and `b` [B, H] (row i with row i): [B].
     fn pair_logits(&self, params: &Params, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let alpha = params.get("head.alpha")?;
-        (a - b)?
-            .abs()?
-            .broadcast_mul(alpha)?
-            .sum(1)?
-            .broadcast_add(params.get("head.bias")?)
+        (a - b)?.abs()?.broadcast_mul(alpha)?.sum(1)?.broadcast_add(params.get("head.bias")?)
     }
 
     /// Logits of every query against every support image: [M, n], in chunks of queries.
@@ -168,11 +152,7 @@ impl Siamese {
         while start < m {
             let len = chunk.min(m - start);
             let qc = q.narrow(0, start, len)?.unsqueeze(1)?;
-            let d = qc
-                .broadcast_sub(&s.unsqueeze(0)?)?
-                .abs()?
-                .broadcast_mul(&alpha)?
-                .sum(2)?;
+            let d = qc.broadcast_sub(&s.unsqueeze(0)?)?.abs()?.broadcast_mul(&alpha)?.sum(2)?;
             rows.push(d);
             start += len;
         }
@@ -189,10 +169,7 @@ impl Siamese {
         let mut rng = episode::episode_rng(seed, step);
         let classes = set.classes.len();
         if classes < 2 {
-            candle_core::bail!(
-                "siamese: the training set {} needs at least 2 classes",
-                set.name
-            );
+            candle_core::bail!("siamese: the training set {} needs at least 2 classes", set.name);
         }
         let groups: Vec<Vec<usize>> = set.groups().into_values().collect();
         let group_of: Vec<usize> = {
@@ -205,11 +182,8 @@ impl Siamese {
             g
         };
         let n = self.config.pairs;
-        let (mut first, mut second, mut same) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let (mut first, mut second, mut same) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for i in 0..n {
             let c1 = rng.random_range(0..classes);
             let is_same = i % 2 == 0;
@@ -262,11 +236,7 @@ impl Siamese {
                 };
                 data.extend(img.iter().map(|&v| v as f32 / 255.0));
             }
-            Tensor::from_vec(
-                data,
-                (picks.len(), set.channels, set.height, set.width),
-                &Device::Cpu,
-            )
+            Tensor::from_vec(data, (picks.len(), set.channels, set.height, set.width), &Device::Cpu)
         };
         let a = images(&first)?;
         let b = images(&second)?;
@@ -289,10 +259,7 @@ fn embed(twin: Twin, conv4: &Conv4, params: &Params, x: &Tensor, bn: BnMode) -> 
             for i in 0..KOCH_CONVS.len() {
                 let w = params.get(&format!("koch.conv{i}.weight"))?;
                 let b = params.get(&format!("koch.conv{i}.bias"))?;
-                h = h
-                    .conv2d(w, 0, 1, 1, 1)?
-                    .broadcast_add(&b.reshape((1, (), 1, 1))?)?
-                    .relu()?;
+                h = h.conv2d(w, 0, 1, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?.relu()?;
                 if i + 1 < KOCH_CONVS.len() {
                     h = ops::max_pool2x2(&h)?;
                 }
@@ -316,9 +283,7 @@ struct OneShot<'a> {
 
 impl Classifier for OneShot<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        let q = self
-            .net
-            .embed(&self.params, query, BnMode::Running(&self.net.running))?;
+        let q = self.net.embed(&self.params, query, BnMode::Running(&self.net.running))?;
         let z = self.net.all_pair_logits(&self.params, &q, &self.support)?;
         let per_class: Vec<Tensor> = self
             .columns
@@ -353,9 +318,8 @@ impl Learner for Siamese {
         }
         let mut columns = Vec::with_capacity(ways);
         for l in 0..ways as u32 {
-            let cols: Vec<u32> = (0..labels.len() as u32)
-                .filter(|&i| labels[i as usize] == l)
-                .collect();
+            let cols: Vec<u32> =
+                (0..labels.len() as u32).filter(|&i| labels[i as usize] == l).collect();
             if cols.is_empty() {
                 candle_core::bail!("siamese: class {l} has no support image");
             }
@@ -363,12 +327,7 @@ impl Learner for Siamese {
         }
         let params = self.params.detached_values();
         let support = self.embed(&params, support, BnMode::Running(&self.running))?;
-        Ok(Box::new(OneShot {
-            net: self,
-            params,
-            support,
-            columns,
-        }))
+        Ok(Box::new(OneShot { net: self, params, support, columns }))
     }
 
     /// The query loss of an episode scored one-shot (not how Siamese trains; see
@@ -398,15 +357,9 @@ impl Learner for Siamese {
         let y = Tensor::from_vec(same.clone(), n, &Device::Cpu)?;
         let loss = Self::bce_with_logits(&z, &y)?;
         let predicted = z.to_vec1::<f32>()?;
-        let correct = predicted
-            .iter()
-            .zip(&same)
-            .filter(|(z, y)| (**z > 0.0) == (**y > 0.5))
-            .count();
-        Ok(Some(EpisodeOutput {
-            loss,
-            accuracy: correct as f64 / n as f64,
-        }))
+        let correct =
+            predicted.iter().zip(&same).filter(|(z, y)| (**z > 0.0) == (**y > 0.5)).count();
+        Ok(Some(EpisodeOutput { loss, accuracy: correct as f64 / n as f64 }))
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {

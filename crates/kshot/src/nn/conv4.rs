@@ -29,7 +29,14 @@ fn default_true() -> bool {
 
 impl Conv4Config {
     pub fn new(in_channels: usize) -> Self {
-        Self { in_channels, hidden: 64, blocks: 4, bn_eps: 1e-5, bn_momentum: 0.1, fast_kernels: true }
+        Self {
+            in_channels,
+            hidden: 64,
+            blocks: 4,
+            bn_eps: 1e-5,
+            bn_momentum: 0.1,
+            fast_kernels: true,
+        }
     }
 
     /// Length of the embedding for `height`×`width` inputs.
@@ -70,8 +77,14 @@ impl RunningStats {
     pub fn named_tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (i, (m, v)) in self.mean.iter().zip(&self.var).enumerate() {
-            out.push((format!("{prefix}bn{i}.running_mean"), Tensor::new(m.as_slice(), &Device::Cpu)?));
-            out.push((format!("{prefix}bn{i}.running_var"), Tensor::new(v.as_slice(), &Device::Cpu)?));
+            out.push((
+                format!("{prefix}bn{i}.running_mean"),
+                Tensor::new(m.as_slice(), &Device::Cpu)?,
+            ));
+            out.push((
+                format!("{prefix}bn{i}.running_var"),
+                Tensor::new(v.as_slice(), &Device::Cpu)?,
+            ));
         }
         Ok(out)
     }
@@ -83,10 +96,15 @@ impl RunningStats {
         origin: &std::path::Path,
     ) -> anyhow::Result<()> {
         for i in 0..self.mean.len() {
-            for (kind, dst) in [("running_mean", &mut self.mean[i]), ("running_var", &mut self.var[i])] {
+            for (kind, dst) in
+                [("running_mean", &mut self.mean[i]), ("running_var", &mut self.var[i])]
+            {
                 let key = format!("{prefix}bn{i}.{kind}");
                 let t = tensors.get(&key).ok_or_else(|| {
-                    anyhow::anyhow!("{}: tensor `{key}` is missing; the file was not written by this model", origin.display())
+                    anyhow::anyhow!(
+                        "{}: tensor `{key}` is missing; the file was not written by this model",
+                        origin.display()
+                    )
                 })?;
                 let v = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
                 anyhow::ensure!(
@@ -171,8 +189,14 @@ impl Conv4 {
         for i in 0..c.blocks {
             let shape = [c.hidden, cin, 3, 3];
             p.push(format!("conv{i}.weight"), init::torch_default(rng, &shape, cin * 9, device)?)?;
-            p.push(format!("bn{i}.weight"), Tensor::ones(c.hidden, candle_core::DType::F32, device)?)?;
-            p.push(format!("bn{i}.bias"), Tensor::zeros(c.hidden, candle_core::DType::F32, device)?)?;
+            p.push(
+                format!("bn{i}.weight"),
+                Tensor::ones(c.hidden, candle_core::DType::F32, device)?,
+            )?;
+            p.push(
+                format!("bn{i}.bias"),
+                Tensor::zeros(c.hidden, candle_core::DType::F32, device)?,
+            )?;
             cin = c.hidden;
         }
         Ok(p)
@@ -215,7 +239,12 @@ impl Conv4 {
     /// The gradients stay attached to the graph of `params`, so Hessian-vector products through
     /// them are exact (MAML); with detached `params` nothing is recorded at all. Needs the fused
     /// kernels.
-    pub fn linear_head_loss_and_grad(&self, params: &Params, x: &Tensor, labels: &Tensor) -> Result<LossAndGrad> {
+    pub fn linear_head_loss_and_grad(
+        &self,
+        params: &Params,
+        x: &Tensor,
+        labels: &Tensor,
+    ) -> Result<LossAndGrad> {
         let tape = self.forward_taped(params, x, None)?;
         let emb = &tape.embedding;
         let (head_w, head_b) = (params.get("head.weight")?, params.get("head.bias")?);
@@ -224,7 +253,10 @@ impl Conv4 {
         let loss = log_probs.gather(&labels.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
 
         let (n, ways) = logits.dims2()?;
-        let d_logits = ((log_probs.exp()? - ops::one_hot(&labels.to_vec1::<u32>()?, ways, labels.device())?.to_dtype(logits.dtype())?)? / n as f64)?;
+        let d_logits = ((log_probs.exp()?
+            - ops::one_hot(&labels.to_vec1::<u32>()?, ways, labels.device())?
+                .to_dtype(logits.dtype())?)?
+            / n as f64)?;
         let mut grads = tape.backward(params, &d_logits.matmul(head_w)?)?;
         grads.insert("head.weight".to_string(), d_logits.t()?.matmul(emb)?);
         grads.insert("head.bias".to_string(), d_logits.sum(0)?);
@@ -233,10 +265,17 @@ impl Conv4 {
 
     /// The training-mode forward pass (batch statistics, folded into `running` when given) with
     /// what [`Conv4Tape::backward`] needs. Needs the fused kernels.
-    pub fn forward_taped(&self, params: &Params, x: &Tensor, mut running: Option<&mut RunningStats>) -> Result<Conv4Tape> {
+    pub fn forward_taped(
+        &self,
+        params: &Params,
+        x: &Tensor,
+        mut running: Option<&mut RunningStats>,
+    ) -> Result<Conv4Tape> {
         let c = &self.config;
         if !c.fast_kernels {
-            candle_core::bail!("the explicit Conv4 backward pass needs the fused kernels (fast_kernels = true)");
+            candle_core::bail!(
+                "the explicit Conv4 backward pass needs the fused kernels (fast_kernels = true)"
+            );
         }
         let mut blocks = Vec::with_capacity(c.blocks);
         let mut h = x.contiguous()?;
@@ -244,7 +283,8 @@ impl Conv4 {
             let w = params.get(&format!("conv{i}.weight"))?;
             let gamma = params.get(&format!("bn{i}.weight"))?;
             let beta = params.get(&format!("bn{i}.bias"))?;
-            let bn = kernels::BnReluTrain::forward(&kernels::conv3x3(&h, w)?, gamma, beta, c.bn_eps)?;
+            let bn =
+                kernels::BnReluTrain::forward(&kernels::conv3x3(&h, w)?, gamma, beta, c.bn_eps)?;
             if let Some(r) = running.as_deref_mut() {
                 r.update(i, &bn.batch_stats()?, c.bn_momentum);
             }
@@ -282,11 +322,12 @@ impl Conv4 {
                     }
                     y
                 }
-                BnMode::Running(r) if c.fast_kernels => {
-                    kernels::batch_norm_relu_fixed(&h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps)?
-                }
+                BnMode::Running(r) if c.fast_kernels => kernels::batch_norm_relu_fixed(
+                    &h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps,
+                )?,
                 BnMode::Running(r) => {
-                    ops::batch_norm_fixed(&h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps)?.relu()?
+                    ops::batch_norm_fixed(&h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps)?
+                        .relu()?
                 }
             };
             h = if c.fast_kernels { kernels::max_pool2x2(&h)? } else { ops::max_pool2x2(&h)? };

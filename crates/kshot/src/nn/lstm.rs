@@ -25,11 +25,7 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 
 impl LstmCell {
     pub fn new(input: usize, hidden_in: usize, hidden: usize) -> Self {
-        Self {
-            input,
-            hidden_in,
-            hidden,
-        }
+        Self { input, hidden_in, hidden }
     }
 
     /// Adds `{prefix}.weight_ih` [4H, I], `{prefix}.weight_hh` [4H, H_in] and `{prefix}.bias` [4H],
@@ -53,10 +49,7 @@ impl LstmCell {
         )?;
         let mut b = vec![0f32; 4 * h];
         b[h..2 * h].iter_mut().for_each(|v| *v = 1.0);
-        params.push(
-            format!("{prefix}.bias"),
-            Tensor::from_vec(b, 4 * h, device)?,
-        )?;
+        params.push(format!("{prefix}.bias"), Tensor::from_vec(b, 4 * h, device)?)?;
         Ok(())
     }
 
@@ -72,10 +65,7 @@ impl LstmCell {
         let w_ih = params.get(&format!("{prefix}.weight_ih"))?;
         let w_hh = params.get(&format!("{prefix}.weight_hh"))?;
         let b = params.get(&format!("{prefix}.bias"))?;
-        let gates = x
-            .matmul(&w_ih.t()?)?
-            .add(&h.matmul(&w_hh.t()?)?)?
-            .broadcast_add(b)?;
+        let gates = x.matmul(&w_ih.t()?)?.add(&h.matmul(&w_hh.t()?)?)?.broadcast_add(b)?;
         let n = self.hidden;
         let i = sigmoid(&gates.narrow(1, 0, n)?)?;
         let f = sigmoid(&gates.narrow(1, n, n)?)?;

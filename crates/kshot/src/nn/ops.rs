@@ -38,7 +38,12 @@ fn per_channel(t: &Tensor) -> Result<Tensor> {
 /// Training-mode batch norm over [B, C, H, W]: normalise by the batch's own mean and biased
 /// variance, both accumulated in f64, then scale by `gamma` and shift by `beta` (each [C]).
 /// The normalisation is differentiable through the statistics.
-pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BatchStats)> {
     let dtype = x.dtype();
     let (b, _c, h, w) = x.dims4()?;
     let x64 = x.to_dtype(DType::F64)?;
@@ -47,9 +52,7 @@ pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> 
     let var = centred.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
     let inv_std = (&var + eps)?.sqrt()?.recip()?;
     let normalised = centred.broadcast_mul(&inv_std)?.to_dtype(dtype)?;
-    let y = normalised
-        .broadcast_mul(&per_channel(gamma)?)?
-        .broadcast_add(&per_channel(beta)?)?;
+    let y = normalised.broadcast_mul(&per_channel(gamma)?)?.broadcast_add(&per_channel(beta)?)?;
     let stats = BatchStats {
         mean: mean.flatten_all()?.to_vec1::<f64>()?,
         var: var.flatten_all()?.to_vec1::<f64>()?,

@@ -99,10 +99,7 @@ impl ParamSet {
 
     /// Named tensors to be saved, with `prefix` before each name.
     pub fn named_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
-        self.entries
-            .iter()
-            .map(|(n, v)| (format!("{prefix}{n}"), v.as_tensor().clone()))
-            .collect()
+        self.entries.iter().map(|(n, v)| (format!("{prefix}{n}"), v.as_tensor().clone())).collect()
     }
 
     /// Overwrites every variable from `tensors` (name → value, looked up with `prefix`), checking
@@ -116,7 +113,10 @@ impl ParamSet {
         for (n, v) in &self.entries {
             let key = format!("{prefix}{n}");
             let Some(t) = tensors.get(&key) else {
-                bail!("{}: tensor `{key}` is missing; the file was not written by this model", origin.display());
+                bail!(
+                    "{}: tensor `{key}` is missing; the file was not written by this model",
+                    origin.display()
+                );
             };
             if t.dims() != v.dims() {
                 bail!(

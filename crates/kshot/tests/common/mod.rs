@@ -7,17 +7,30 @@ use rand_chacha::ChaCha8Rng;
 
 /// A synthetic set: `classes` classes in `groups` groups, `per_class` images each, every class a
 /// noisy copy of its own random template (so it is learnable).
-pub fn synthetic_set(classes: usize, groups: usize, per_class: usize, size: usize, seed: u64) -> ImageSet {
+pub fn synthetic_set(
+    classes: usize,
+    groups: usize,
+    per_class: usize,
+    size: usize,
+    seed: u64,
+) -> ImageSet {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n = size * size;
     let classes = (0..classes)
         .map(|c| {
-            let template: Vec<u8> = (0..n).map(|_| if rng.random_bool(0.3) { 255 } else { 0 }).collect();
+            let template: Vec<u8> =
+                (0..n).map(|_| if rng.random_bool(0.3) { 255 } else { 0 }).collect();
             let mut pixels = Vec::with_capacity(per_class * n);
             for _ in 0..per_class {
-                pixels.extend(template.iter().map(|&v| if rng.random_bool(0.1) { 255 - v } else { v }));
+                pixels.extend(
+                    template.iter().map(|&v| if rng.random_bool(0.1) { 255 - v } else { v }),
+                );
             }
-            Class { name: format!("g{}/c{c}", c % groups), group: format!("g{}", c % groups), pixels }
+            Class {
+                name: format!("g{}/c{c}", c % groups),
+                group: format!("g{}", c % groups),
+                pixels,
+            }
         })
         .collect();
     ImageSet { name: "synthetic".into(), channels: 1, height: size, width: size, classes }
@@ -59,7 +72,8 @@ pub fn omniglot_before_and_after(config: &kshot::config::RunConfig, tag: &str) -
     let tmp = tempdir(&format!("{tag}-omniglot"));
     let dir = tmp.path().join("run");
 
-    let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 15), Grouping::Any).unwrap();
+    let sampler =
+        EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 15), Grouping::Any).unwrap();
     let untrained = train::new_learner(config).unwrap();
     let before = eval::evaluate(untrained.as_ref(), &sampler, 100, 0, |_| {}).unwrap();
     let no_stop = std::sync::atomic::AtomicBool::new(false);

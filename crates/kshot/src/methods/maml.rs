@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{Classifier, EpisodeOutput, Learner};
+use super::{AdaptedConv4, Classifier, EpisodeOutput, Learner};
 use crate::data::Episode;
 use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
 
@@ -265,24 +265,6 @@ fn sgd_step(x: &[Tensor], g: &[Tensor], alpha: f64) -> Result<Vec<Tensor>> {
     x.iter().zip(g).map(|(x, g)| Ok((x - (g.detach() * alpha)?)?.detach())).collect()
 }
 
-struct Adapted<'a> {
-    net: &'a Maml,
-    params: Params,
-    /// Present for non-transductive scoring: each query is batched with these support images.
-    support: Option<Tensor>,
-}
-
-impl Classifier for Adapted<'_> {
-    fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        match &self.support {
-            None => self.net.logits(&self.params, query),
-            Some(support) => super::score_each_with_support(support, query, |batch| {
-                self.net.logits(&self.params, batch)
-            }),
-        }
-    }
-}
-
 impl Learner for Maml {
     fn method(&self) -> &'static str {
         if self.config.first_order {
@@ -310,8 +292,7 @@ impl Learner for Maml {
             &labels,
             self.config.inner_steps_test,
         )?;
-        let support = if self.config.transductive { None } else { Some(support.clone()) };
-        Ok(Box::new(Adapted { net: self, params, support }))
+        Ok(Box::new(AdaptedConv4::new(&self.backbone, params, support, self.config.transductive)))
     }
 
     fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {

@@ -12,7 +12,7 @@ pub mod siamese;
 use candle_core::{Result, Tensor};
 
 use crate::data::{Episode, ImageSet};
-use crate::nn::{ParamSet, Params};
+use crate::nn::{BnMode, Conv4, ParamSet, Params};
 
 pub use baseline::{Baseline, BaselineConfig, Head};
 pub use maml::{Maml, MamlConfig};
@@ -150,20 +150,46 @@ pub fn class_means_matrix(
     Tensor::from_vec(m, (ways, n), device)
 }
 
-/// Logits of each row of `query` scored in a batch with `support` alone (`logits` runs the adapted
-/// model on a batch), so batch-norm statistics never mix queries: non-transductive scoring.
-pub(crate) fn score_each_with_support(
-    support: &Tensor,
-    query: &Tensor,
-    logits: impl Fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let n_support = support.dim(0)?;
-    let rows = (0..query.dim(0)?)
-        .map(|i| {
-            logits(&Tensor::cat(&[support, &query.narrow(0, i, 1)?], 0)?)?.narrow(0, n_support, 1)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&rows, 0)
+/// A Conv4 + linear head adapted to one task (MAML, Reptile), scored with batch statistics.
+pub(crate) struct AdaptedConv4<'a> {
+    backbone: &'a Conv4,
+    params: Params,
+    /// Present for non-transductive scoring: each query is batched with these support images.
+    support: Option<Tensor>,
+}
+
+impl<'a> AdaptedConv4<'a> {
+    /// Transductive: all queries of a call share batch statistics. Otherwise each query is scored
+    /// in a batch with `support` alone, so batch-norm statistics never mix queries.
+    pub(crate) fn new(
+        backbone: &'a Conv4,
+        params: Params,
+        support: &Tensor,
+        transductive: bool,
+    ) -> Self {
+        let support = if transductive { None } else { Some(support.clone()) };
+        Self { backbone, params, support }
+    }
+
+    fn batch_logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.backbone.linear_head_logits(&self.params, x, BnMode::Batch(None))
+    }
+}
+
+impl Classifier for AdaptedConv4<'_> {
+    fn logits(&self, query: &Tensor) -> Result<Tensor> {
+        let Some(support) = &self.support else {
+            return self.batch_logits(query);
+        };
+        let n_support = support.dim(0)?;
+        let rows = (0..query.dim(0)?)
+            .map(|i| {
+                let batch = Tensor::cat(&[support, &query.narrow(0, i, 1)?], 0)?;
+                self.batch_logits(&batch)?.narrow(0, n_support, 1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)
+    }
 }
 
 /// A loss whose value is `value` and whose gradient with respect to `params` is `grads`, for

@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Classifier, EpisodeOutput, Learner, Progress, StepOutput};
+use super::{AdaptedConv4, Classifier, EpisodeOutput, Learner, Progress, StepOutput};
 use crate::data::Episode;
 use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
 
@@ -253,24 +253,6 @@ impl Reptile {
     }
 }
 
-struct Adapted<'a> {
-    net: &'a Reptile,
-    params: Params,
-    /// Present for non-transductive scoring: each query is batched with these support images.
-    support: Option<Tensor>,
-}
-
-impl Classifier for Adapted<'_> {
-    fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        match &self.support {
-            None => self.net.logits(&self.params, query),
-            Some(support) => super::score_each_with_support(support, query, |batch| {
-                self.net.logits(&self.params, batch)
-            }),
-        }
-    }
-}
-
 impl Learner for Reptile {
     fn method(&self) -> &'static str {
         "reptile"
@@ -298,8 +280,8 @@ impl Learner for Reptile {
             (c.inner_steps_test, c.inner_batch_test),
             &mut rng,
         )?;
-        let support = if c.transductive { None } else { Some(support.clone()) };
-        Ok(Box::new(Adapted { net: self, params: self.to_params(&task.phi), support }))
+        let params = self.to_params(&task.phi);
+        Ok(Box::new(AdaptedConv4::new(&self.backbone, params, support, c.transductive)))
     }
 
     fn episode_loss(&mut self, _episode: &Episode) -> Result<EpisodeOutput> {

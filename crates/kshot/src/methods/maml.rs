@@ -228,14 +228,7 @@ impl Maml {
             candle_core::bail!("a meta-batch needs at least one task")
         }
         let n = tasks.len() as f64;
-        let mut mean = Params::new();
-        for (name, _) in self.params.iter() {
-            let sum = tasks
-                .iter()
-                .skip(1)
-                .try_fold(tasks[0].grads.get(name)?.clone(), |acc, t| acc + t.grads.get(name)?)?;
-            mean.insert(name.to_string(), (sum / n)?);
-        }
+        let mean = super::mean_gradient(&self.params, tasks.iter().map(|t| &t.grads))?;
         let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
         let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
         Ok(EpisodeOutput {

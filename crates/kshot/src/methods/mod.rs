@@ -192,6 +192,24 @@ impl Classifier for AdaptedConv4<'_> {
     }
 }
 
+/// The element-wise mean over tasks of per-task gradients, one per parameter of `params`.
+pub(crate) fn mean_gradient<'a>(
+    params: &ParamSet,
+    tasks: impl Clone + ExactSizeIterator<Item = &'a Params>,
+) -> Result<Params> {
+    let n = tasks.len();
+    let mut mean = Params::new();
+    for (name, _) in params.iter() {
+        let mut grads = tasks.clone().map(|g| g.get(name));
+        let Some(first) = grads.next() else {
+            candle_core::bail!("a meta-batch needs at least one task")
+        };
+        let sum = grads.try_fold(first?.clone(), |acc, g| acc + g?)?;
+        mean.insert(name, (sum / n as f64)?);
+    }
+    Ok(mean)
+}
+
 /// A loss whose value is `value` and whose gradient with respect to `params` is `grads`, for
 /// learners that compute their gradient themselves: Σ θ·stop(g) − stop(Σ θ·g) + value.
 pub(crate) fn surrogate_loss(params: &ParamSet, grads: &Params, value: f64) -> Result<Tensor> {

@@ -82,6 +82,7 @@ struct TrainArgs {
     /// Start from a paper protocol (see `kshot presets`); other flags override it.
     #[arg(long)]
     preset: Option<String>,
+    /// protonet, matching, siamese, baseline, baseline++, maml, fomaml, reptile or meta-lstm.
     #[arg(long)]
     method: Option<String>,
     /// omniglot (default) or mini-imagenet; changing it also resets the split, image size and
@@ -100,33 +101,44 @@ struct TrainArgs {
     /// Data root (holds omniglot/, mini-imagenet/). Defaults to $KSHOT_DATA.
     #[arg(long, env = "KSHOT_DATA")]
     data_dir: Option<PathBuf>,
+    /// Side of the square input images in pixels (Omniglot 28, miniImageNet 84).
     #[arg(long)]
     image_size: Option<usize>,
+    /// Classes per training episode (N of N-way); test episodes keep the preset's ways.
     #[arg(long)]
     train_ways: Option<usize>,
+    /// Labelled examples per class in support sets (K of K-shot), training and test (Reptile:
+    /// test only; it trains on --train-shots).
     #[arg(long)]
     shots: Option<usize>,
+    /// Query images per class in training episodes.
     #[arg(long)]
     queries: Option<usize>,
     /// Total training episodes (with --resume: extend the run to this many).
     #[arg(long)]
     episodes: Option<u64>,
+    /// Seed of every random choice in the run (episodes, initialisation, augmentation).
     #[arg(long)]
     seed: Option<u64>,
+    /// Adam learning rate at the start of training.
     #[arg(long)]
     lr: Option<f64>,
     /// Multiply the learning rate by --lr-gamma every this many episodes (0: constant).
     #[arg(long)]
     lr_step: Option<u64>,
+    /// Factor applied to the learning rate every --lr-step episodes.
     #[arg(long)]
     lr_gamma: Option<f64>,
+    /// ProtoNet: distance between query embeddings and prototypes.
     #[arg(long, value_enum)]
     distance: Option<DistanceArg>,
+    /// Write a resumable checkpoint every this many episodes (and always when training stops).
     #[arg(long)]
     checkpoint_every: Option<u64>,
     /// Validate every this many episodes (0: never).
     #[arg(long)]
     val_every: Option<u64>,
+    /// Episodes per validation.
     #[arg(long)]
     val_episodes: Option<usize>,
     /// Use candle's composite ops instead of kshot's fused kernels (slower; for checking).
@@ -205,14 +217,19 @@ struct EvalArgs {
     /// The run directory to score.
     #[arg(long, value_name = "RUN_DIR")]
     run: PathBuf,
+    /// Classes per test episode (default: the run's test protocol, as for the next three).
     #[arg(long)]
     ways: Option<usize>,
+    /// Labelled examples per class in each test support set.
     #[arg(long)]
     shots: Option<usize>,
+    /// Query images per class in each test episode.
     #[arg(long)]
     queries: Option<usize>,
+    /// Number of test episodes (tasks) to average over.
     #[arg(long)]
     episodes: Option<usize>,
+    /// Seed of the test episodes; the same seed draws the same episodes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Class subset to draw test episodes from (default: the split's test classes).
@@ -221,6 +238,7 @@ struct EvalArgs {
     /// Draw every episode's classes from a single alphabet.
     #[arg(long)]
     within_alphabet: bool,
+    /// Data root (holds omniglot/, mini-imagenet/). Defaults to $KSHOT_DATA.
     #[arg(long, env = "KSHOT_DATA")]
     data_dir: Option<PathBuf>,
     /// Print one JSON object on stdout.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{class_means_matrix, Classifier, EpisodeOutput, Learner};
 use crate::data::Episode;
 use crate::kernels;
-use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet, Params, RunningStats};
+use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet, Params, RunningStats, Tape};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -7,7 +7,8 @@ use candle_core::{Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{init, ops, ParamSet, Params};
+use super::head::{self, LossAndGrad};
+use super::{init, ops, BnMode, ParamSet, Params, RunningStats, Tape};
 use crate::kernels;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -50,86 +51,6 @@ impl Conv4Config {
     }
 }
 
-/// Running batch-norm statistics, one (mean, var) pair of f64 vectors per block.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunningStats {
-    pub mean: Vec<Vec<f64>>,
-    pub var: Vec<Vec<f64>>,
-}
-
-impl RunningStats {
-    pub fn new(blocks: usize, channels: usize) -> Self {
-        Self { mean: vec![vec![0.0; channels]; blocks], var: vec![vec![1.0; channels]; blocks] }
-    }
-
-    /// PyTorch's update: biased batch variance for normalising, unbiased for the running average.
-    fn update(&mut self, block: usize, stats: &ops::BatchStats, momentum: f64) {
-        let n = stats.count as f64;
-        let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-        for c in 0..stats.mean.len() {
-            let m = &mut self.mean[block][c];
-            *m = (1.0 - momentum) * *m + momentum * stats.mean[c];
-            let v = &mut self.var[block][c];
-            *v = (1.0 - momentum) * *v + momentum * stats.var[c] * unbias;
-        }
-    }
-
-    pub fn named_tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
-        let mut out = Vec::new();
-        for (i, (m, v)) in self.mean.iter().zip(&self.var).enumerate() {
-            out.push((
-                format!("{prefix}bn{i}.running_mean"),
-                Tensor::new(m.as_slice(), &Device::Cpu)?,
-            ));
-            out.push((
-                format!("{prefix}bn{i}.running_var"),
-                Tensor::new(v.as_slice(), &Device::Cpu)?,
-            ));
-        }
-        Ok(out)
-    }
-
-    pub fn load_from(
-        &mut self,
-        tensors: &std::collections::HashMap<String, Tensor>,
-        prefix: &str,
-        origin: &std::path::Path,
-    ) -> anyhow::Result<()> {
-        for i in 0..self.mean.len() {
-            for (kind, dst) in
-                [("running_mean", &mut self.mean[i]), ("running_var", &mut self.var[i])]
-            {
-                let key = format!("{prefix}bn{i}.{kind}");
-                let t = tensors.get(&key).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "{}: tensor `{key}` is missing; the file was not written by this model",
-                        origin.display()
-                    )
-                })?;
-                let v = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
-                anyhow::ensure!(
-                    v.len() == dst.len(),
-                    "{}: `{key}` has {} channels, the model expects {}",
-                    origin.display(),
-                    v.len(),
-                    dst.len()
-                );
-                *dst = v;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The loss of a Conv4 with a linear output layer and its gradient, from
-/// [`Conv4::linear_head_loss_and_grad`].
-pub struct LossAndGrad {
-    pub loss: Tensor,
-    pub logits: Tensor,
-    /// d loss / d parameter, by parameter name.
-    pub grads: Params,
-}
-
 /// A Conv4 forward pass kept for an explicit backward pass, from [`Conv4::forward_taped`].
 pub struct Conv4Tape {
     /// Each block's input and its batch norm.
@@ -139,13 +60,15 @@ pub struct Conv4Tape {
     pub embedding: Tensor,
 }
 
-impl Conv4Tape {
-    /// d/d(parameter) of a loss whose gradient with respect to the embedding is `d_embedding`
-    /// [B, D], for every convolution and batch-norm parameter.
-    ///
-    /// These are the fused ops candle's backward pass would run, called directly: without candle's
-    /// zero-filled gradient accumulators and, when differentiated again, without their add nodes.
-    pub fn backward(&self, params: &Params, d_embedding: &Tensor) -> Result<Params> {
+impl Tape for Conv4Tape {
+    fn embedding(&self) -> &Tensor {
+        &self.embedding
+    }
+
+    /// d/d(parameter) for every convolution and batch-norm parameter: the fused ops candle's
+    /// backward pass would run, called directly, without candle's zero-filled gradient accumulators
+    /// and, when differentiated again, without their add nodes.
+    fn backward(&self, params: &Params, d_embedding: &Tensor) -> Result<Params> {
         let mut grads = Params::new();
         let mut d = d_embedding.reshape(self.pooled_shape.as_slice())?;
         for (i, (input, bn)) in self.blocks.iter().enumerate().rev() {
@@ -161,14 +84,6 @@ impl Conv4Tape {
         }
         Ok(grads)
     }
-}
-
-/// How batch norm gets its statistics in a forward pass.
-pub enum BnMode<'a> {
-    /// Statistics of the current batch; folded into the running averages when given.
-    Batch(Option<&'a mut RunningStats>),
-    /// Fixed running averages (inference on one image at a time).
-    Running(&'a RunningStats),
 }
 
 #[derive(Debug, Clone)]
@@ -202,65 +117,31 @@ impl Conv4 {
         Ok(p)
     }
 
-    /// Fresh parameters of Conv4 for `height`×`width` inputs followed by a linear `ways`-unit
-    /// output layer (`head.weight` [ways, D], `head.bias` [ways], PyTorch-default init), drawn in
-    /// that order from `rng`.
+    /// Fresh parameters followed by a linear `ways`-unit output layer ([`head::init_linear_head`]).
     pub fn init_with_linear_head(
         &self,
-        (height, width): (usize, usize),
+        size: (usize, usize),
         ways: usize,
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> Result<ParamSet> {
-        let dim = self.config.embedding_dim(height, width);
-        if dim == 0 {
-            candle_core::bail!(
-                "{height}×{width} images are too small for a {}-block Conv4 (each block halves them); use larger images or fewer blocks",
-                self.config.blocks
-            )
-        }
-        let mut p = self.init(rng, device)?;
-        p.push("head.weight", init::torch_default(rng, &[ways, dim], dim, device)?)?;
-        p.push("head.bias", init::torch_default(rng, &[ways], dim, device)?)?;
-        Ok(p)
+        head::init_linear_head(self, size, ways, rng, device)
     }
 
-    /// [B, ways] logits of the linear output layer of [`Conv4::init_with_linear_head`] over the
-    /// embedding of `x`.
+    /// [B, ways] logits of the linear output layer ([`head::linear_logits`]).
     pub fn linear_head_logits(&self, params: &Params, x: &Tensor, bn: BnMode) -> Result<Tensor> {
-        let emb = self.forward(params, x, bn)?;
-        emb.matmul(&params.get("head.weight")?.t()?)?.broadcast_add(params.get("head.bias")?)
+        head::linear_logits(self, params, x, bn)
     }
 
-    /// Mean cross-entropy of the linear-head logits of `x` (batch statistics) against `labels` [B]
-    /// (u32), and its gradient with respect to each parameter, by an explicit backward pass
-    /// ([`Conv4::forward_taped`], [`Conv4Tape::backward`]).
-    ///
-    /// The gradients stay attached to the graph of `params`, so Hessian-vector products through
-    /// them are exact (MAML); with detached `params` nothing is recorded at all. Needs the fused
-    /// kernels.
+    /// Cross-entropy of the linear-head logits and its gradient by the explicit backward pass,
+    /// attached to the graph of `params` ([`head::linear_loss_and_grad`]).
     pub fn linear_head_loss_and_grad(
         &self,
         params: &Params,
         x: &Tensor,
         labels: &Tensor,
     ) -> Result<LossAndGrad> {
-        let tape = self.forward_taped(params, x, None)?;
-        let emb = &tape.embedding;
-        let (head_w, head_b) = (params.get("head.weight")?, params.get("head.bias")?);
-        let logits = emb.matmul(&head_w.t()?)?.broadcast_add(head_b)?;
-        let log_probs = ops::log_softmax(&logits)?;
-        let loss = log_probs.gather(&labels.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
-
-        let (n, ways) = logits.dims2()?;
-        let d_logits = ((log_probs.exp()?
-            - ops::one_hot(&labels.to_vec1::<u32>()?, ways, labels.device())?
-                .to_dtype(logits.dtype())?)?
-            / n as f64)?;
-        let mut grads = tape.backward(params, &d_logits.matmul(head_w)?)?;
-        grads.insert("head.weight".to_string(), d_logits.t()?.matmul(emb)?);
-        grads.insert("head.bias".to_string(), d_logits.sum(0)?);
-        Ok(LossAndGrad { loss, logits, grads })
+        head::linear_loss_and_grad(self, params, x, labels, head::Graph::Keep)
     }
 
     /// The training-mode forward pass (batch statistics, folded into `running` when given) with
@@ -297,7 +178,7 @@ impl Conv4 {
     }
 
     pub fn running_stats(&self) -> RunningStats {
-        RunningStats::new(self.config.blocks, self.config.hidden)
+        RunningStats::new((0..self.config.blocks).map(|i| (format!("bn{i}"), self.config.hidden)))
     }
 
     /// Embeds `x` [B, C, H, W] into [B, D].
@@ -322,12 +203,11 @@ impl Conv4 {
                     }
                     y
                 }
-                BnMode::Running(r) if c.fast_kernels => kernels::batch_norm_relu_fixed(
-                    &h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps,
-                )?,
+                BnMode::Running(r) if c.fast_kernels => {
+                    kernels::batch_norm_relu_fixed(&h, r.mean(i), r.var(i), gamma, beta, c.bn_eps)?
+                }
                 BnMode::Running(r) => {
-                    ops::batch_norm_fixed(&h, &r.mean[i], &r.var[i], gamma, beta, c.bn_eps)?
-                        .relu()?
+                    ops::batch_norm_fixed(&h, r.mean(i), r.var(i), gamma, beta, c.bn_eps)?.relu()?
                 }
             };
             h = if c.fast_kernels { kernels::max_pool2x2(&h)? } else { ops::max_pool2x2(&h)? };

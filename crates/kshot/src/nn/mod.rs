@@ -1,11 +1,19 @@
 //! Functional layers and backbones over explicit, named parameters.
 
+pub mod backbone;
 pub mod conv4;
+pub mod head;
 pub mod init;
+pub mod koch;
 pub mod lstm;
 pub mod ops;
 pub mod params;
+pub mod running;
 
-pub use conv4::{BnMode, Conv4, Conv4Config, Conv4Tape, LossAndGrad, RunningStats};
+pub use backbone::{Backbone, BackboneConfig, ExplicitBackward, Tape, BACKBONES};
+pub use conv4::{Conv4, Conv4Config, Conv4Tape};
+pub use head::{Graph, LossAndGrad};
+pub use koch::{KochConfig, KochNet};
 pub use lstm::LstmCell;
 pub use params::{ParamSet, Params};
+pub use running::{BnLayerStats, BnMode, RunningStats};

@@ -5,7 +5,7 @@ mod commands;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 /// Training and evaluation allocate and free tensors of tens of megabytes in every step; the system
 /// allocator hands them back to the OS each time (a third of evaluation time went to page faults),
@@ -25,8 +25,12 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    let cli = commands::Cli::parse();
-    match commands::run(cli) {
+    let matches = commands::Cli::command().get_matches();
+    let cli = match commands::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match commands::run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the outermost context first, then its causes.

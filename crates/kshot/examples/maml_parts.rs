@@ -1,8 +1,8 @@
 //! Times MAML meta-steps on random 28×28 tasks:
 //! `cargo run --release --example maml_parts -- STEPS QUERIES META_BATCH [fo] [sequential] [composite]`.
 use kshot::data::{Episode, EpisodeSpec};
-use kshot::methods::{Learner, Maml, MamlConfig};
-use kshot::nn::Conv4Config;
+use kshot::methods::{Maml, MamlConfig};
+use kshot::nn::{BackboneConfig, Conv4Config};
 use rand::SeedableRng;
 use std::time::Instant;
 
@@ -22,13 +22,16 @@ fn main() -> anyhow::Result<()> {
         transductive: true,
     };
     let backbone = Conv4Config { fast_kernels: !flag("composite"), ..Conv4Config::new(1) };
-    let mut maml = Maml::new(config, backbone, (28, 28), &mut rng, &kshot::Device::Cpu)?;
+    let backbone = BackboneConfig::Conv4(backbone);
+    let mut maml = Maml::new(config, &backbone, (28, 28), &mut rng, &kshot::Device::Cpu)?;
     maml.parallel_tasks = !flag("sequential");
     let cpu = kshot::Device::Cpu;
     let tasks = (0..batch)
         .map(|_| {
             Ok(Episode {
                 spec: EpisodeSpec::new(5, 1, queries),
+                index: 0,
+                seed: 0,
                 classes: (0..5).collect(),
                 support: kshot::Tensor::randn(0f32, 1., (5, 1, 28, 28), &cpu)?,
                 support_labels: (0..5).collect(),

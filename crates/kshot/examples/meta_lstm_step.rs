@@ -19,21 +19,20 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let iterations = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5usize);
     let reference = args.iter().any(|a| a == "reference");
-    let config = (kshot::presets::find("meta-lstm-omniglot-5w1s")?.build)();
+    let config = kshot::presets::config("meta-lstm-omniglot-5w1s")?;
+    let kshot::methods::MethodConfig::MetaLstm(meta_lstm) = config.method.clone() else {
+        anyhow::bail!("the meta-lstm preset is not a Meta-LSTM run")
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let size = config.data.image_size;
-    let mut net = MetaLstm::new(
-        config.meta_lstm,
-        config.backbone,
-        (size, size),
-        &mut rng,
-        &kshot::Device::Cpu,
-    )?;
-    let (ways, queries, steps) =
-        (config.train.ways, config.train.queries, config.meta_lstm.inner_steps);
+    let mut net =
+        MetaLstm::new(meta_lstm, &config.backbone, (size, size), &mut rng, &kshot::Device::Cpu)?;
+    let (ways, queries, steps) = (config.train.ways, config.train.queries, meta_lstm.inner_steps);
     let cpu = kshot::Device::Cpu;
     let episode = Episode {
         spec: config.train,
+        index: 0,
+        seed: 0,
         classes: (0..ways).collect(),
         support: Tensor::rand(0f32, 1., (ways, 1, size, size), &cpu)?,
         support_labels: (0..ways as u32).collect(),
@@ -42,7 +41,10 @@ fn main() -> anyhow::Result<()> {
     };
     println!("P = {} learner coordinates, T = {steps}", net.learner_size());
     let (labels, query_labels) = (episode.support_labels_tensor()?, episode.query_labels_tensor()?);
-    let backbone = kshot::nn::Conv4::new(config.backbone);
+    let backbone = match &config.backbone {
+        kshot::nn::BackboneConfig::Conv4(c) => kshot::nn::Conv4::new(*c),
+        other => anyhow::bail!("this example times a Conv4 learner, not {}", other.kind()),
+    };
     let mut parts: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
     let mut time =
         |name: &'static str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {

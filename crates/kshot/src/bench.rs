@@ -13,8 +13,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::data::{Episode, EpisodeSpec};
-use crate::methods::{Learner, Maml, MamlConfig, ProtoNet, ProtoNetConfig};
-use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet};
+use crate::methods::{EpisodeOutput, Learner, Maml, MamlConfig, ProtoNet, ProtoNetConfig};
+use crate::nn::{ops, BackboneConfig, BnMode, Conv4, Conv4Config, ParamSet};
 use crate::optim::{Adam, AdamConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,8 @@ fn labels(ways: usize, per_class: usize) -> Vec<u32> {
 fn episode(rng: &mut ChaCha8Rng, spec: EpisodeSpec, size: usize) -> Result<Episode> {
     Ok(Episode {
         spec,
+        index: 0,
+        seed: 0,
         classes: (0..spec.ways).collect(),
         support: normal(rng, &[spec.ways * spec.shots, 1, size, size])?,
         support_labels: labels(spec.ways, spec.shots),
@@ -119,16 +121,21 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
                 first_order: false,
                 transductive: true,
             };
-            let backbone = Conv4Config { fast_kernels, ..Conv4Config::new(1) };
-            let maml = Maml::new(config, backbone, (28, 28), &mut rng, &Device::Cpu)?;
+            let backbone =
+                BackboneConfig::Conv4(Conv4Config { fast_kernels, ..Conv4Config::new(1) });
+            let mut maml = Maml::new(config, &backbone, (28, 28), &mut rng, &Device::Cpu)?;
             let ep = episode(&mut rng, EpisodeSpec::new(5, 1, 15), 28)?;
-            learner_step(Box::new(maml), ep, adam_config)?
+            let params = maml.params().clone();
+            learner_step(&params, adam_config, move || maml.episode_loss(&ep))?
         }
         Workload::ProtoNet60Way => {
-            let backbone = Conv4Config { fast_kernels, ..Conv4Config::new(1) };
-            let net = ProtoNet::new(ProtoNetConfig::default(), backbone, &mut rng, &Device::Cpu)?;
+            let backbone =
+                BackboneConfig::Conv4(Conv4Config { fast_kernels, ..Conv4Config::new(1) });
+            let mut net =
+                ProtoNet::new(ProtoNetConfig::default(), &backbone, &mut rng, &Device::Cpu)?;
             let ep = episode(&mut rng, EpisodeSpec::new(60, 1, 5), 28)?;
-            learner_step(Box::new(net), ep, adam_config)?
+            let params = net.params().clone();
+            learner_step(&params, adam_config, move || net.episode_loss(&ep))?
         }
     };
     Ok(Prepared { step })
@@ -148,14 +155,15 @@ fn classifier_step(
     adam.step(&grads, 1e-3)
 }
 
+/// One training step of a learner: its episode loss, backpropagated, and an Adam step.
 fn learner_step(
-    mut learner: Box<dyn Learner>,
-    ep: Episode,
+    params: &ParamSet,
     adam_config: AdamConfig,
+    mut episode_loss: impl FnMut() -> Result<EpisodeOutput> + 'static,
 ) -> Result<Box<dyn FnMut() -> Result<()>>> {
-    let mut adam = Adam::new(learner.params(), adam_config)?;
+    let mut adam = Adam::new(params, adam_config)?;
     Ok(Box::new(move || {
-        let out = learner.episode_loss(&ep)?;
+        let out = episode_loss()?;
         let grads = out.loss.backward()?;
         adam.step(&grads, 1e-3)
     }))

@@ -14,6 +14,7 @@ pub mod methods;
 pub mod nn;
 pub mod optim;
 pub mod presets;
+pub mod protocol;
 pub mod train;
 
 pub use candle_core::{DType, Device, Tensor, Var};

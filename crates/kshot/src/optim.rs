@@ -41,6 +41,8 @@ impl StepDecay {
 }
 
 pub struct Adam {
+    /// Its state is saved as `{name}.m.{param}`, `{name}.v.{param}` and `{name}.t`.
+    name: String,
     vars: Vec<(String, Var)>,
     config: AdamConfig,
     m: Vec<Tensor>,
@@ -50,12 +52,24 @@ pub struct Adam {
 }
 
 impl Adam {
+    /// Adam over every parameter of `params`, its state saved under `adam.`.
     pub fn new(params: &crate::nn::ParamSet, config: AdamConfig) -> Result<Self> {
-        let vars: Vec<(String, Var)> =
-            params.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        Self::named(
+            "adam",
+            params.iter().map(|(n, v)| (n.to_string(), v.clone())).collect(),
+            config,
+        )
+    }
+
+    /// Adam over `vars`, its state saved under `{name}.`.
+    pub fn named(name: &str, vars: Vec<(String, Var)>, config: AdamConfig) -> Result<Self> {
         let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<Result<Vec<_>>>()?;
         let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { vars, config, m, v, t: 0 })
+        Ok(Self { name: name.to_string(), vars, config, m, v, t: 0 })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// One update with learning rate `lr`; a variable without a gradient is left alone.
@@ -86,10 +100,11 @@ impl Adam {
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.push((format!("adam.m.{name}"), self.m[i].clone()));
-            out.push((format!("adam.v.{name}"), self.v[i].clone()));
+            out.push((format!("{}.m.{name}", self.name), self.m[i].clone()));
+            out.push((format!("{}.v.{name}", self.name), self.v[i].clone()));
         }
-        out.push(("adam.t".into(), Tensor::new(&[self.t as i64], &candle_core::Device::Cpu)?));
+        let t = Tensor::new(&[self.t as i64], &candle_core::Device::Cpu)?;
+        out.push((format!("{}.t", self.name), t));
         Ok(out)
     }
 
@@ -108,16 +123,17 @@ impl Adam {
         };
         for (i, (name, var)) in self.vars.iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let t = get(&format!("adam.{kind}.{name}"))?;
+                let key = format!("{}.{kind}.{name}", self.name);
+                let t = get(&key)?;
                 anyhow::ensure!(
                     t.dims() == var.dims(),
-                    "{}: adam.{kind}.{name} has the wrong shape",
+                    "{}: {key} has the wrong shape",
                     origin.display()
                 );
                 *slot = t.clone();
             }
         }
-        self.t = get("adam.t")?.to_vec1::<i64>()?[0] as u64;
+        self.t = get(&format!("{}.t", self.name))?.to_vec1::<i64>()?[0] as u64;
         Ok(())
     }
 }

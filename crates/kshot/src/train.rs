@@ -1,6 +1,7 @@
-//! The episodic trainer: sample an episode, take the learner's query loss, step Adam; checkpoint
-//! atomically and resume exactly. Learners that own their meta-update ([`Learner::owns_update`],
-//! e.g. Reptile) take it themselves through [`Learner::meta_step`] and the trainer's Adam stays idle.
+//! The trainer: schedules training steps ([`Learner::train_step`] against a [`StepCtx`]),
+//! validates, checkpoints atomically and resumes exactly. What a step is (an episode's query loss,
+//! a batch of pairs, Reptile's own update) is the learner's business; the trainer keeps the
+//! optimisers the learner registered and saves the learner's whole [`crate::methods::State`].
 //!
 //! A run directory holds `config.json` (how to reproduce it), `checkpoint.safetensors` (parameters,
 //! buffers, optimiser state and progress, written in one atomic rename), `model.safetensors`
@@ -21,8 +22,7 @@ use crate::checkpoint::{load_tensors, save_tensors, write_atomic};
 use crate::config::RunConfig;
 use crate::data::{EpisodeSampler, ImageSet};
 use crate::eval::evaluate;
-use crate::methods::{self, Learner, Progress};
-use crate::optim::Adam;
+use crate::methods::{Learner, Optimisers, StepCtx};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -58,7 +58,7 @@ pub fn new_learner(config: &RunConfig) -> anyhow::Result<Box<dyn Learner>> {
     crate::autograd::init();
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     rng.set_stream(INIT_STREAM);
-    methods::build(config, &mut rng, &Device::Cpu)
+    config.method.build(&config.protocol, &mut rng, &Device::Cpu)
 }
 
 /// Loads the trained learner of a run directory.
@@ -75,8 +75,7 @@ pub fn load_learner_with(
     let mut learner = new_learner(&config)?;
     let path = run_dir.join(MODEL_FILE);
     let tensors = load_tensors(&path)?;
-    learner.params().load_from(&tensors, "", &path)?;
-    learner.load_buffers(&tensors, &path)?;
+    learner.state_mut().load(&tensors, "", &tensors, "", &path)?;
     Ok((config, learner))
 }
 
@@ -93,19 +92,18 @@ pub fn train(
     mut on_status: impl FnMut(&Status),
 ) -> anyhow::Result<Summary> {
     crate::autograd::init();
-    let device = Device::Cpu;
     let config = &fit_to_training_set(config, train_set)?;
+    config.check()?;
     let mut learner = new_learner(config)?;
-    let mut adam = Adam::new(learner.params(), config.adam)?;
+    let mut optimisers = Optimisers::new(learner.state(), &learner.optimisers(), config.adam)?;
     let checkpoint_path = run_dir.join(CHECKPOINT_FILE);
     let (mut done, mut seconds) = (0u64, 0f64);
     if resume {
         let tensors = load_tensors(&checkpoint_path)?;
-        learner.params().load_from(&tensors, "param.", &checkpoint_path)?;
-        learner.load_buffers(&strip_prefix(&tensors, "buffer."), &checkpoint_path)?;
-        adam.load_state(&tensors, &checkpoint_path)?;
-        let progress = read_progress(&tensors, &checkpoint_path)?;
-        (done, seconds) = progress;
+        let buffers = strip_prefix(&tensors, "buffer.");
+        learner.state_mut().load(&tensors, "param.", &buffers, "", &checkpoint_path)?;
+        optimisers.load_state(&tensors, &checkpoint_path)?;
+        (done, seconds) = read_progress(&tensors, &checkpoint_path)?;
         truncate_metrics(&run_dir.join(METRICS_FILE), done)?;
     } else {
         if run_dir.join(CONFIG_FILE).exists() {
@@ -133,32 +131,15 @@ pub fn train(
         }
         let started = Instant::now();
         let lr = config.schedule.at(done);
-        let own = learner.own_training_step(train_set, config.seed, done)?;
-        let (loss, accuracy, lr) = if own.is_none() && learner.owns_update() {
-            // The learner updates its own parameters (e.g. Reptile); the trainer's Adam stays idle.
-            let episodes = meta_batch(&sampler, config, done, &device)?;
-            let progress = Progress { step: done, total: config.episodes, seed: config.seed };
-            let out = learner.meta_step(&episodes, progress)?;
-            if !out.loss.is_finite() {
-                bail!(
-                    "training diverged at episode {done} (loss {}); lower the inner learning rate (--inner-lr)",
-                    out.loss
-                );
-            }
-            (out.loss, out.accuracy, out.step_size)
-        } else {
-            let out = match own {
-                Some(out) => out,
-                None => learner.meta_batch_loss(&meta_batch(&sampler, config, done, &device)?)?,
-            };
-            let loss = out.loss.to_scalar::<f32>()? as f64;
-            if !loss.is_finite() {
-                bail!("training diverged at episode {done} (loss {loss}); lower the learning rate (--lr)");
-            }
-            let grads = out.loss.backward()?;
-            adam.step(&grads, lr)?;
-            (loss, out.accuracy, lr)
-        };
+        let mut ctx = StepCtx::new(
+            (done, config.episodes, config.seed),
+            lr,
+            config.meta_batch,
+            &sampler,
+            &mut optimisers,
+        );
+        let out = learner.train_step(&mut ctx)?;
+        let (loss, accuracy, lr) = (out.loss, out.accuracy, out.lr);
         done += 1;
         seconds += started.elapsed().as_secs_f64();
 
@@ -185,62 +166,40 @@ pub fn train(
         });
 
         if done % config.checkpoint_every == 0 || done == config.episodes {
-            save_checkpoint(run_dir, learner.as_ref(), &adam, done, seconds, &mut pending)?;
+            save_checkpoint(run_dir, learner.as_ref(), &optimisers, done, seconds, &mut pending)?;
         }
     }
     if interrupted {
-        save_checkpoint(run_dir, learner.as_ref(), &adam, done, seconds, &mut pending)?;
+        save_checkpoint(run_dir, learner.as_ref(), &optimisers, done, seconds, &mut pending)?;
     }
     Ok(Summary { episodes_done: done, seconds, interrupted })
 }
 
 /// Fills in what a config learns from its training set: the backbone's input channels (1 for
-/// Omniglot, 3 for miniImageNet) and the number of base classes of a Baseline head. A set that does
-/// not match a value already recorded is an error.
+/// Omniglot, 3 for miniImageNet) and whatever the method learns from it (e.g. the number of base
+/// classes of a Baseline head). A set that does not match a value already recorded is an error.
 pub fn fit_to_training_set(config: &RunConfig, train_set: &ImageSet) -> anyhow::Result<RunConfig> {
     let mut c = config.clone();
-    c.backbone.in_channels = train_set.channels;
-    if c.method.starts_with("baseline") {
-        let n = train_set.classes.len();
-        match c.baseline.classes {
-            0 => c.baseline.classes = n,
-            k if k != n => bail!(
-                "the run's baseline head has {k} classes but the training set {} has {n}; train on the set the run was started with",
-                train_set.name
-            ),
-            _ => {}
-        }
-    }
+    c.backbone.set_in_channels(train_set.channels);
+    c.method.fit(train_set)?;
     Ok(c)
-}
-
-/// The episodes of training step `step`: indices step·B … step·B + B − 1 for a meta-batch of B.
-fn meta_batch(
-    sampler: &EpisodeSampler,
-    config: &RunConfig,
-    step: u64,
-    device: &Device,
-) -> candle_core::Result<Vec<crate::data::Episode>> {
-    let batch = config.meta_batch.max(1) as u64;
-    (step * batch..(step + 1) * batch)
-        .map(|index| sampler.episode(config.seed, index, device))
-        .collect()
 }
 
 fn save_checkpoint(
     run_dir: &Path,
     learner: &dyn Learner,
-    adam: &Adam,
+    optimisers: &Optimisers,
     done: u64,
     seconds: f64,
     pending_metrics: &mut String,
 ) -> anyhow::Result<()> {
-    let params = learner.params().named_tensors("");
-    let buffers = learner.buffers()?;
+    let state = learner.state();
+    let params = state.params.named_tensors("");
+    let buffers = state.buffers()?;
     let mut all: Vec<(String, Tensor)> = Vec::new();
     all.extend(params.iter().map(|(n, t)| (format!("param.{n}"), t.clone())));
     all.extend(buffers.iter().map(|(n, t)| (format!("buffer.{n}"), t.clone())));
-    all.extend(adam.state_tensors()?);
+    all.extend(optimisers.state_tensors()?);
     all.push(("progress.episodes".into(), Tensor::new(&[done as i64], &Device::Cpu)?));
     all.push(("progress.seconds".into(), Tensor::new(&[seconds], &Device::Cpu)?));
     // Metrics first: a crash before the checkpoint's rename leaves extra lines, which resume trims.
@@ -280,8 +239,14 @@ fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<Stri
 }
 
 /// Drops metric lines past episode `done` (written before a crash that lost their checkpoint).
+/// A metrics file that cannot be read is an error, never rewritten: it holds the run's history.
 fn truncate_metrics(path: &Path, done: u64) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|_| format!("{METRICS_HEADER}\n"));
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read {}, the run's training history; restore it (or move it away to start a fresh history) and resume again",
+            path.display()
+        )
+    })?;
     let kept: String = text
         .lines()
         .filter(|line| {

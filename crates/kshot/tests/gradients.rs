@@ -250,6 +250,8 @@ fn protonet_explicit_backward_gives_the_composite_gradient() {
         |rng: &mut ChaCha8Rng, n: usize| randn(rng, &[n, 1, 15, 15]).to_dtype(DType::F32).unwrap();
     let episode = Episode {
         spec: EpisodeSpec::new(ways, shots, queries),
+        index: 0,
+        seed: 0,
         classes: (0..ways).collect(),
         support: images(&mut rng, ways * shots),
         support_labels: (0..(ways * shots) as u32).map(|i| i / shots as u32).collect(),
@@ -260,7 +262,7 @@ fn protonet_explicit_backward_gives_the_composite_gradient() {
         let backbone = Conv4Config { hidden: 6, blocks: 3, fast_kernels, ..Conv4Config::new(1) };
         let mut net = ProtoNet::new(
             ProtoNetConfig::default(),
-            backbone,
+            &kshot::nn::BackboneConfig::Conv4(backbone),
             &mut ChaCha8Rng::seed_from_u64(5),
             &Device::Cpu,
         )
@@ -278,6 +280,7 @@ fn protonet_explicit_backward_gives_the_composite_gradient() {
             })
             .collect();
         let buffers: Vec<Vec<f64>> = net
+            .state()
             .buffers()
             .unwrap()
             .iter()

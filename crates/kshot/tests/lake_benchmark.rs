@@ -135,6 +135,6 @@ fn lake_benchmark_refuses_runs_that_saw_the_evaluation_alphabets() {
     let why = kshot::eval::lake_benchmark_ineligibility(&vinyals)
         .expect("a Vinyals-split run is contaminated");
     assert!(why.contains("--split lake"), "{why}");
-    let lake = (kshot::presets::find("siamese-omniglot-28").unwrap().build)();
+    let lake = kshot::presets::config("siamese-omniglot-28").unwrap();
     assert_eq!(kshot::eval::lake_benchmark_ineligibility(&lake), None);
 }

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use kshot::data::{Episode, EpisodeSpec};
 use kshot::methods::{Learner, Maml, MamlConfig};
-use kshot::nn::{Conv4Config, Params};
+use kshot::nn::{BackboneConfig, Conv4Config, Params};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -19,6 +19,8 @@ fn normal(rng: &mut ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
 fn task(rng: &mut ChaCha8Rng) -> Result<Episode> {
     Ok(Episode {
         spec: EpisodeSpec::new(3, 1, 2),
+        index: 0,
+        seed: 0,
         classes: vec![0, 1, 2],
         support: normal(rng, &[3, 1, 31, 31])?,
         support_labels: vec![0, 1, 2],
@@ -38,8 +40,13 @@ fn maml(steps: usize, first_order: bool, fast_kernels: bool) -> Result<(Maml, Pa
         transductive: true,
     };
     let backbone = Conv4Config { hidden: 6, fast_kernels, ..Conv4Config::new(1) };
-    let net =
-        Maml::new(config, backbone, (31, 31), &mut ChaCha8Rng::seed_from_u64(7), &Device::Cpu)?;
+    let net = Maml::new(
+        config,
+        &BackboneConfig::Conv4(backbone),
+        (31, 31),
+        &mut ChaCha8Rng::seed_from_u64(7),
+        &Device::Cpu,
+    )?;
     let mut theta = Params::new();
     for (name, t) in net.params().detached_values().iter() {
         theta.insert(name.clone(), t.to_dtype(DType::F64)?);
@@ -158,8 +165,13 @@ fn episode_loss_is_the_query_loss_and_its_gradient_the_meta_gradient() -> Result
         transductive: true,
     };
     let backbone = Conv4Config { hidden: 6, ..Conv4Config::new(1) };
-    let mut net =
-        Maml::new(config, backbone, (31, 31), &mut ChaCha8Rng::seed_from_u64(7), &Device::Cpu)?;
+    let mut net = Maml::new(
+        config,
+        &BackboneConfig::Conv4(backbone),
+        (31, 31),
+        &mut ChaCha8Rng::seed_from_u64(7),
+        &Device::Cpu,
+    )?;
     let ep = task(&mut ChaCha8Rng::seed_from_u64(4))?;
     let ep = Episode {
         support: ep.support.to_dtype(DType::F32)?,

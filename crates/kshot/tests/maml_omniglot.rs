@@ -7,11 +7,11 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use kshot::data::EpisodeSpec;
-use kshot::{presets, train};
+use kshot::train;
 
 #[test]
 fn maml_short_run_beats_chance_and_its_untrained_self() {
-    let mut config = (presets::find("maml-omniglot-5w1s").unwrap().build)();
+    let mut config = kshot::presets::config("maml-omniglot-5w1s").unwrap();
     config.data.train_subset = "train".into();
     config.train = EpisodeSpec::new(5, 1, 5);
     config.meta_batch = 4;
@@ -38,9 +38,9 @@ fn model_values(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn maml_with_meta_batches_resumes_exactly() {
     let set = common::synthetic_set(20, 2, 10, 16, 3);
-    let mut config = (presets::find("maml-omniglot-5w1s").unwrap().build)();
+    let mut config = kshot::presets::config("maml-omniglot-5w1s").unwrap();
     config.data.image_size = 16;
-    config.backbone.hidden = 8;
+    common::conv4(&mut config).hidden = 8;
     config.train = EpisodeSpec::new(5, 1, 2);
     config.meta_batch = 3;
     config.episodes = 4;

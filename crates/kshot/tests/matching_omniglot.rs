@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use kshot::data::{self, EpisodeSampler, EpisodeSpec, Grouping};
-use kshot::{eval, presets, train};
+use kshot::{eval, train};
 
 #[test]
 fn matching_short_run_beats_chance_and_its_untrained_self() {
@@ -15,11 +15,11 @@ fn matching_short_run_beats_chance_and_its_untrained_self() {
     let train_set = data::load(&root, "omniglot", "vinyals", "train", 28).unwrap();
     let test_set = data::load(&root, "omniglot", "vinyals", "test", 28).unwrap();
 
-    let mut config = (presets::find("matching-omniglot-20way-1shot").unwrap().build)();
+    let mut config = kshot::presets::config("matching-omniglot-20way-1shot").unwrap();
     config.train = EpisodeSpec::new(20, 1, 5);
     config.episodes = 100;
     // The paper's scale 1 learns too slowly for a 100-episode test (67% after 100 episodes).
-    config.matching.attention_scale = 10.0;
+    settings!(config, Matching).attention_scale = 10.0;
     config.validation = None;
     config.checkpoint_every = 100;
     let tmp = common::tempdir("matching-omniglot");

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use kshot::data::{Episode, EpisodeSampler, EpisodeSpec, Grouping};
 use kshot::methods::meta_lstm::{cell_update, gate, preprocess, StepInputs};
 use kshot::methods::{Learner, MetaLstm, MetaLstmConfig};
-use kshot::nn::{ops, Conv4Config, Params};
+use kshot::nn::{ops, BackboneConfig, Conv4Config, Params};
 use kshot::train;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -79,8 +79,13 @@ fn tiny() -> Result<(MetaLstm, Params, Episode)> {
         ..MetaLstmConfig::default()
     };
     let backbone = Conv4Config { hidden: 3, blocks: 1, ..Conv4Config::new(1) };
-    let net =
-        MetaLstm::new(config, backbone, (6, 6), &mut ChaCha8Rng::seed_from_u64(5), &Device::Cpu)?;
+    let net = MetaLstm::new(
+        config,
+        &BackboneConfig::Conv4(backbone),
+        (6, 6),
+        &mut ChaCha8Rng::seed_from_u64(5),
+        &Device::Cpu,
+    )?;
     let mut meta = Params::new();
     for (name, t) in net.params().detached_values().iter() {
         let t = if name == "gate_i.bias" { t.ones_like()?.neg()? } else { t.clone() };
@@ -89,6 +94,8 @@ fn tiny() -> Result<(MetaLstm, Params, Episode)> {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let ep = Episode {
         spec: EpisodeSpec::new(2, 2, 2),
+        index: 0,
+        seed: 0,
         classes: vec![0, 1],
         support: normal(&mut rng, &[4, 1, 6, 6])?,
         support_labels: vec![0, 0, 1, 1],
@@ -278,8 +285,13 @@ fn two_chunks() -> Result<(MetaLstm, [(Params, Episode); 2])> {
         ..MetaLstmConfig::default()
     };
     let backbone = Conv4Config { hidden: 12, blocks: 2, ..Conv4Config::new(1) };
-    let net =
-        MetaLstm::new(config, backbone, (12, 12), &mut ChaCha8Rng::seed_from_u64(6), &Device::Cpu)?;
+    let net = MetaLstm::new(
+        config,
+        &BackboneConfig::Conv4(backbone),
+        (12, 12),
+        &mut ChaCha8Rng::seed_from_u64(6),
+        &Device::Cpu,
+    )?;
     assert!(net.learner_size() > 1500, "{} coordinates", net.learner_size());
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let (support, query) = (normal(&mut rng, &[4, 1, 12, 12])?, normal(&mut rng, &[4, 1, 12, 12])?);
@@ -291,6 +303,8 @@ fn two_chunks() -> Result<(MetaLstm, [(Params, Episode); 2])> {
         }
         let ep = Episode {
             spec: EpisodeSpec::new(2, 2, 2),
+            index: 0,
+            seed: 0,
             classes: vec![0, 1],
             support: support.to_dtype(dtype)?,
             support_labels: vec![0, 1, 0, 1],
@@ -374,13 +388,13 @@ fn meta_lstm_learns_held_out_synthetic_classes() {
     let test_set = common::synthetic_set(20, 1, 10, 12, 99);
     let tmp = common::tempdir("metalstm");
     let dir = tmp.path().join("run");
-    let mut config = (kshot::presets::find("meta-lstm-omniglot-5w1s").unwrap().build)();
+    let mut config = kshot::presets::config("meta-lstm-omniglot-5w1s").unwrap();
     config.data.image_size = 12;
-    config.backbone.hidden = 8;
-    config.backbone.blocks = 2;
+    common::conv4(&mut config).hidden = 8;
+    common::conv4(&mut config).blocks = 2;
     config.train = EpisodeSpec::new(5, 1, 5);
-    config.meta_lstm.inner_steps = 5;
-    config.meta_lstm.inner_steps_test = 5;
+    settings!(config, MetaLstm).inner_steps = 5;
+    settings!(config, MetaLstm).inner_steps_test = 5;
     config.episodes = 100;
     config.seed = 4;
     config.schedule.lr = 1e-2;

@@ -13,25 +13,25 @@ use kshot::train::{self, load_learner};
 
 fn small_config(method: &str, episodes: u64) -> RunConfig {
     let mut c = presets::default_config();
-    c.method = method.into();
+    common::set_method(&mut c, method);
     c.data.image_size = 12;
     c.train = EpisodeSpec::new(5, 1, 3);
     c.episodes = episodes;
     c.seed = 5;
     c.validation = None;
     c.checkpoint_every = 2;
-    c.backbone.hidden = 8;
-    c.backbone.blocks = 2;
+    common::conv4(&mut c).hidden = 8;
+    common::conv4(&mut c).blocks = 2;
     c.schedule.step = 0;
-    c.siamese.pairs = 16;
-    c.siamese.hidden = 16;
-    c.baseline.batch_size = 16;
+    settings!(c, Siamese).pairs = 16;
+    settings!(c, Siamese).hidden = 16;
+    settings!(c, Baseline).batch_size = 16;
     c
 }
 
 fn fce(mut c: RunConfig) -> RunConfig {
-    c.matching.fce = true;
-    c.matching.fce_steps = 2;
+    settings!(c, Matching).fce = true;
+    settings!(c, Matching).fce_steps = 2;
     c
 }
 
@@ -76,7 +76,7 @@ fn check_relabelling(config: &RunConfig, shots: usize) {
             assert!(
                 (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
                 "{}: logit {x} became {y}",
-                config.method
+                config.method.name()
             );
         }
         spread = spread.max(
@@ -84,7 +84,7 @@ fn check_relabelling(config: &RunConfig, shots: usize) {
                 - ra.iter().cloned().fold(f32::MAX, f32::min),
         );
     }
-    assert!(spread > 0.0, "{}: the logits do not depend on the class at all", config.method);
+    assert!(spread > 0.0, "{}: the logits do not depend on the class at all", config.method.name());
 }
 
 #[test]
@@ -95,12 +95,12 @@ fn relabelling_permutes_the_logits_of_every_method() {
         small_config("siamese", 1),
         {
             let mut c = small_config("baseline", 1);
-            c.baseline.classes = 20;
+            settings!(c, Baseline).classes = 20;
             c
         },
         {
             let mut c = small_config("baseline++", 1);
-            c.baseline.classes = 20;
+            settings!(c, Baseline).classes = 20;
             c
         },
     ] {
@@ -149,8 +149,8 @@ fn matching_networks_learn_held_out_classes() {
 fn siamese_network_learns_held_out_classes() {
     // Verification pairs over 40 classes are memorised (held-out ~0.4); 400 classes generalise.
     let mut c = small_config("siamese", 1000);
-    c.siamese.pairs = 32;
-    c.siamese.augment = false;
+    settings!(c, Siamese).pairs = 32;
+    settings!(c, Siamese).augment = false;
     c.schedule.lr = 3e-3;
     let (before, after) = held_out_accuracy(&c, 400, "siamese");
     assert!(after > 0.5 && after > before + 0.2, "5-way accuracy {before} → {after} (chance 0.2)");
@@ -193,7 +193,7 @@ fn methods_that_own_their_training_step_resume_exactly() {
 fn baseline_head_must_match_the_training_set() {
     let set = common::synthetic_set(20, 2, 10, 12, 5);
     let mut c = small_config("baseline", 2);
-    c.baseline.classes = 7;
+    settings!(c, Baseline).classes = 7;
     let tmp = common::tempdir("methods-baseline-mismatch");
     let dir = tmp.path().join("run");
     let err = train::train(&dir, &c, &set, None, false, &AtomicBool::new(false), |_| {})
@@ -205,8 +205,8 @@ fn baseline_head_must_match_the_training_set() {
 #[test]
 fn koch_twin_builds_and_scores_105_pixel_images() {
     let mut c = small_config("siamese", 1);
-    c.siamese.twin = kshot::methods::siamese::Twin::Koch;
-    c.siamese.hidden = 8;
+    c.backbone = kshot::nn::BackboneConfig::Koch(kshot::nn::KochConfig { in_channels: 1 });
+    settings!(c, Siamese).hidden = 8;
     c.data.image_size = 105;
     let learner = train::new_learner(&c).unwrap();
     // 64·10·10 + 128·64·7·7 + 128·128·4·4 + 256·128·4·4 conv weights, then 9216 → 8.

@@ -223,8 +223,8 @@ fn presets_point_at_mini_imagenet() {
     ] {
         let p = find(name).unwrap();
         assert!(!p.summary.contains("not in this build"), "{name}");
-        let c = (p.build)();
-        assert_eq!(c.method, method, "{name}");
+        let mut c = kshot::presets::config(name).unwrap();
+        assert_eq!(c.method.name(), method, "{name}");
         assert_eq!(
             (c.data.dataset.as_str(), c.data.split.as_str()),
             ("mini-imagenet", "ravi"),
@@ -236,12 +236,13 @@ fn presets_point_at_mini_imagenet() {
             "{name}"
         );
         assert_eq!(c.data.image_size, 84, "{name}");
-        assert_eq!((c.backbone.in_channels, c.backbone.hidden), (3, hidden), "{name}");
+        let conv4 = *common::conv4(&mut c);
+        assert_eq!((conv4.in_channels, conv4.hidden), (3, hidden), "{name}");
         assert_eq!(c.train, EpisodeSpec::new(train_ways, shots, 15), "{name}");
         assert_eq!(c.test, EpisodeSpec::new(5, shots, 15), "{name}");
         assert_eq!((c.meta_batch, c.test_episodes), (meta_batch, 600), "{name}");
         if method == "maml" {
-            let m = c.maml;
+            let m = *settings!(c, Maml);
             assert_eq!(
                 (m.ways, m.inner_steps, m.inner_steps_test, m.inner_lr, m.first_order),
                 (5, 5, 10, 0.01, false)
@@ -250,7 +251,7 @@ fn presets_point_at_mini_imagenet() {
         }
         if method == "protonet" {
             assert_eq!((c.schedule.lr, c.schedule.step, c.schedule.gamma), (1e-3, 2000, 0.5));
-            assert_eq!(c.backbone.embedding_dim(84, 84), 1600);
+            assert_eq!(conv4.embedding_dim(84, 84), 1600);
         }
     }
 }

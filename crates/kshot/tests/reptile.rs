@@ -9,8 +9,10 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{DType, Device, Tensor};
 use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
 use kshot::methods::reptile::{outer_update, InnerAdam};
-use kshot::methods::{Learner, Progress, ReptileConfig};
+use kshot::methods::reptile::{Progress, Reptile};
+use kshot::methods::{Learner, ReptileConfig};
 use kshot::train;
+use rand::SeedableRng;
 
 fn t(v: &[f64]) -> Tensor {
     Tensor::new(v, &Device::Cpu).unwrap()
@@ -82,7 +84,7 @@ fn outer_step_anneals_linearly_to_its_final_value() {
 }
 
 fn small_config(episodes: u64) -> kshot::config::RunConfig {
-    let mut c = kshot::presets::find("reptile-omniglot-5w1s").unwrap().build.clone()();
+    let mut c = kshot::presets::config("reptile-omniglot-5w1s").unwrap();
     c.data.image_size = 12;
     c.train = EpisodeSpec::new(5, 4, 0);
     c.test = EpisodeSpec::new(5, 1, 3);
@@ -90,9 +92,9 @@ fn small_config(episodes: u64) -> kshot::config::RunConfig {
     c.meta_batch = 2;
     c.seed = 3;
     c.checkpoint_every = 2;
-    c.backbone.hidden = 8;
-    c.backbone.blocks = 2;
-    c.reptile = ReptileConfig {
+    common::conv4(&mut c).hidden = 8;
+    common::conv4(&mut c).blocks = 2;
+    c.method = kshot::methods::MethodConfig::Reptile(ReptileConfig {
         ways: 5,
         inner_steps: 4,
         inner_steps_test: 10,
@@ -100,7 +102,7 @@ fn small_config(episodes: u64) -> kshot::config::RunConfig {
         inner_batch_test: 5,
         inner_lr: 0.003,
         ..ReptileConfig::default()
-    };
+    });
     c
 }
 
@@ -113,12 +115,16 @@ fn meta_step_moves_theta_along_phi_minus_theta() {
     let episodes: Vec<_> = (0..2).map(|i| sampler.episode(1, i, &Device::Cpu).unwrap()).collect();
     let after = |eps: f64| -> (Vec<f32>, Vec<f32>) {
         let mut c = small_config(10);
-        c.reptile.outer_step = eps;
-        c.reptile.outer_step_final = eps;
-        let mut learner = train::new_learner(&c).unwrap();
-        let before = flat(learner.as_ref());
+        settings!(c, Reptile).outer_step = eps;
+        settings!(c, Reptile).outer_step_final = eps;
+        let size = (c.data.image_size, c.data.image_size);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c.seed);
+        let mut learner =
+            Reptile::new(*settings!(c, Reptile), &c.backbone, size, &mut rng, &Device::Cpu)
+                .unwrap();
+        let before = flat(&learner);
         learner.meta_step(&episodes, Progress { step: 0, total: 10, seed: 1 }).unwrap();
-        (before, flat(learner.as_ref()))
+        (before, flat(&learner))
     };
     let (theta, full) = after(1.0);
     let (_, half) = after(0.5);
@@ -156,7 +162,7 @@ fn only_transductive_scoring_lets_queries_see_each_other() {
     .unwrap();
     for transductive in [false, true] {
         let mut c = small_config(1);
-        c.reptile.transductive = transductive;
+        settings!(c, Reptile).transductive = transductive;
         let learner = train::new_learner(&c).unwrap();
         let classifier = learner.adapt(&ep.support, &ep.support_labels, 5).unwrap();
         let a: Vec<f32> = classifier.logits(&ep.query).unwrap().get(0).unwrap().to_vec1().unwrap();
@@ -206,7 +212,7 @@ fn reptile_learns_held_out_synthetic_classes() {
     let tmp = common::tempdir("reptile");
     let dir = tmp.path().join("run");
     let mut config = small_config(1000);
-    config.reptile.inner_steps_test = 3;
+    settings!(config, Reptile).inner_steps_test = 3;
     config.checkpoint_every = 1000;
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
     let untrained = train::new_learner(&config).unwrap();

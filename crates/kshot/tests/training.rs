@@ -16,8 +16,8 @@ fn small_config(episodes: u64) -> kshot::config::RunConfig {
     c.seed = 11;
     c.validation = None;
     c.checkpoint_every = 2;
-    c.backbone.hidden = 8;
-    c.backbone.blocks = 2;
+    common::conv4(&mut c).hidden = 8;
+    common::conv4(&mut c).blocks = 2;
     c.schedule.step = 3;
     c
 }

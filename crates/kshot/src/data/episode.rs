@@ -54,6 +54,9 @@ pub struct EpisodeDraw {
 #[derive(Debug, Clone)]
 pub struct Episode {
     pub spec: EpisodeSpec,
+    /// The episode's index and the seed it was drawn under: (seed, index) alone determine it.
+    pub index: u64,
+    pub seed: u64,
     pub classes: Vec<usize>,
     /// [N·K, C, H, W]
     pub support: Tensor,
@@ -173,6 +176,8 @@ impl<'a> EpisodeSampler<'a> {
         };
         Ok(Episode {
             spec,
+            index,
+            seed,
             support: images_tensor(self.set, &draw.support, device)?,
             query: images_tensor(self.set, &draw.query, device)?,
             support_labels: labels(spec.shots),

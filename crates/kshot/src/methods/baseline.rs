@@ -1,8 +1,8 @@
 //! Baseline and Baseline++ (Chen, Liu, Kira, Wang & Huang 2019, "A Closer Look at Few-shot
 //! Classification"): the transfer-learning answer to meta-learning.
 //!
-//! Training owns its step (no episodes): Conv4 and a classifier over *all* base classes are trained
-//! with cross-entropy on ordinary mini-batches ([`Learner::own_training_step`]). The classifier is
+//! Training draws no episodes: the backbone and a classifier over *all* base classes are trained
+//! with cross-entropy on ordinary mini-batches ([`Baseline::batch_loss`]). The classifier is
 //! linear, `Wx + b` (Baseline), or cosine, `s · cos(x, w_c)` (Baseline++).
 //!
 //! At test time the backbone is frozen and a fresh head of the same kind is fine-tuned on the
@@ -24,14 +24,21 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Classifier, EpisodeOutput, Learner};
-use crate::data::{episode, Episode, ImageSet};
-use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet, Params, RunningStats};
+use super::{
+    Classifier, EpisodeOutput, Learner, Method, MethodConfig, Preset, SharedFlags, State, StepCtx,
+    StepOutput,
+};
+use crate::data::{episode, ImageSet};
+use crate::nn::{init, ops, Backbone, BackboneConfig, BnMode, Params};
+use crate::optim::StepDecay;
+use crate::protocol::Protocol;
 
 /// The classifier on top of the backbone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Head {
     /// `Wx + b` (Baseline).
+    #[default]
     Linear,
     /// `s · cos(x, w_c)` (Baseline++).
     Cosine,
@@ -39,6 +46,9 @@ pub enum Head {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BaselineConfig {
+    /// Linear (`baseline`) or cosine (`baseline++`).
+    #[serde(default)]
+    pub head: Head,
     /// Base classes of the pretraining head; 0 until the trainer fills it in from the training set.
     pub classes: usize,
     /// Images per pretraining mini-batch (one training step).
@@ -55,6 +65,7 @@ pub struct BaselineConfig {
 impl Default for BaselineConfig {
     fn default() -> Self {
         Self {
+            head: Head::Linear,
             classes: 0,
             batch_size: 64,
             finetune_epochs: 100,
@@ -82,17 +93,15 @@ const FINETUNE_SEED: u64 = 0x5eed_c4e1;
 pub struct Baseline {
     pub config: BaselineConfig,
     pub head: Head,
-    backbone: Conv4,
-    params: ParamSet,
-    running: RunningStats,
+    backbone: Box<dyn Backbone>,
+    state: State,
     dim: usize,
 }
 
 impl Baseline {
     pub fn new(
         config: BaselineConfig,
-        head: Head,
-        backbone: Conv4Config,
+        backbone: &BackboneConfig,
         image_size: usize,
         rng: &mut ChaCha8Rng,
         device: &Device,
@@ -105,16 +114,17 @@ impl Baseline {
         if config.batch_size == 0 || config.finetune_batch == 0 {
             candle_core::bail!("baseline: batch sizes must be at least 1");
         }
-        let dim = backbone.embedding_dim(image_size, image_size);
-        let backbone = Conv4::new(backbone);
+        let head = config.head;
+        let backbone = backbone.build();
+        let dim = backbone.embedding_dim(image_size, image_size)?;
         let mut params = backbone.init(rng, device)?;
         params
             .push("head.weight", init::torch_default(rng, &[config.classes, dim], dim, device)?)?;
         if head == Head::Linear {
             params.push("head.bias", init::torch_default(rng, &[config.classes], dim, device)?)?;
         }
-        let running = backbone.running_stats();
-        Ok(Self { config, head, backbone, params, running, dim })
+        let state = State::new(params, backbone.running_stats());
+        Ok(Self { config, head, backbone, state, dim })
     }
 
     fn head_logits(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -274,24 +284,47 @@ struct FineTuned<'a> {
 
 impl Classifier for FineTuned<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        let q =
-            self.net.backbone.forward(&self.params, query, BnMode::Running(&self.net.running))?;
+        let bn = BnMode::Running(&self.net.state.running);
+        let q = self.net.backbone.forward(&self.params, query, bn)?;
         self.net.head_logits(&q, &self.weight, self.bias.as_ref())
     }
 }
 
-impl Learner for Baseline {
-    fn method(&self) -> &'static str {
-        match self.head {
-            Head::Linear => "baseline",
-            Head::Cosine => "baseline++",
+impl Baseline {
+    /// The cross-entropy of one pretraining mini-batch of the base classes drawn from `rng`; folds
+    /// the batch statistics into the running averages.
+    pub fn batch_loss(&mut self, set: &ImageSet, mut rng: ChaCha8Rng) -> Result<EpisodeOutput> {
+        if set.classes.len() != self.config.classes {
+            candle_core::bail!(
+                "baseline: the head has {} classes but the training set {} has {}; train with the set the run was started on",
+                self.config.classes,
+                set.name,
+                set.classes.len()
+            );
         }
+        let picks: Vec<(usize, usize)> = (0..self.config.batch_size)
+            .map(|_| {
+                let class = rng.random_range(0..set.classes.len());
+                (class, rng.random_range(0..set.num_images(class)))
+            })
+            .collect();
+        let device = Device::Cpu;
+        let images = episode::images_tensor(set, &picks, &device)?;
+        let labels: Vec<u32> = picks.iter().map(|&(c, _)| c as u32).collect();
+        let labels = Tensor::new(labels.as_slice(), &device)?;
+        let params = self.state.params.values();
+        let bn = BnMode::Batch(Some(&mut self.state.running));
+        let feats = self.backbone.forward(&params, &images, bn)?;
+        let bias =
+            if self.head == Head::Linear { Some(params.get("head.bias")?.clone()) } else { None };
+        let logits = self.head_logits(&feats, params.get("head.weight")?, bias.as_ref())?;
+        let loss = ops::cross_entropy(&logits, &labels)?;
+        let accuracy = ops::accuracy(&logits, &labels)?;
+        Ok(EpisodeOutput { loss, accuracy })
     }
+}
 
-    fn params(&self) -> &ParamSet {
-        &self.params
-    }
-
+impl Learner for Baseline {
     fn adapt(
         &self,
         support: &Tensor,
@@ -301,8 +334,9 @@ impl Learner for Baseline {
         if labels.iter().any(|&l| l as usize >= ways) {
             candle_core::bail!("support label out of range for {ways} ways");
         }
-        let params = self.params.detached_values();
-        let feats = self.backbone.forward(&params, support, BnMode::Running(&self.running))?;
+        let params = self.state.params.detached_values();
+        let bn = BnMode::Running(&self.state.running);
+        let feats = self.backbone.forward(&params, support, bn)?;
         let x = feats.flatten_all()?.to_vec1::<f32>()?;
         let (w, b) = self.finetune(&x, labels, ways);
         let device = support.device();
@@ -314,57 +348,104 @@ impl Learner for Baseline {
         Ok(Box::new(FineTuned { net: self, params, weight, bias }))
     }
 
-    /// Episodes are not how Baseline trains; an episode's loss is its query loss after fine-tuning
-    /// a head on its support set (for validation-style use only, not differentiable).
-    fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
-        super::adapted_query_loss(self, episode)
+    /// Mini-batches of the base classes, not episodes.
+    fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
+        let out = self.batch_loss(ctx.training_set(), ctx.rng())?;
+        ctx.minimise(out)
     }
 
-    fn own_training_step(
-        &mut self,
-        set: &ImageSet,
-        seed: u64,
-        step: u64,
-    ) -> Result<Option<EpisodeOutput>> {
-        if set.classes.len() != self.config.classes {
-            candle_core::bail!(
-                "baseline: the head has {} classes but the training set {} has {}; train with the set the run was started on",
-                self.config.classes,
-                set.name,
-                set.classes.len()
-            );
+    fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn state_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+/// `kshot train` flags of Baseline / Baseline++.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct BaselineFlags {
+    /// Baseline / Baseline++: images per pretraining mini-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Baseline / Baseline++: fine-tuning epochs over each test support set.
+    #[arg(long)]
+    pub finetune_epochs: Option<usize>,
+}
+
+impl Method for BaselineConfig {
+    const NAMES: &'static [&'static str] = &["baseline", "baseline++"];
+    type Flags = BaselineFlags;
+
+    fn named(name: &str) -> Self {
+        let head = if name == "baseline++" { Head::Cosine } else { Head::Linear };
+        Self { head, ..Self::default() }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.head {
+            Head::Linear => "baseline",
+            Head::Cosine => "baseline++",
         }
-        let mut rng = episode::episode_rng(seed, step);
-        let picks: Vec<(usize, usize)> = (0..self.config.batch_size)
-            .map(|_| {
-                let class = rng.random_range(0..set.classes.len());
-                (class, rng.random_range(0..set.num_images(class)))
-            })
-            .collect();
-        let device = Device::Cpu;
-        let images = episode::images_tensor(set, &picks, &device)?;
-        let labels: Vec<u32> = picks.iter().map(|&(c, _)| c as u32).collect();
-        let labels = Tensor::new(labels.as_slice(), &device)?;
-        let params = self.params.values();
-        let feats =
-            self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
-        let bias =
-            if self.head == Head::Linear { Some(params.get("head.bias")?.clone()) } else { None };
-        let logits = self.head_logits(&feats, params.get("head.weight")?, bias.as_ref())?;
-        let loss = ops::cross_entropy(&logits, &labels)?;
-        let accuracy = ops::accuracy(&logits, &labels)?;
-        Ok(Some(EpisodeOutput { loss, accuracy }))
     }
 
-    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        self.running.named_tensors("")
+    fn set_name(&mut self, name: &str) {
+        self.head = if name == "baseline++" { Head::Cosine } else { Head::Linear };
     }
 
-    fn load_buffers(
-        &mut self,
-        tensors: &std::collections::HashMap<String, Tensor>,
-        origin: &std::path::Path,
-    ) -> anyhow::Result<()> {
-        self.running.load_from(tensors, "", origin)
+    fn apply(&mut self, flags: &BaselineFlags, _shared: &SharedFlags) -> anyhow::Result<()> {
+        self.batch_size = flags.batch_size.unwrap_or(self.batch_size);
+        self.finetune_epochs = flags.finetune_epochs.unwrap_or(self.finetune_epochs);
+        Ok(())
     }
+
+    fn build(
+        &self,
+        protocol: &Protocol,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Box<dyn Learner>> {
+        let size = protocol.data.image_size;
+        Ok(Box::new(Baseline::new(*self, &protocol.backbone, size, rng, device)?))
+    }
+
+    /// The pretraining head has one output per base class of the training set.
+    fn fit(&mut self, train_set: &ImageSet) -> anyhow::Result<()> {
+        let n = train_set.classes.len();
+        match self.classes {
+            0 => self.classes = n,
+            k if k != n => anyhow::bail!(
+                "the run's baseline head has {k} classes but the training set {} has {n}; train on the set the run was started with",
+                train_set.name
+            ),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn step_unit(&self, _protocol: &Protocol) -> String {
+        format!("training mini-batches of {} images", self.batch_size)
+    }
+
+    fn presets() -> Vec<Preset> {
+        vec![
+            Preset {
+                name: "baseline-omniglot",
+                summary: "Chen et al. 2019 Baseline: Conv4 + linear head over all 4112 Vinyals training classes, mini-batches of 64, Adam 1e-3; test: fine-tune a new head on the support set (100 epochs, batch 4, SGD 0.01)",
+                build: || omniglot(Head::Linear),
+            },
+            Preset {
+                name: "baseline++-omniglot",
+                summary: "Chen et al. 2019 Baseline++: as baseline-omniglot with a cosine head (scale 10 in pretraining, 2 when fine-tuning)",
+                build: || omniglot(Head::Cosine),
+            },
+        ]
+    }
+}
+
+fn omniglot(head: Head) -> (Protocol, MethodConfig) {
+    let mut p = Protocol::omniglot(1);
+    p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    (p, MethodConfig::Baseline(BaselineConfig { head, ..BaselineConfig::default() }))
 }

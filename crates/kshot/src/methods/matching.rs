@@ -14,9 +14,14 @@ use candle_core::{Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Classifier, EpisodeOutput, Learner};
-use crate::data::Episode;
-use crate::nn::{ops, BnMode, Conv4, Conv4Config, LstmCell, ParamSet, Params, RunningStats};
+use super::{
+    Classifier, EpisodeOutput, Learner, Method, MethodConfig, Preset, SharedFlags, State, StepCtx,
+    StepOutput,
+};
+use crate::data::{Episode, EpisodeSpec};
+use crate::nn::{ops, Backbone, BackboneConfig, BnMode, LstmCell, Params};
+use crate::optim::StepDecay;
+use crate::protocol::Protocol;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MatchingConfig {
@@ -36,9 +41,8 @@ impl Default for MatchingConfig {
 
 pub struct MatchingNet {
     pub config: MatchingConfig,
-    backbone: Conv4,
-    params: ParamSet,
-    running: RunningStats,
+    backbone: Box<dyn Backbone>,
+    state: State,
     dim: usize,
     g_cell: LstmCell,
     f_cell: LstmCell,
@@ -48,7 +52,7 @@ impl MatchingNet {
     /// `image_size`: side of the (square) inputs, which fixes the embedding width the LSTMs take.
     pub fn new(
         config: MatchingConfig,
-        backbone: Conv4Config,
+        backbone: &BackboneConfig,
         image_size: usize,
         rng: &mut ChaCha8Rng,
         device: &Device,
@@ -56,8 +60,8 @@ impl MatchingNet {
         if config.fce && config.fce_steps == 0 {
             candle_core::bail!("matching networks: --fce-steps must be at least 1");
         }
-        let dim = backbone.embedding_dim(image_size, image_size);
-        let backbone = Conv4::new(backbone);
+        let backbone = backbone.build();
+        let dim = backbone.embedding_dim(image_size, image_size)?;
         let mut params = backbone.init(rng, device)?;
         let g_cell = LstmCell::new(dim, dim, dim);
         let f_cell = LstmCell::new(dim, 2 * dim, dim);
@@ -66,8 +70,8 @@ impl MatchingNet {
             g_cell.init("fce.g_bwd", &mut params, rng, device)?;
             f_cell.init("fce.f", &mut params, rng, device)?;
         }
-        let running = backbone.running_stats();
-        Ok(Self { config, backbone, params, running, dim, g_cell, f_cell })
+        let state = State::new(params, backbone.running_stats());
+        Ok(Self { config, backbone, state, dim, g_cell, f_cell })
     }
 
     /// g(xᵢ, S) for support embeddings `g` [n, D] (the identity without FCE).
@@ -142,38 +146,21 @@ struct Matcher<'a> {
 
 impl Classifier for Matcher<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        let q =
-            self.net.backbone.forward(&self.params, query, BnMode::Running(&self.net.running))?;
+        let bn = BnMode::Running(&self.net.state.running);
+        let q = self.net.backbone.forward(&self.params, query, bn)?;
         self.net.classify(&self.params, &self.support, &q, &self.labels, self.ways)
     }
 }
 
-impl Learner for MatchingNet {
-    fn method(&self) -> &'static str {
-        "matching"
-    }
-
-    fn params(&self) -> &ParamSet {
-        &self.params
-    }
-
-    fn adapt(
-        &self,
-        support: &Tensor,
-        labels: &[u32],
-        ways: usize,
-    ) -> Result<Box<dyn Classifier + '_>> {
-        let params = self.params.detached_values();
-        let support = self.backbone.forward(&params, support, BnMode::Running(&self.running))?;
-        Ok(Box::new(Matcher { net: self, params, support, labels: labels.to_vec(), ways }))
-    }
-
-    fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
+impl MatchingNet {
+    /// The query loss of one training episode; folds the batch statistics into the running
+    /// averages.
+    pub fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
         let n_support = episode.support_labels.len();
         let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
-        let params = self.params.values();
-        let emb =
-            self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
+        let params = self.state.params.values();
+        let bn = BnMode::Batch(Some(&mut self.state.running));
+        let emb = self.backbone.forward(&params, &images, bn)?;
         let support = emb.narrow(0, 0, n_support)?;
         let query = emb.narrow(0, n_support, emb.dim(0)? - n_support)?;
         let logits =
@@ -183,16 +170,112 @@ impl Learner for MatchingNet {
         let accuracy = ops::accuracy(&logits, &labels)?;
         Ok(EpisodeOutput { loss, accuracy })
     }
+}
 
-    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        self.running.named_tensors("")
+impl Learner for MatchingNet {
+    fn adapt(
+        &self,
+        support: &Tensor,
+        labels: &[u32],
+        ways: usize,
+    ) -> Result<Box<dyn Classifier + '_>> {
+        let params = self.state.params.detached_values();
+        let bn = BnMode::Running(&self.state.running);
+        let support = self.backbone.forward(&params, support, bn)?;
+        Ok(Box::new(Matcher { net: self, params, support, labels: labels.to_vec(), ways }))
     }
 
-    fn load_buffers(
-        &mut self,
-        tensors: &std::collections::HashMap<String, Tensor>,
-        origin: &std::path::Path,
-    ) -> anyhow::Result<()> {
-        self.running.load_from(tensors, "", origin)
+    fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
+        super::episodic_step(ctx, |episodes| {
+            super::mean_episode_loss(episodes, |ep| self.episode_loss(ep))
+        })
     }
+
+    fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn state_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+/// `kshot train` flags of Matching Networks.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MatchingFlags {
+    /// Matching Networks: full-context embeddings (biLSTM over the support, attention LSTM for queries).
+    #[arg(long)]
+    pub fce: bool,
+    /// Matching Networks: read steps of the attention LSTM (with --fce).
+    #[arg(long)]
+    pub fce_steps: Option<usize>,
+    /// Matching Networks: multiply cosine similarities by this before the attention softmax (paper: 1).
+    #[arg(long)]
+    pub attention_scale: Option<f64>,
+}
+
+impl Method for MatchingConfig {
+    const NAMES: &'static [&'static str] = &["matching"];
+    type Flags = MatchingFlags;
+
+    fn named(_name: &str) -> Self {
+        Self::default()
+    }
+
+    fn name(&self) -> &'static str {
+        "matching"
+    }
+
+    fn apply(&mut self, flags: &MatchingFlags, _shared: &SharedFlags) -> anyhow::Result<()> {
+        self.fce |= flags.fce;
+        self.fce_steps = flags.fce_steps.unwrap_or(self.fce_steps);
+        self.attention_scale = flags.attention_scale.unwrap_or(self.attention_scale);
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        protocol: &Protocol,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Box<dyn Learner>> {
+        let size = protocol.data.image_size;
+        Ok(Box::new(MatchingNet::new(*self, &protocol.backbone, size, rng, device)?))
+    }
+
+    fn presets() -> Vec<Preset> {
+        vec![
+            Preset {
+                name: "matching-omniglot-5way-1shot",
+                summary: "Vinyals et al. 2016, Omniglot (Vinyals split): Matching Networks, cosine attention, no FCE (--fce adds it); train and test 5-way 1-shot 15-query, Adam 1e-3",
+                build: || omniglot(5, 1),
+            },
+            Preset {
+                name: "matching-omniglot-5way-5shot",
+                summary: "Matching Networks, Omniglot: train and test 5-way 5-shot",
+                build: || omniglot(5, 5),
+            },
+            Preset {
+                name: "matching-omniglot-20way-1shot",
+                summary: "Matching Networks, Omniglot: train and test 20-way 1-shot",
+                build: || omniglot(20, 1),
+            },
+            Preset {
+                name: "matching-omniglot-20way-5shot",
+                summary: "Matching Networks, Omniglot: train and test 20-way 5-shot",
+                build: || omniglot(20, 5),
+            },
+        ]
+    }
+}
+
+fn omniglot(ways: usize, shots: usize) -> (Protocol, MethodConfig) {
+    let mut p = Protocol::omniglot(shots);
+    p.train = EpisodeSpec::new(ways, shots, 15);
+    p.test = EpisodeSpec::new(ways, shots, 15);
+    p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    if let Some(v) = &mut p.validation {
+        v.spec = p.test;
+    }
+    (p, MethodConfig::Matching(MatchingConfig::default()))
 }

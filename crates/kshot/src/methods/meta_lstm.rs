@@ -18,7 +18,8 @@
 //! step, the query batch when scoring).
 //!
 //! The meta-learner runs in a fused kernel ([`kernels::meta_lstm_unroll`]) with an explicit
-//! backward pass; the learner's gradients come from Conv4's explicit backward pass. Training
+//! backward pass; the learner's gradients come from its backbone's explicit backward pass when it
+//! has one. Training
 //! returns a surrogate loss whose value is the query loss and whose gradient is the meta-gradient,
 //! clipped in norm as in the paper's code ([`MetaLstmConfig::grad_clip`]). The candle-graph
 //! implementation ([`MetaLstm::reference_query_loss`]) computes the same function and is kept as
@@ -29,10 +30,17 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Classifier, EpisodeOutput, Learner};
-use crate::data::Episode;
+use super::{
+    Classifier, EpisodeOutput, Learner, Method, MethodConfig, Preset, SharedFlags, State, StepCtx,
+    StepOutput,
+};
+use crate::data::{Episode, EpisodeSpec};
 use crate::kernels::{self, MetaLstmGrads, MetaLstmUnroll, MetaLstmWeights};
-use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet, Params};
+use crate::nn::head::{self, Graph};
+use crate::nn::RunningStats;
+use crate::nn::{init, ops, Backbone, BackboneConfig, BnMode, Conv4Config, ParamSet, Params};
+use crate::optim::StepDecay;
+use crate::protocol::{DataConfig, Protocol, Validation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MetaLstmConfig {
@@ -139,8 +147,8 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 pub struct MetaLstm {
     pub config: MetaLstmConfig,
-    backbone: Conv4,
-    params: ParamSet,
+    backbone: Box<dyn Backbone>,
+    state: State,
     /// The learner's parameters (without the `learner.` prefix) and their shapes, in c's order.
     learner: Vec<(String, Vec<usize>)>,
 }
@@ -150,17 +158,17 @@ impl MetaLstm {
     /// meta-learner over its coordinates.
     pub fn new(
         config: MetaLstmConfig,
-        backbone: Conv4Config,
-        (height, width): (usize, usize),
+        backbone: &BackboneConfig,
+        size: (usize, usize),
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> Result<Self> {
         if config.hidden == 0 {
             candle_core::bail!("the meta-learner LSTM needs at least 1 hidden unit")
         }
-        let backbone = Conv4::new(backbone);
+        let backbone = backbone.build();
         let learner_init =
-            backbone.init_with_linear_head((height, width), config.ways, rng, device)?;
+            head::init_linear_head(backbone.as_ref(), size, config.ways, rng, device)?;
         let mut params = ParamSet::new();
         let mut learner = Vec::new();
         for (name, var) in learner_init.iter() {
@@ -182,7 +190,8 @@ impl MetaLstm {
         let bf: f32 = rng.random_range(4.0..6.0);
         params.push("gate_i.bias", Tensor::new(&[bi], device)?)?;
         params.push("gate_f.bias", Tensor::new(&[bf], device)?)?;
-        Ok(Self { config, backbone, params, learner })
+        let state = State::new(params, RunningStats::empty());
+        Ok(Self { config, backbone, state, learner })
     }
 
     /// The number of learner coordinates P.
@@ -220,25 +229,27 @@ impl MetaLstm {
     /// [B, ways] logits of the learner with weights `c`, batch statistics of `x`.
     pub fn logits(&self, c: &Tensor, x: &Tensor) -> Result<Tensor> {
         let params = self.learner_params(c)?;
-        self.backbone.linear_head_logits(&params, x, BnMode::Batch(None))
+        head::linear_logits(self.backbone.as_ref(), &params, x, BnMode::Batch(None))
     }
 
     /// The learner's loss at `c` (detached from anything before it), its gradient with respect to
-    /// c (shaped like c) and its logits: by Conv4's explicit backward pass, or by candle's with the
-    /// composite kernels.
+    /// c (shaped like c) and its logits: by the backbone's explicit backward pass, or by candle's.
     fn loss_and_grad(
         &self,
         c: &Tensor,
         images: &Tensor,
         labels: &Tensor,
     ) -> Result<(f64, Tensor, Tensor)> {
-        if !self.backbone.config.fast_kernels {
+        if self.backbone.explicit_backward().is_none() {
             return self.graph_loss_and_grad(c, images, labels);
         }
-        let out = self.backbone.linear_head_loss_and_grad(
-            &self.learner_params(&c.detach())?,
+        let params = self.learner_params(&c.detach())?;
+        let out = head::linear_loss_and_grad(
+            self.backbone.as_ref(),
+            &params,
             images,
             labels,
+            Graph::Detached,
         )?;
         let grad = self.flatten_learner(&out.grads, "")?.reshape(c.shape())?;
         Ok((scalar(&out.loss)?, grad, out.logits))
@@ -255,10 +266,7 @@ impl MetaLstm {
         let logits = self.logits(var.as_tensor(), images)?;
         let loss = ops::cross_entropy(&logits, labels)?;
         let store = loss.backward()?;
-        let grad = match store.get(var.as_tensor()) {
-            Some(g) => g.detach(),
-            None => var.as_tensor().zeros_like()?,
-        };
+        let grad = head::required_grad(&store, var.as_tensor(), "learner")?.detach();
         Ok((scalar(&loss)?, grad, logits.detach()))
     }
 
@@ -468,15 +476,43 @@ impl Classifier for Adapted<'_> {
     }
 }
 
+impl MetaLstm {
+    /// The query loss of one training episode, with the (clipped) first-order meta-gradient as
+    /// its gradient.
+    pub fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
+        self.meta_batch_loss(std::slice::from_ref(episode))
+    }
+
+    /// The mean query loss, with the mean first-order meta-gradient, clipped to
+    /// [`MetaLstmConfig::grad_clip`], as its gradient.
+    pub fn meta_batch_loss(&self, episodes: &[Episode]) -> Result<EpisodeOutput> {
+        if episodes.is_empty() {
+            candle_core::bail!("a meta-batch needs at least one episode")
+        }
+        let meta = self.state.params.detached_values();
+        let tasks = episodes
+            .iter()
+            .map(|ep| self.meta_gradient(&meta, ep, self.config.inner_steps))
+            .collect::<Result<Vec<_>>>()?;
+        let n = tasks.len() as f64;
+        let mean = super::mean_gradient(&self.state.params, tasks.iter().map(|t| &t.grads))?;
+        let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
+        let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
+        let loss = super::surrogate_loss(
+            &self.state.params,
+            &clip_norm(mean, self.config.grad_clip)?,
+            query_loss,
+        )?;
+        Ok(EpisodeOutput { loss, accuracy })
+    }
+
+    /// The meta-parameters (c_0 as `learner.*`, then the meta-learner's weights).
+    pub fn meta_params(&self) -> &ParamSet {
+        &self.state.params
+    }
+}
+
 impl Learner for MetaLstm {
-    fn method(&self) -> &'static str {
-        "meta-lstm"
-    }
-
-    fn params(&self) -> &ParamSet {
-        &self.params
-    }
-
     fn adapt(
         &self,
         support: &Tensor,
@@ -485,48 +521,121 @@ impl Learner for MetaLstm {
     ) -> Result<Box<dyn Classifier + '_>> {
         super::ensure_ways("Meta-LSTM", self.config.ways, ways)?;
         let labels = Tensor::new(labels, support.device())?;
-        let meta = self.params.detached_values();
+        let meta = self.state.params.detached_values();
         let (c, _) = self.unroll(&meta, support, &labels, self.config.inner_steps_test, None)?;
         Ok(Box::new(Adapted { net: self, c }))
     }
 
-    /// The query loss, with the (clipped) first-order meta-gradient as its gradient.
-    fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
-        self.meta_batch_loss(std::slice::from_ref(episode))
+    fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
+        super::episodic_step(ctx, |episodes| self.meta_batch_loss(episodes))
     }
 
-    /// The mean query loss, with the mean first-order meta-gradient, clipped to
-    /// [`MetaLstmConfig::grad_clip`], as its gradient.
-    fn meta_batch_loss(&mut self, episodes: &[Episode]) -> Result<EpisodeOutput> {
-        if episodes.is_empty() {
-            candle_core::bail!("a meta-batch needs at least one episode")
+    fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn state_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+/// Meta-LSTM has no flags of its own (the inner-loop flags are shared: [`SharedFlags`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MetaLstmFlags {}
+
+impl Method for MetaLstmConfig {
+    const NAMES: &'static [&'static str] = &["meta-lstm"];
+    type Flags = MetaLstmFlags;
+    const READS_SHARED_FLAGS: bool = true;
+
+    fn named(_name: &str) -> Self {
+        Self::default()
+    }
+
+    fn name(&self) -> &'static str {
+        "meta-lstm"
+    }
+
+    fn apply(&mut self, _flags: &MetaLstmFlags, shared: &SharedFlags) -> anyhow::Result<()> {
+        if shared.inner_lr.is_some() {
+            anyhow::bail!("--inner-lr does not apply to meta-lstm: its learning rates are the learned input gates");
         }
-        let meta = self.params.detached_values();
-        let tasks = episodes
-            .iter()
-            .map(|ep| self.meta_gradient(&meta, ep, self.config.inner_steps))
-            .collect::<Result<Vec<_>>>()?;
-        let n = tasks.len() as f64;
-        let mean = super::mean_gradient(&self.params, tasks.iter().map(|t| &t.grads))?;
-        let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
-        let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
-        let loss = super::surrogate_loss(
-            &self.params,
-            &clip_norm(mean, self.config.grad_clip)?,
-            query_loss,
-        )?;
-        Ok(EpisodeOutput { loss, accuracy })
-    }
-
-    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(Vec::new())
-    }
-
-    fn load_buffers(
-        &mut self,
-        _tensors: &std::collections::HashMap<String, Tensor>,
-        _origin: &std::path::Path,
-    ) -> anyhow::Result<()> {
+        self.inner_steps = shared.inner_steps.unwrap_or(self.inner_steps);
+        self.inner_steps_test = shared.inner_steps_test.unwrap_or(self.inner_steps_test);
         Ok(())
     }
+
+    fn build(
+        &self,
+        protocol: &Protocol,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Box<dyn Learner>> {
+        super::ensure_train_ways("meta-lstm", self.ways, protocol)?;
+        let size = protocol.data.image_size;
+        Ok(Box::new(MetaLstm::new(*self, &protocol.backbone, (size, size), rng, device)?))
+    }
+
+    fn ways_mut(&mut self) -> Option<&mut usize> {
+        Some(&mut self.ways)
+    }
+
+    fn presets() -> Vec<Preset> {
+        vec![
+            Preset {
+                name: "meta-lstm-miniimagenet-5w1s",
+                summary: "Ravi & Larochelle 2017, miniImageNet 5-way 1-shot (Ravi split): Conv4 learner with 32 filters, 84×84, T=12 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
+                build: || mini_imagenet(1),
+            },
+            Preset {
+                name: "meta-lstm-miniimagenet-5w5s",
+                summary: "Ravi & Larochelle 2017, miniImageNet 5-way 5-shot (Ravi split): Conv4 learner with 32 filters, 84×84, T=5 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
+                build: || mini_imagenet(5),
+            },
+            Preset {
+                name: "meta-lstm-omniglot-5w1s",
+                summary: "Meta-LSTM on Omniglot 5-way 1-shot with the paper's 1-shot miniImageNet settings (not a protocol of the paper): Conv4 learner with 32 filters, T=12, 15 queries per class, LSTM 20 hidden, Adam 1e-3, 20 000 episodes; 600 test tasks",
+                build: omniglot,
+            },
+        ]
+    }
+}
+
+/// Meta-LSTM as in Ravi & Larochelle 2017: a 32-filter Conv4 learner, 15 queries per class, T = 12
+/// updates for 1-shot and 5 for 5-shot, each on the whole support set (their batch sizes 5 / 25).
+fn mini_imagenet(shots: usize) -> (Protocol, MethodConfig) {
+    let mut p = Protocol::omniglot(shots);
+    p.data = DataConfig::mini_imagenet();
+    p.backbone = BackboneConfig::Conv4(Conv4Config { hidden: 32, ..Conv4Config::new(3) });
+    p.train = EpisodeSpec::new(5, shots, 15);
+    let steps = if shots == 1 { 12 } else { 5 };
+    let m = MetaLstmConfig {
+        ways: 5,
+        inner_steps: steps,
+        inner_steps_test: steps,
+        ..MetaLstmConfig::default()
+    };
+    p.episodes = 50_000;
+    p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    p.validation =
+        Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 100, every: 1000 });
+    p.test = EpisodeSpec::new(5, shots, 15);
+    p.test_episodes = 600;
+    p.checkpoint_every = 100;
+    (p, MethodConfig::MetaLstm(m))
+}
+
+/// Meta-LSTM's 1-shot settings on Omniglot 28×28 (runnable without miniImageNet).
+fn omniglot() -> (Protocol, MethodConfig) {
+    let mut p = Protocol::omniglot(1);
+    p.data.train_subset = "trainval".into();
+    p.backbone = BackboneConfig::Conv4(Conv4Config { hidden: 32, ..Conv4Config::new(1) });
+    p.train = EpisodeSpec::new(5, 1, 15);
+    p.episodes = 20_000;
+    p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    p.validation = None;
+    p.test = EpisodeSpec::new(5, 1, 15);
+    p.test_episodes = 600;
+    p.checkpoint_every = 100;
+    (p, MethodConfig::MetaLstm(MetaLstmConfig { ways: 5, ..MetaLstmConfig::default() }))
 }

@@ -1,5 +1,12 @@
 //! Learners, one file per method. A learner with meta-parameters θ turns a support set into a
-//! task classifier, f_θ(S) = m_ψ, and is meta-trained on the query loss of that classifier.
+//! task classifier, f_θ(S) = m_ψ ([`Learner::adapt`], the one inference path of eval, Lake and
+//! predict), and is trained one step at a time ([`Learner::train_step`]) against a [`StepCtx`]
+//! that hands out the step's episodes or raw data and the optimisers the method registered.
+//! Everything a learner must keep between steps is its [`State`], which the trainer saves and
+//! restores whole, so exact resume needs nothing from a new method.
+//!
+//! A method is one file and one line of the [`methods!`] list below: the file defines its settings
+//! (a [`Method`]: names, CLI flags, builder, presets) and its learner.
 
 pub mod baseline;
 pub mod maml;
@@ -9,10 +16,16 @@ pub mod protonet;
 pub mod reptile;
 pub mod siamese;
 
-use candle_core::{Result, Tensor};
+use std::collections::BTreeMap;
 
-use crate::data::{Episode, ImageSet};
-use crate::nn::{BnMode, Conv4, ParamSet, Params};
+use candle_core::{Device, Result, Tensor};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Episode, EpisodeSampler, ImageSet};
+use crate::nn::{ParamSet, Params, RunningStats};
+use crate::optim::{Adam, AdamConfig};
+use crate::protocol::Protocol;
 
 pub use baseline::{Baseline, BaselineConfig, Head};
 pub use maml::{Maml, MamlConfig};
@@ -28,39 +41,7 @@ pub trait Classifier {
     fn logits(&self, query: &Tensor) -> Result<Tensor>;
 }
 
-/// The query loss of one training episode and the accuracy of its arg-max predictions.
-pub struct EpisodeOutput {
-    pub loss: Tensor,
-    pub accuracy: f64,
-}
-
-/// Where training stands when a learner takes its own meta-update ([`Learner::meta_step`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    /// Meta-updates done before this one (0-based).
-    pub step: u64,
-    /// Meta-updates the run will take in all.
-    pub total: u64,
-    /// The run's seed, for any randomness of the update itself (e.g. mini-batch order).
-    pub seed: u64,
-}
-
-/// What a self-updating learner reports for one meta-update.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepOutput {
-    pub loss: f64,
-    pub accuracy: f64,
-    /// The step size the update used (logged in place of the trainer's learning rate).
-    pub step_size: f64,
-}
-
-pub trait Learner {
-    /// The method's name as the CLI spells it.
-    fn method(&self) -> &'static str;
-
-    /// The meta-parameters θ.
-    fn params(&self) -> &ParamSet;
-
+pub trait Learner: Send {
     /// f_θ(S) = m_ψ, in inference mode. `labels` are in 0..ways.
     fn adapt(
         &self,
@@ -69,75 +50,256 @@ pub trait Learner {
         ways: usize,
     ) -> Result<Box<dyn Classifier + '_>>;
 
-    /// Query loss of one training episode, differentiable with respect to [`Learner::params`].
-    /// Training mode: may update non-trainable state such as batch-norm running statistics.
-    fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput>;
+    /// One training step (an optimiser update, or the method's own update).
+    fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput>;
 
-    /// The mean query loss of a meta-batch of episodes. Learners whose tasks are independent
-    /// override this to run them in parallel.
-    fn meta_batch_loss(&mut self, episodes: &[Episode]) -> Result<EpisodeOutput> {
-        let mut total: Option<Tensor> = None;
-        let mut accuracy = 0.0;
-        for ep in episodes {
-            let out = self.episode_loss(ep)?;
-            accuracy += out.accuracy;
-            total = Some(match total {
-                Some(t) => (t + out.loss)?,
-                None => out.loss,
-            });
-        }
-        let n = episodes.len().max(1) as f64;
-        let total = total.ok_or_else(|| {
-            candle_core::Error::Msg("a meta-batch needs at least one episode".into())
-        })?;
-        Ok(EpisodeOutput { loss: (total / n)?, accuracy: accuracy / n })
+    /// Everything that must survive between steps: saved and restored whole by the trainer.
+    fn state(&self) -> &State;
+    fn state_mut(&mut self) -> &mut State;
+
+    /// The optimisers the trainer keeps for this learner, each over a set of its parameters and
+    /// stepped through [`StepCtx::minimise`]. Default: one Adam, `adam`, over every parameter.
+    /// A learner that updates its parameters itself (Reptile) registers none.
+    fn optimisers(&self) -> Vec<OptimiserSpec> {
+        vec![OptimiserSpec::all("adam")]
     }
 
-    /// Methods whose training is not the query loss of episodes own their training step: Siamese
-    /// networks train on same/different pairs, Baseline / Baseline++ on ordinary mini-batches of
-    /// the base classes. Such a method returns the loss of training step `step`, drawn from `set`
-    /// deterministically in (`seed`, `step`) so that resume stays exact; the trainer then takes the
-    /// same gradient step, checkpoints and resumes as for episodic learners.
-    /// `None` (the default): the trainer draws an episode and calls [`Learner::episode_loss`].
-    fn own_training_step(
+    /// The meta-parameters θ.
+    fn params(&self) -> &ParamSet {
+        &self.state().params
+    }
+}
+
+/// A learner's whole state between training steps.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    /// Trainable parameters.
+    pub params: ParamSet,
+    /// Batch-norm running statistics.
+    pub running: RunningStats,
+    /// Any other tensors the learner keeps (e.g. Reptile's inner optimiser), saved verbatim.
+    pub extra: BTreeMap<String, Tensor>,
+}
+
+impl State {
+    pub fn new(params: ParamSet, running: RunningStats) -> Self {
+        Self { params, running, extra: BTreeMap::new() }
+    }
+
+    /// Non-trainable tensors: running statistics, then `extra`.
+    pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = self.running.named_tensors("")?;
+        out.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(out)
+    }
+
+    /// Overwrites the whole state from `params` and `buffers` (saved by [`State::buffers`]);
+    /// every tensor the state holds must be there with its shape.
+    pub fn load(
         &mut self,
-        _set: &ImageSet,
-        _seed: u64,
-        _step: u64,
-    ) -> Result<Option<EpisodeOutput>> {
-        Ok(None)
+        params: &std::collections::HashMap<String, Tensor>,
+        param_prefix: &str,
+        buffers: &std::collections::HashMap<String, Tensor>,
+        buffer_prefix: &str,
+        origin: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        self.params.load_from(params, param_prefix, origin)?;
+        self.running.load_from(buffers, buffer_prefix, origin)?;
+        for (name, slot) in self.extra.iter_mut() {
+            let key = format!("{buffer_prefix}{name}");
+            let t = buffers.get(&key).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: tensor `{key}` is missing; the file was not written by this model",
+                    origin.display()
+                )
+            })?;
+            anyhow::ensure!(
+                t.dims() == slot.dims(),
+                "{}: `{key}` has shape {:?}, the model expects {:?}",
+                origin.display(),
+                t.dims(),
+                slot.dims()
+            );
+            *slot = t.to_dtype(slot.dtype())?;
+        }
+        Ok(())
+    }
+}
+
+/// An optimiser a learner registers: its name and the parameters it steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptimiserSpec {
+    pub name: &'static str,
+    /// Parameter names; `None`: all of them.
+    pub params: Option<Vec<String>>,
+}
+
+impl OptimiserSpec {
+    pub fn all(name: &'static str) -> Self {
+        Self { name, params: None }
+    }
+}
+
+/// The optimisers of one training run, by name, in the order the learner registered them.
+pub struct Optimisers(Vec<Adam>);
+
+impl Optimisers {
+    pub fn new(state: &State, specs: &[OptimiserSpec], config: AdamConfig) -> Result<Self> {
+        let mut list = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let vars = state
+                .params
+                .iter()
+                .filter(|(n, _)| spec.params.as_ref().is_none_or(|p| p.iter().any(|q| q == n)))
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect();
+            list.push(Adam::named(spec.name, vars, config)?);
+        }
+        Ok(Self(list))
     }
 
-    /// True for methods whose meta-update is not "backprop the query loss, step Adam" (Reptile).
-    /// The trainer then calls [`Learner::meta_step`] instead, and takes no optimiser step of its
-    /// own; any optimiser state the learner keeps must be in [`Learner::buffers`] so that it is
-    /// checkpointed and resume stays exact.
-    fn owns_update(&self) -> bool {
-        false
+    pub fn get_mut(&mut self, name: &str) -> anyhow::Result<&mut Adam> {
+        self.0
+            .iter_mut()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| anyhow::anyhow!("the learner registered no optimiser `{name}`"))
     }
 
-    /// One meta-update over a meta-batch of episodes, applied to [`Learner::params`] in place.
-    /// Only called when [`Learner::owns_update`] is true.
-    fn meta_step(&mut self, _episodes: &[Episode], _progress: Progress) -> Result<StepOutput> {
-        candle_core::bail!("{} is trained through its query loss, not meta_step", self.method())
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for a in &self.0 {
+            out.extend(a.state_tensors()?);
+        }
+        Ok(out)
     }
 
-    /// Non-trainable state saved beside the parameters (e.g. batch-norm running statistics).
-    fn buffers(&self) -> Result<Vec<(String, Tensor)>>;
-
-    fn load_buffers(
+    pub fn load_state(
         &mut self,
         tensors: &std::collections::HashMap<String, Tensor>,
         origin: &std::path::Path,
-    ) -> anyhow::Result<()>;
+    ) -> anyhow::Result<()> {
+        self.0.iter_mut().try_for_each(|a| a.load_state(tensors, origin))
+    }
+}
+
+/// What one training step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutput {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// The step size the update used (the schedule's learning rate, or the method's own).
+    pub lr: f64,
+}
+
+/// The query loss of one training episode (or a meta-batch, or a mini-batch) and the accuracy
+/// of its arg-max predictions; `loss` is differentiable with respect to the learner's parameters.
+pub struct EpisodeOutput {
+    pub loss: Tensor,
+    pub accuracy: f64,
+}
+
+/// What a learner sees of training at one step.
+pub struct StepCtx<'a> {
+    /// Steps done before this one (0-based).
+    pub step: u64,
+    /// Steps the run takes in all.
+    pub total: u64,
+    /// The run's seed.
+    pub seed: u64,
+    /// The schedule's learning rate at this step.
+    pub lr: f64,
+    /// Episodes per step.
+    pub meta_batch: usize,
+    sampler: &'a EpisodeSampler<'a>,
+    optimisers: &'a mut Optimisers,
+    device: Device,
+}
+
+impl<'a> StepCtx<'a> {
+    pub fn new(
+        (step, total, seed): (u64, u64, u64),
+        lr: f64,
+        meta_batch: usize,
+        sampler: &'a EpisodeSampler<'a>,
+        optimisers: &'a mut Optimisers,
+    ) -> Self {
+        Self { step, total, seed, lr, meta_batch, sampler, optimisers, device: Device::Cpu }
+    }
+
+    /// The episodes of this step: indices step·B … step·B + B − 1 for a meta-batch of B, each
+    /// drawn from (seed, index) alone.
+    pub fn episodes(&self) -> Result<Vec<Episode>> {
+        let batch = self.meta_batch.max(1) as u64;
+        (self.step * batch..(self.step + 1) * batch)
+            .map(|index| self.sampler.episode(self.seed, index, &self.device))
+            .collect()
+    }
+
+    /// The training classes, for methods that draw their own batches.
+    pub fn training_set(&self) -> &'a ImageSet {
+        self.sampler.set()
+    }
+
+    /// The random stream of this step, for methods that draw their own batches: a function of
+    /// (seed, step) alone, so a resumed run draws the same.
+    pub fn rng(&self) -> ChaCha8Rng {
+        crate::data::episode::episode_rng(self.seed, self.step)
+    }
+
+    /// Backpropagates `out.loss` and steps optimiser `name` at the schedule's learning rate.
+    pub fn minimise_with(&mut self, name: &str, out: EpisodeOutput) -> anyhow::Result<StepOutput> {
+        let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !loss.is_finite() {
+            anyhow::bail!(
+                "training diverged at episode {} (loss {loss}); lower the learning rate (--lr)",
+                self.step
+            );
+        }
+        let grads = out.loss.backward()?;
+        self.optimisers.get_mut(name)?.step(&grads, self.lr)?;
+        Ok(StepOutput { loss, accuracy: out.accuracy, lr: self.lr })
+    }
+
+    /// [`StepCtx::minimise_with`] the default optimiser, `adam`.
+    pub fn minimise(&mut self, out: EpisodeOutput) -> anyhow::Result<StepOutput> {
+        self.minimise_with("adam", out)
+    }
+}
+
+/// The episodic protocol (ProtoNet, Matching Networks, MAML, Meta-LSTM): draw the step's
+/// meta-batch, take the learner's mean query loss over it, step Adam.
+pub fn episodic_step(
+    ctx: &mut StepCtx,
+    query_loss: impl FnOnce(&[Episode]) -> Result<EpisodeOutput>,
+) -> anyhow::Result<StepOutput> {
+    let episodes = ctx.episodes()?;
+    let out = query_loss(&episodes)?;
+    ctx.minimise(out)
+}
+
+/// The mean of per-episode query losses over a meta-batch.
+pub fn mean_episode_loss(
+    episodes: &[Episode],
+    mut loss: impl FnMut(&Episode) -> Result<EpisodeOutput>,
+) -> Result<EpisodeOutput> {
+    let mut total: Option<Tensor> = None;
+    let mut accuracy = 0.0;
+    for ep in episodes {
+        let out = loss(ep)?;
+        accuracy += out.accuracy;
+        total = Some(match total {
+            Some(t) => (t + out.loss)?,
+            None => out.loss,
+        });
+    }
+    let n = episodes.len().max(1) as f64;
+    let total = total
+        .ok_or_else(|| candle_core::Error::Msg("a meta-batch needs at least one episode".into()))?;
+    Ok(EpisodeOutput { loss: (total / n)?, accuracy: accuracy / n })
 }
 
 /// [ways, n] weights whose product with [n, D] rows averages the rows of each label.
-pub fn class_means_matrix(
-    labels: &[u32],
-    ways: usize,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
+pub fn class_means_matrix(labels: &[u32], ways: usize, device: &Device) -> Result<Tensor> {
     let n = labels.len();
     let mut counts = vec![0f32; ways];
     for &l in labels {
@@ -150,19 +312,19 @@ pub fn class_means_matrix(
     Tensor::from_vec(m, (ways, n), device)
 }
 
-/// A Conv4 + linear head adapted to one task (MAML, Reptile), scored with batch statistics.
-pub(crate) struct AdaptedConv4<'a> {
-    backbone: &'a Conv4,
+/// A backbone + linear head adapted to one task (MAML, Reptile), scored with batch statistics.
+pub(crate) struct AdaptedLinear<'a> {
+    backbone: &'a dyn crate::nn::Backbone,
     params: Params,
     /// Present for non-transductive scoring: each query is batched with these support images.
     support: Option<Tensor>,
 }
 
-impl<'a> AdaptedConv4<'a> {
+impl<'a> AdaptedLinear<'a> {
     /// Transductive: all queries of a call share batch statistics. Otherwise each query is scored
     /// in a batch with `support` alone, so batch-norm statistics never mix queries.
     pub(crate) fn new(
-        backbone: &'a Conv4,
+        backbone: &'a dyn crate::nn::Backbone,
         params: Params,
         support: &Tensor,
         transductive: bool,
@@ -172,11 +334,16 @@ impl<'a> AdaptedConv4<'a> {
     }
 
     fn batch_logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.backbone.linear_head_logits(&self.params, x, BnMode::Batch(None))
+        crate::nn::head::linear_logits(
+            self.backbone,
+            &self.params,
+            x,
+            crate::nn::BnMode::Batch(None),
+        )
     }
 }
 
-impl Classifier for AdaptedConv4<'_> {
+impl Classifier for AdaptedLinear<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
         let Some(support) = &self.support else {
             return self.batch_logits(query);
@@ -198,12 +365,13 @@ pub(crate) fn mean_gradient<'a>(
     tasks: impl Clone + ExactSizeIterator<Item = &'a Params>,
 ) -> Result<Params> {
     let n = tasks.len();
+    if n == 0 {
+        candle_core::bail!("a meta-batch needs at least one task")
+    }
     let mut mean = Params::new();
     for (name, _) in params.iter() {
         let mut grads = tasks.clone().map(|g| g.get(name));
-        let Some(first) = grads.next() else {
-            candle_core::bail!("a meta-batch needs at least one task")
-        };
+        let first = grads.next().expect("a non-empty meta-batch");
         let sum = grads.try_fold(first?.clone(), |acc, g| acc + g?)?;
         mean.insert(name, (sum / n as f64)?);
     }
@@ -238,102 +406,249 @@ pub(crate) fn ensure_ways(model: &str, head: usize, ways: usize) -> Result<()> {
     Ok(())
 }
 
-/// The query loss and accuracy of an episode scored through [`Learner::adapt`], for methods that do
-/// not train on episodes (Siamese, Baseline): not differentiable with respect to their parameters.
-pub(crate) fn adapted_query_loss(
-    learner: &dyn Learner,
-    episode: &Episode,
-) -> Result<EpisodeOutput> {
-    let classifier = learner.adapt(&episode.support, &episode.support_labels, episode.spec.ways)?;
-    let logits = classifier.logits(&episode.query)?;
-    let labels = episode.query_labels_tensor()?;
-    Ok(EpisodeOutput {
-        loss: crate::nn::ops::cross_entropy(&logits, &labels)?,
-        accuracy: crate::nn::ops::accuracy(&logits, &labels)?,
-    })
+/// Fails unless training episodes are as wide as the output layer.
+pub(crate) fn ensure_train_ways(
+    method: &str,
+    head: usize,
+    protocol: &Protocol,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        head == protocol.train.ways,
+        "{method}'s output layer has {head} units but training episodes are {}-way; set --train-ways and --ways alike",
+        protocol.train.ways
+    );
+    Ok(())
 }
 
-/// The methods `kshot train --method` accepts.
-pub const METHODS: &[&str] = &[
-    "protonet",
-    "matching",
-    "siamese",
-    "baseline",
-    "baseline++",
-    "maml",
-    "fomaml",
-    "reptile",
-    "meta-lstm",
-];
+/// A paper protocol by name: the protocol and the method's settings.
+pub struct Preset {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub build: fn() -> (Protocol, MethodConfig),
+}
 
-/// A fresh learner for `config`, its parameters drawn from `rng`.
-pub fn build(
-    config: &crate::config::RunConfig,
-    rng: &mut rand_chacha::ChaCha8Rng,
-    device: &candle_core::Device,
-) -> anyhow::Result<Box<dyn Learner>> {
-    match config.method.as_str() {
-        "protonet" => Ok(Box::new(ProtoNet::new(config.protonet, config.backbone, rng, device)?)),
-        "maml" | "fomaml" => {
-            let maml = MamlConfig {
-                first_order: config.method == "fomaml" || config.maml.first_order,
-                ..config.maml
-            };
-            anyhow::ensure!(
-                maml.ways == config.train.ways,
-                "MAML's output layer has {} units but training episodes are {}-way; set --train-ways and --ways alike",
-                maml.ways,
-                config.train.ways
-            );
-            if !maml.first_order {
-                anyhow::ensure!(
-                    crate::autograd::second_order_available(),
-                    "second-order MAML needs {} set before any backward pass; use --method fomaml for first order",
-                    crate::autograd::KEEP_GRAPH_VAR
-                );
-            }
-            let size = config.data.image_size;
-            Ok(Box::new(Maml::new(maml, config.backbone, (size, size), rng, device)?))
+/// Flags that several methods read (the inner loop of the optimisation-based methods).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SharedFlags {
+    /// MAML / Reptile / Meta-LSTM: inner steps (learner updates) during meta-training.
+    #[arg(long)]
+    pub inner_steps: Option<usize>,
+    /// MAML / Reptile / Meta-LSTM: inner steps when adapting to a test task.
+    #[arg(long)]
+    pub inner_steps_test: Option<usize>,
+    /// MAML: inner step size α. Reptile: inner Adam learning rate.
+    #[arg(long)]
+    pub inner_lr: Option<f64>,
+}
+
+/// A method's settings: what it is called, its flags, how it builds its learner, its presets.
+pub trait Method: Sized {
+    /// The names `--method` accepts for it (e.g. `maml`, `fomaml`).
+    const NAMES: &'static [&'static str];
+    /// Its own `kshot train` flags (names unique across methods).
+    type Flags: clap::Args;
+    /// Whether it reads the inner-loop flags of [`SharedFlags`].
+    const READS_SHARED_FLAGS: bool = false;
+
+    /// The default settings of method `name` (one of [`Method::NAMES`]).
+    fn named(name: &str) -> Self;
+    /// The name of these settings (e.g. `fomaml` when first order).
+    fn name(&self) -> &'static str;
+    /// Becomes the variant `name` (one of [`Method::NAMES`]) keeping every other setting (e.g.
+    /// `--preset maml-omniglot-5w1s --method fomaml`).
+    fn set_name(&mut self, _name: &str) {}
+    /// Applies the flags given on the command line.
+    fn apply(&mut self, flags: &Self::Flags, shared: &SharedFlags) -> anyhow::Result<()>;
+    /// A fresh learner, its parameters drawn from `rng`.
+    fn build(
+        &self,
+        protocol: &Protocol,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Box<dyn Learner>>;
+    /// The paper protocols of this method.
+    fn presets() -> Vec<Preset>;
+
+    /// Fills in what the settings learn from the training set (e.g. Baseline's class count).
+    fn fit(&mut self, _train_set: &ImageSet) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// The output-layer width, for methods whose classifier has one (it follows `--train-ways`).
+    fn ways_mut(&mut self) -> Option<&mut usize> {
+        None
+    }
+    /// Whether test queries share batch statistics, for methods where that is a choice.
+    fn transductive_mut(&mut self) -> Option<&mut bool> {
+        None
+    }
+    /// True when training episodes have their own number of shots (`--train-shots`, Reptile),
+    /// so that `--shots` sets only the test shots.
+    fn own_train_shots(&self) -> bool {
+        false
+    }
+    /// Called when a run of `old_total` steps is extended to `new_total` (`--resume --episodes`);
+    /// returns what the extension means for the method's schedule, if anything, for the user.
+    fn extend(&mut self, _old_total: u64, _new_total: u64) -> Option<String> {
+        None
+    }
+    /// What one training step is, for progress messages.
+    fn step_unit(&self, protocol: &Protocol) -> String {
+        if protocol.meta_batch > 1 {
+            format!(
+                "meta-iterations of {} episodes of {} each",
+                protocol.meta_batch, protocol.train
+            )
+        } else {
+            format!("training episodes of {}", protocol.train)
         }
-        "matching" => {
-            let size = config.data.image_size;
-            Ok(Box::new(MatchingNet::new(config.matching, config.backbone, size, rng, device)?))
-        }
-        "siamese" => {
-            let size = config.data.image_size;
-            Ok(Box::new(Siamese::new(config.siamese, config.backbone, size, rng, device)?))
-        }
-        "baseline" | "baseline++" => {
-            let head = if config.method == "baseline" { Head::Linear } else { Head::Cosine };
-            let size = config.data.image_size;
-            Ok(Box::new(Baseline::new(config.baseline, head, config.backbone, size, rng, device)?))
-        }
-        "reptile" => {
-            ensure_head(config.reptile.ways, config)?;
-            let size = config.data.image_size;
-            Ok(Box::new(Reptile::new(config.reptile, config.backbone, (size, size), rng, device)?))
-        }
-        "meta-lstm" => {
-            ensure_head(config.meta_lstm.ways, config)?;
-            let size = config.data.image_size;
-            Ok(Box::new(MetaLstm::new(
-                config.meta_lstm,
-                config.backbone,
-                (size, size),
-                rng,
-                device,
-            )?))
-        }
-        other => anyhow::bail!("unknown method `{other}`; choose one of: {}", METHODS.join(", ")),
     }
 }
 
-fn ensure_head(ways: usize, config: &crate::config::RunConfig) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        ways == config.train.ways,
-        "{}'s output layer has {ways} units but training episodes are {}-way; set --train-ways and --ways alike",
-        config.method,
-        config.train.ways
-    );
-    Ok(())
+/// The methods: `Variant(Settings) in module`. Adding a method is a new file and a line here.
+macro_rules! methods {
+    ($($variant:ident($settings:ty) = $tag:literal in $module:ident),* $(,)?) => {
+        /// The method of a run and its settings, tagged by name in `config.json`.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "name")]
+        pub enum MethodConfig {
+            $(#[serde(rename = $tag)] $variant($settings),)*
+        }
+
+        /// Every method's own flags, for `kshot train`.
+        #[derive(Debug, Clone, clap::Args)]
+        pub struct MethodFlags {
+            #[command(flatten)]
+            pub shared: SharedFlags,
+            $(
+                #[command(flatten)]
+                pub $module: <$settings as Method>::Flags,
+            )*
+        }
+
+        /// The names `kshot train --method` accepts.
+        pub fn method_names() -> Vec<&'static str> {
+            let mut names = Vec::new();
+            $(names.extend_from_slice(<$settings as Method>::NAMES);)*
+            names
+        }
+
+        impl MethodConfig {
+            /// The default settings of the method called `name`.
+            pub fn named(name: &str) -> anyhow::Result<Self> {
+                $(
+                    if <$settings as Method>::NAMES.contains(&name) {
+                        return Ok(Self::$variant(<$settings as Method>::named(name)));
+                    }
+                )*
+                anyhow::bail!(
+                    "unknown method `{name}`; choose one of: {}",
+                    method_names().join(", ")
+                )
+            }
+
+            pub fn name(&self) -> &'static str {
+                match self { $(Self::$variant(m) => m.name(),)* }
+            }
+
+            /// Switches to the method `name`: the same method under another of its names keeps
+            /// its settings; another method starts from its defaults.
+            pub fn switch_to(&mut self, name: &str) -> anyhow::Result<()> {
+                match self {
+                    $(Self::$variant(m) if <$settings as Method>::NAMES.contains(&name) => {
+                        m.set_name(name);
+                        Ok(())
+                    })*
+                    _ => {
+                        *self = Self::named(name)?;
+                        Ok(())
+                    }
+                }
+            }
+
+            pub fn apply(&mut self, flags: &MethodFlags) -> anyhow::Result<()> {
+                match self { $(Self::$variant(m) => m.apply(&flags.$module, &flags.shared),)* }
+            }
+
+            pub fn build(
+                &self,
+                protocol: &Protocol,
+                rng: &mut ChaCha8Rng,
+                device: &Device,
+            ) -> anyhow::Result<Box<dyn Learner>> {
+                match self { $(Self::$variant(m) => m.build(protocol, rng, device),)* }
+            }
+
+            pub fn fit(&mut self, train_set: &ImageSet) -> anyhow::Result<()> {
+                match self { $(Self::$variant(m) => m.fit(train_set),)* }
+            }
+
+            pub fn ways_mut(&mut self) -> Option<&mut usize> {
+                match self { $(Self::$variant(m) => m.ways_mut(),)* }
+            }
+
+            pub fn transductive_mut(&mut self) -> Option<&mut bool> {
+                match self { $(Self::$variant(m) => m.transductive_mut(),)* }
+            }
+
+            pub fn own_train_shots(&self) -> bool {
+                match self { $(Self::$variant(m) => m.own_train_shots(),)* }
+            }
+
+            pub fn step_unit(&self, protocol: &Protocol) -> String {
+                match self { $(Self::$variant(m) => m.step_unit(protocol),)* }
+            }
+
+            pub fn extend(&mut self, old_total: u64, new_total: u64) -> Option<String> {
+                match self { $(Self::$variant(m) => m.extend(old_total, new_total),)* }
+            }
+
+            /// The ids of the flags that `name` reads among all methods' flags: its own and,
+            /// for the inner-loop methods, the shared ones. Any other method flag given with
+            /// `--method name` is a mistake.
+            pub fn flags_of(name: &str) -> Vec<String> {
+                let ids = |cmd: clap::Command| -> Vec<String> {
+                    cmd.get_arguments().map(|a| a.get_id().to_string()).collect()
+                };
+                let mut out = Vec::new();
+                $(
+                    if <$settings as Method>::NAMES.contains(&name) {
+                        out.extend(ids(<<$settings as Method>::Flags as clap::Args>::augment_args(
+                            clap::Command::new("flags"),
+                        )));
+                        if <$settings as Method>::READS_SHARED_FLAGS {
+                            out.extend(ids(<SharedFlags as clap::Args>::augment_args(
+                                clap::Command::new("flags"),
+                            )));
+                        }
+                    }
+                )*
+                out
+            }
+
+            /// The ids of every method flag (shared ones included).
+            pub fn all_flags() -> Vec<String> {
+                let ids = |cmd: clap::Command| -> Vec<String> {
+                    cmd.get_arguments().map(|a| a.get_id().to_string()).collect()
+                };
+                ids(<MethodFlags as clap::Args>::augment_args(clap::Command::new("flags")))
+            }
+        }
+
+        /// Every method's presets, in the order of the list.
+        pub fn presets() -> Vec<Preset> {
+            let mut all = Vec::new();
+            $(all.extend(<$settings as Method>::presets());)*
+            all
+        }
+    };
+}
+
+methods! {
+    ProtoNet(ProtoNetConfig) = "protonet" in protonet,
+    Maml(MamlConfig) = "maml" in maml,
+    Matching(MatchingConfig) = "matching" in matching,
+    Siamese(SiameseConfig) = "siamese" in siamese,
+    Baseline(BaselineConfig) = "baseline" in baseline,
+    Reptile(ReptileConfig) = "reptile" in reptile,
+    MetaLstm(MetaLstmConfig) = "meta-lstm" in meta_lstm,
 }

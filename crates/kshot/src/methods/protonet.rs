@@ -5,12 +5,16 @@ use candle_core::{Device, Result, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{class_means_matrix, Classifier, EpisodeOutput, Learner};
-use crate::data::Episode;
+use super::{
+    class_means_matrix, Classifier, EpisodeOutput, Learner, Method, MethodConfig, Preset,
+    SharedFlags, State, StepCtx, StepOutput,
+};
+use crate::data::{Episode, EpisodeSpec};
 use crate::kernels;
-use crate::nn::{ops, BnMode, Conv4, Conv4Config, ParamSet, Params, RunningStats, Tape};
+use crate::nn::{ops, Backbone, BackboneConfig, BnMode, Conv4Config, Params};
+use crate::protocol::{DataConfig, Protocol, Validation};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Distance {
     /// Squared Euclidean distance (the paper's choice).
@@ -35,22 +39,20 @@ impl Default for ProtoNetConfig {
 
 pub struct ProtoNet {
     pub config: ProtoNetConfig,
-    backbone: Conv4,
-    params: ParamSet,
-    running: RunningStats,
+    backbone: Box<dyn Backbone>,
+    state: State,
 }
 
 impl ProtoNet {
     pub fn new(
         config: ProtoNetConfig,
-        backbone: Conv4Config,
+        backbone: &BackboneConfig,
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> Result<Self> {
-        let backbone = Conv4::new(backbone);
-        let params = backbone.init(rng, device)?;
-        let running = backbone.running_stats();
-        Ok(Self { config, backbone, params, running })
+        let backbone = backbone.build();
+        let state = State::new(backbone.init(rng, device)?, backbone.running_stats());
+        Ok(Self { config, backbone, state })
     }
 
     /// [ways, D] class means of the support embeddings.
@@ -61,18 +63,41 @@ impl ProtoNet {
     /// [M, ways] logits of query embeddings against prototypes.
     pub fn logits(&self, query: &Tensor, prototypes: &Tensor) -> Result<Tensor> {
         match self.config.distance {
-            Distance::Euclidean if self.backbone.config.fast_kernels => {
-                kernels::squared_euclidean(query, prototypes)?.neg()
-            }
-            Distance::Euclidean => ops::squared_euclidean(query, prototypes)?.neg(),
+            Distance::Euclidean => kernels::squared_euclidean(query, prototypes)?.neg(),
             Distance::Cosine => {
                 ops::cosine_similarity(query, prototypes, 1e-8)? * self.config.cosine_scale
             }
         }
     }
-}
 
-impl ProtoNet {
+    /// The query loss of one training episode, differentiable with respect to the parameters;
+    /// folds the batch statistics into the running averages.
+    ///
+    /// With a backbone that has an explicit backward pass, the backbone's gradient comes from it
+    /// and reaches the trainer through a surrogate loss; candle's backward pass only covers the
+    /// distances and the softmax.
+    pub fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
+        let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
+        let Some(explicit) = self.backbone.explicit_backward() else {
+            let params = self.state.params.values();
+            let bn = BnMode::Batch(Some(&mut self.state.running));
+            let emb = self.backbone.forward(&params, &images, bn)?;
+            return self.embedding_loss(&emb, episode);
+        };
+        let params = self.state.params.detached_values();
+        let tape = explicit.forward_taped(&params, &images, Some(&mut self.state.running))?;
+        let emb = Var::from_tensor(tape.embedding())?;
+        let out = self.embedding_loss(emb.as_tensor(), episode)?;
+        let d_emb = out.loss.backward()?.get(emb.as_tensor()).cloned().ok_or_else(|| {
+            candle_core::Error::Msg("the ProtoNet loss does not depend on the embeddings".into())
+        })?;
+        let grads = tape.backward(&params, &d_emb)?;
+        let value = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        Ok(EpisodeOutput {
+            loss: super::surrogate_loss(&self.state.params, &grads, value)?,
+            accuracy: out.accuracy,
+        })
+    }
     /// The episode's query loss and accuracy given the embeddings of its support then query images.
     fn embedding_loss(&self, emb: &Tensor, episode: &Episode) -> Result<EpisodeOutput> {
         let n_support = episode.support_labels.len();
@@ -95,68 +120,118 @@ struct Prototypes<'a> {
 
 impl Classifier for Prototypes<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        let q =
-            self.net.backbone.forward(&self.params, query, BnMode::Running(&self.net.running))?;
+        let bn = BnMode::Running(&self.net.state.running);
+        let q = self.net.backbone.forward(&self.params, query, bn)?;
         self.net.logits(&q, &self.prototypes)
     }
 }
 
 impl Learner for ProtoNet {
-    fn method(&self) -> &'static str {
-        "protonet"
-    }
-
-    fn params(&self) -> &ParamSet {
-        &self.params
-    }
-
     fn adapt(
         &self,
         support: &Tensor,
         labels: &[u32],
         ways: usize,
     ) -> Result<Box<dyn Classifier + '_>> {
-        let params = self.params.detached_values();
-        let emb = self.backbone.forward(&params, support, BnMode::Running(&self.running))?;
+        let params = self.state.params.detached_values();
+        let emb = self.backbone.forward(&params, support, BnMode::Running(&self.state.running))?;
         let prototypes = Self::prototypes(&emb, labels, ways)?;
         Ok(Box::new(Prototypes { net: self, params, prototypes }))
     }
 
-    /// With the fused kernels, the backbone's gradient comes from its explicit backward pass
-    /// ([`Conv4::forward_taped`]) and reaches the trainer through a surrogate loss; candle's
-    /// backward pass only covers the distances and the softmax.
-    fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
-        let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
-        if !self.backbone.config.fast_kernels {
-            let params = self.params.values();
-            let emb =
-                self.backbone.forward(&params, &images, BnMode::Batch(Some(&mut self.running)))?;
-            return self.embedding_loss(&emb, episode);
-        }
-        let params = self.params.detached_values();
-        let tape = self.backbone.forward_taped(&params, &images, Some(&mut self.running))?;
-        let emb = Var::from_tensor(&tape.embedding)?;
-        let out = self.embedding_loss(emb.as_tensor(), episode)?;
-        let d_emb = out.loss.backward()?.get(emb.as_tensor()).cloned().ok_or_else(|| {
-            candle_core::Error::Msg("the ProtoNet loss does not depend on the embeddings".into())
-        })?;
-        let grads = tape.backward(&params, &d_emb)?;
-        let value = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        Ok(EpisodeOutput {
-            loss: super::surrogate_loss(&self.params, &grads, value)?,
-            accuracy: out.accuracy,
+    fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
+        super::episodic_step(ctx, |episodes| {
+            super::mean_episode_loss(episodes, |ep| self.episode_loss(ep))
         })
     }
 
-    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        self.running.named_tensors("")
+    fn state(&self) -> &State {
+        &self.state
     }
 
-    fn load_buffers(
-        &mut self,
-        tensors: &std::collections::HashMap<String, Tensor>,
-        origin: &std::path::Path,
-    ) -> anyhow::Result<()> {
-        self.running.load_from(tensors, "", origin)
+    fn state_mut(&mut self) -> &mut State {
+        &mut self.state
     }
+}
+
+/// `kshot train` flags of Prototypical Networks.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ProtoNetFlags {
+    /// ProtoNet: distance between query embeddings and prototypes.
+    #[arg(long, value_enum)]
+    pub distance: Option<Distance>,
+}
+
+impl Method for ProtoNetConfig {
+    const NAMES: &'static [&'static str] = &["protonet"];
+    type Flags = ProtoNetFlags;
+
+    fn named(_name: &str) -> Self {
+        Self::default()
+    }
+
+    fn name(&self) -> &'static str {
+        "protonet"
+    }
+
+    fn apply(&mut self, flags: &ProtoNetFlags, _shared: &SharedFlags) -> anyhow::Result<()> {
+        if let Some(d) = flags.distance {
+            self.distance = d;
+        }
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        protocol: &Protocol,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Box<dyn Learner>> {
+        Ok(Box::new(ProtoNet::new(*self, &protocol.backbone, rng, device)?))
+    }
+
+    fn presets() -> Vec<Preset> {
+        vec![
+            Preset {
+                name: "protonet-omniglot-1shot",
+                summary: "Snell et al. 2017, Omniglot (Vinyals split): train 60-way 1-shot 5-query, Adam 1e-3 halved every 2000 episodes; test 5-way 1-shot 15-query, 1000 episodes",
+                build: || omniglot(1),
+            },
+            Preset {
+                name: "protonet-omniglot-5shot",
+                summary: "Snell et al. 2017, Omniglot (Vinyals split): train 60-way 5-shot 5-query, Adam 1e-3 halved every 2000 episodes; test 5-way 5-shot 15-query, 1000 episodes",
+                build: || omniglot(5),
+            },
+            Preset {
+                name: "protonet-miniimagenet-1shot",
+                summary: "Snell et al. 2017, miniImageNet (Ravi split), 84×84: Conv4 64 filters (1600-d), train 30-way 1-shot 15-query, Adam 1e-3 halved every 2000 episodes; test 5-way 1-shot 15-query, 600 episodes",
+                build: || mini_imagenet(1),
+            },
+            Preset {
+                name: "protonet-miniimagenet-5shot",
+                summary: "Snell et al. 2017, miniImageNet (Ravi split), 84×84: Conv4 64 filters (1600-d), train 20-way 5-shot 15-query, Adam 1e-3 halved every 2000 episodes; test 5-way 5-shot 15-query, 600 episodes",
+                build: || mini_imagenet(5),
+            },
+        ]
+    }
+}
+
+fn omniglot(shots: usize) -> (Protocol, MethodConfig) {
+    (Protocol::omniglot(shots), MethodConfig::ProtoNet(ProtoNetConfig::default()))
+}
+
+/// Snell et al. 2017, Section 3.2: Conv4 with 64 filters (1600-d embeddings at 84×84), 30-way
+/// episodes for 1-shot and 20-way for 5-shot, 15 queries per class, train shot = test shot; 600
+/// test episodes of 5-way 15-query.
+fn mini_imagenet(shots: usize) -> (Protocol, MethodConfig) {
+    let mut p = Protocol::omniglot(shots);
+    p.data = DataConfig::mini_imagenet();
+    p.backbone = BackboneConfig::Conv4(Conv4Config::new(3));
+    p.train = EpisodeSpec::new(if shots == 1 { 30 } else { 20 }, shots, 15);
+    p.validation =
+        Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 200, every: 1000 });
+    p.test = EpisodeSpec::new(5, shots, 15);
+    p.test_episodes = 600;
+    p.checkpoint_every = 100;
+    (p, MethodConfig::ProtoNet(ProtoNetConfig::default()))
 }

@@ -8,12 +8,9 @@
 //! One-shot classification scores a query against every support image and gives each class the
 //! best score among its support images (for 1-shot tasks: the most similar support image, Koch §4.4).
 //!
-//! Two twins ([`Twin`]):
-//! - `koch`: the paper's network for 105×105 images: conv 64@10×10, pool, 128@7×7, pool, 128@4×4,
-//!   pool, 256@4×4, each with ReLU, then a 4096-unit sigmoid layer. Far beyond this machine's
-//!   budget (hours per epoch on 2 CPU cores); offered for fidelity.
-//! - `conv4`: the reduced twin we train: Conv4 (batch norm) on 28×28 images, then a sigmoid layer of
-//!   `hidden` units.
+//! The twin is the run's backbone followed by a sigmoid layer of `hidden` units: Koch et al.'s own
+//! network for 105×105 images (`--backbone koch`, [`crate::nn::KochNet`]; hours per epoch on 2 CPU
+//! cores) or the reduced Conv4 on 28×28 images we train.
 //!
 //! The paper trains with SGD, per-layer learning rates and momentum; kshot's trainer uses Adam.
 
@@ -22,25 +19,19 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Classifier, EpisodeOutput, Learner};
+use super::{
+    Classifier, EpisodeOutput, Learner, Method, MethodConfig, Preset, SharedFlags, State, StepCtx,
+    StepOutput,
+};
 use crate::data::augment::Affine;
-use crate::data::{episode, Episode, ImageSet};
+use crate::data::{EpisodeSpec, ImageSet};
 use crate::nn::lstm::sigmoid;
-use crate::nn::{init, ops, BnMode, Conv4, Conv4Config, ParamSet, Params, RunningStats};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Twin {
-    /// Conv4 with batch norm, then a sigmoid layer (the variant trained here).
-    #[default]
-    Conv4,
-    /// Koch et al.'s 105×105 network.
-    Koch,
-}
+use crate::nn::{init, Backbone, BackboneConfig, BnMode, KochConfig, Params};
+use crate::optim::StepDecay;
+use crate::protocol::Protocol;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SiameseConfig {
-    pub twin: Twin,
     /// Units of the sigmoid embedding layer (Koch: 4096).
     pub hidden: usize,
     /// Pairs per training step (Koch: 128), half same, half different.
@@ -53,31 +44,21 @@ pub struct SiameseConfig {
 
 impl Default for SiameseConfig {
     fn default() -> Self {
-        Self {
-            twin: Twin::Conv4,
-            hidden: 256,
-            pairs: 128,
-            augment: true,
-            within_group_negatives: 0.0,
-        }
+        Self { hidden: 256, pairs: 128, augment: true, within_group_negatives: 0.0 }
     }
 }
 
-/// Koch's convolutional layers: (out channels, kernel).
-const KOCH_CONVS: [(usize, usize); 4] = [(64, 10), (128, 7), (128, 4), (256, 4)];
-
 pub struct Siamese {
     pub config: SiameseConfig,
-    conv4: Conv4,
-    params: ParamSet,
-    running: RunningStats,
+    backbone: Box<dyn Backbone>,
+    state: State,
     image_size: usize,
 }
 
 impl Siamese {
     pub fn new(
         config: SiameseConfig,
-        backbone: Conv4Config,
+        backbone: &BackboneConfig,
         image_size: usize,
         rng: &mut ChaCha8Rng,
         device: &Device,
@@ -85,37 +66,9 @@ impl Siamese {
         if config.pairs < 2 || config.hidden == 0 {
             candle_core::bail!("siamese: need at least 2 pairs per step and 1 hidden unit");
         }
-        let conv4 = Conv4::new(backbone);
-        let mut params = ParamSet::new();
-        let features = match config.twin {
-            Twin::Conv4 => {
-                params = conv4.init(rng, device)?;
-                backbone.embedding_dim(image_size, image_size)
-            }
-            Twin::Koch => {
-                let (mut cin, mut side) = (backbone.in_channels, image_size);
-                for (i, &(cout, k)) in KOCH_CONVS.iter().enumerate() {
-                    if side < k {
-                        candle_core::bail!("siamese: the koch twin needs larger images (105×105; got {image_size})");
-                    }
-                    let fan_in = cin * k * k;
-                    params.push(
-                        format!("koch.conv{i}.weight"),
-                        init::torch_default(rng, &[cout, cin, k, k], fan_in, device)?,
-                    )?;
-                    params.push(
-                        format!("koch.conv{i}.bias"),
-                        init::torch_default(rng, &[cout], fan_in, device)?,
-                    )?;
-                    side -= k - 1;
-                    if i + 1 < KOCH_CONVS.len() {
-                        side /= 2;
-                    }
-                    cin = cout;
-                }
-                cin * side * side
-            }
-        };
+        let backbone = backbone.build();
+        let features = backbone.embedding_dim(image_size, image_size)?;
+        let mut params = backbone.init(rng, device)?;
         params.push(
             "embed.weight",
             init::torch_default(rng, &[config.hidden, features], features, device)?,
@@ -126,13 +79,13 @@ impl Siamese {
             init::torch_default(rng, &[1, config.hidden], config.hidden, device)?,
         )?;
         params.push("head.bias", Tensor::zeros(1, candle_core::DType::F32, device)?)?;
-        let running = conv4.running_stats();
-        Ok(Self { config, conv4, params, running, image_size })
+        let state = State::new(params, backbone.running_stats());
+        Ok(Self { config, backbone, state, image_size })
     }
 
     /// h(x): [B, C, H, W] → [B, hidden].
     fn embed(&self, params: &Params, x: &Tensor, bn: BnMode) -> Result<Tensor> {
-        embed(self.config.twin, &self.conv4, params, x, bn)
+        embed(self.backbone.as_ref(), params, x, bn)
     }
 
     /// Pair logits z for embeddings `a` [B, H] and `b` [B, H] (row i with row i): [B].
@@ -159,14 +112,12 @@ impl Siamese {
         Tensor::cat(&rows, 0)?.broadcast_add(params.get("head.bias")?)
     }
 
-    /// A training batch: (first images, second images, same?) drawn from (seed, step).
+    /// A training batch: (first images, second images, same?) drawn from `rng`.
     fn draw_pairs(
         &self,
         set: &ImageSet,
-        seed: u64,
-        step: u64,
+        mut rng: ChaCha8Rng,
     ) -> Result<(Tensor, Tensor, Vec<f32>)> {
-        let mut rng = episode::episode_rng(seed, step);
         let classes = set.classes.len();
         if classes < 2 {
             candle_core::bail!("siamese: the training set {} needs at least 2 classes", set.name);
@@ -250,23 +201,9 @@ impl Siamese {
     }
 }
 
-/// h(x) of the `twin`: [B, C, H, W] → [B, hidden].
-fn embed(twin: Twin, conv4: &Conv4, params: &Params, x: &Tensor, bn: BnMode) -> Result<Tensor> {
-    let features = match twin {
-        Twin::Conv4 => conv4.forward(params, x, bn)?,
-        Twin::Koch => {
-            let mut h = x.clone();
-            for i in 0..KOCH_CONVS.len() {
-                let w = params.get(&format!("koch.conv{i}.weight"))?;
-                let b = params.get(&format!("koch.conv{i}.bias"))?;
-                h = h.conv2d(w, 0, 1, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?.relu()?;
-                if i + 1 < KOCH_CONVS.len() {
-                    h = ops::max_pool2x2(&h)?;
-                }
-            }
-            h.flatten_from(1)?
-        }
-    };
+/// h(x): the backbone's features through the sigmoid layer, [B, C, H, W] → [B, hidden].
+fn embed(backbone: &dyn Backbone, params: &Params, x: &Tensor, bn: BnMode) -> Result<Tensor> {
+    let features = backbone.forward(params, x, bn)?;
     let z = features
         .matmul(&params.get("embed.weight")?.t()?)?
         .broadcast_add(params.get("embed.bias")?)?;
@@ -283,7 +220,7 @@ struct OneShot<'a> {
 
 impl Classifier for OneShot<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        let q = self.net.embed(&self.params, query, BnMode::Running(&self.net.running))?;
+        let q = self.net.embed(&self.params, query, BnMode::Running(&self.net.state.running))?;
         let z = self.net.all_pair_logits(&self.params, &q, &self.support)?;
         let per_class: Vec<Tensor> = self
             .columns
@@ -294,15 +231,27 @@ impl Classifier for OneShot<'_> {
     }
 }
 
+impl Siamese {
+    /// The loss of one training step: binary cross-entropy over a batch of same/different pairs
+    /// drawn from `rng`; folds the batch statistics into the running averages.
+    pub fn pair_loss(&mut self, set: &ImageSet, rng: ChaCha8Rng) -> Result<EpisodeOutput> {
+        let (a, b, same) = self.draw_pairs(set, rng)?;
+        let n = same.len();
+        let params = self.state.params.values();
+        let images = Tensor::cat(&[&a, &b], 0)?;
+        let bn = BnMode::Batch(Some(&mut self.state.running));
+        let h = embed(self.backbone.as_ref(), &params, &images, bn)?;
+        let z = self.pair_logits(&params, &h.narrow(0, 0, n)?, &h.narrow(0, n, n)?)?;
+        let y = Tensor::from_vec(same.clone(), n, &Device::Cpu)?;
+        let loss = Self::bce_with_logits(&z, &y)?;
+        let predicted = z.to_vec1::<f32>()?;
+        let correct =
+            predicted.iter().zip(&same).filter(|(z, y)| (**z > 0.0) == (**y > 0.5)).count();
+        Ok(EpisodeOutput { loss, accuracy: correct as f64 / n as f64 })
+    }
+}
+
 impl Learner for Siamese {
-    fn method(&self) -> &'static str {
-        "siamese"
-    }
-
-    fn params(&self) -> &ParamSet {
-        &self.params
-    }
-
     fn adapt(
         &self,
         support: &Tensor,
@@ -325,58 +274,109 @@ impl Learner for Siamese {
             }
             columns.push(Tensor::new(cols.as_slice(), support.device())?);
         }
-        let params = self.params.detached_values();
-        let support = self.embed(&params, support, BnMode::Running(&self.running))?;
+        let params = self.state.params.detached_values();
+        let support = self.embed(&params, support, BnMode::Running(&self.state.running))?;
         Ok(Box::new(OneShot { net: self, params, support, columns }))
     }
 
-    /// The query loss of an episode scored one-shot (not how Siamese trains; see
-    /// [`Learner::own_training_step`]).
-    fn episode_loss(&mut self, episode: &Episode) -> Result<EpisodeOutput> {
-        super::adapted_query_loss(self, episode)
+    /// Same/different pairs, not episodes.
+    fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
+        let out = self.pair_loss(ctx.training_set(), ctx.rng())?;
+        ctx.minimise(out)
     }
 
-    fn own_training_step(
-        &mut self,
-        set: &ImageSet,
-        seed: u64,
-        step: u64,
-    ) -> Result<Option<EpisodeOutput>> {
-        let (a, b, same) = self.draw_pairs(set, seed, step)?;
-        let n = same.len();
-        let params = self.params.values();
-        let images = Tensor::cat(&[&a, &b], 0)?;
-        let h = embed(
-            self.config.twin,
-            &self.conv4,
-            &params,
-            &images,
-            BnMode::Batch(Some(&mut self.running)),
-        )?;
-        let z = self.pair_logits(&params, &h.narrow(0, 0, n)?, &h.narrow(0, n, n)?)?;
-        let y = Tensor::from_vec(same.clone(), n, &Device::Cpu)?;
-        let loss = Self::bce_with_logits(&z, &y)?;
-        let predicted = z.to_vec1::<f32>()?;
-        let correct =
-            predicted.iter().zip(&same).filter(|(z, y)| (**z > 0.0) == (**y > 0.5)).count();
-        Ok(Some(EpisodeOutput { loss, accuracy: correct as f64 / n as f64 }))
+    fn state(&self) -> &State {
+        &self.state
     }
 
-    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        match self.config.twin {
-            Twin::Conv4 => self.running.named_tensors(""),
-            Twin::Koch => Ok(Vec::new()),
-        }
+    fn state_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+/// `kshot train` flags of Siamese networks (the twin is `--backbone conv4|koch`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SiameseFlags {
+    /// Siamese: units of the sigmoid embedding layer.
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Siamese: pairs per training step (half same, half different).
+    #[arg(long)]
+    pub pairs: Option<usize>,
+    /// Siamese: fraction of the different pairs drawn from one alphabet.
+    #[arg(long)]
+    pub within_group_negatives: Option<f64>,
+    /// Siamese: no affine distortions.
+    #[arg(long)]
+    pub no_augment: bool,
+}
+
+impl Method for SiameseConfig {
+    const NAMES: &'static [&'static str] = &["siamese"];
+    type Flags = SiameseFlags;
+
+    fn named(_name: &str) -> Self {
+        Self::default()
     }
 
-    fn load_buffers(
-        &mut self,
-        tensors: &std::collections::HashMap<String, Tensor>,
-        origin: &std::path::Path,
-    ) -> anyhow::Result<()> {
-        match self.config.twin {
-            Twin::Conv4 => self.running.load_from(tensors, "", origin),
-            Twin::Koch => Ok(()),
-        }
+    fn name(&self) -> &'static str {
+        "siamese"
     }
+
+    fn apply(&mut self, flags: &SiameseFlags, _shared: &SharedFlags) -> anyhow::Result<()> {
+        self.hidden = flags.hidden.unwrap_or(self.hidden);
+        self.pairs = flags.pairs.unwrap_or(self.pairs);
+        self.within_group_negatives =
+            flags.within_group_negatives.unwrap_or(self.within_group_negatives);
+        self.augment &= !flags.no_augment;
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        protocol: &Protocol,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Box<dyn Learner>> {
+        let size = protocol.data.image_size;
+        Ok(Box::new(Siamese::new(*self, &protocol.backbone, size, rng, device)?))
+    }
+
+    fn step_unit(&self, _protocol: &Protocol) -> String {
+        format!("training steps of {} same/different pairs", self.pairs)
+    }
+
+    fn presets() -> Vec<Preset> {
+        vec![
+            Preset {
+                name: "siamese-omniglot-koch",
+                summary: "Koch et al. 2015: 105x105 twin (conv 64@10, 128@7, 128@4, 256@4, 4096 sigmoid units), Lake background alphabets, 128 pairs a step, affine distortions; Lake 20-way test (far beyond a 2-core CPU)",
+                build: || omniglot(true),
+            },
+            Preset {
+                name: "siamese-omniglot-28",
+                summary: "Siamese networks, reduced: Conv4 twin + 256 sigmoid units on 28x28, Lake background alphabets, 128 pairs a step (half the negatives from one alphabet), affine distortions; Lake 20-way test",
+                build: || omniglot(false),
+            },
+        ]
+    }
+}
+
+/// Siamese networks train on Lake's background alphabets and are scored on the Lake benchmark.
+fn omniglot(koch: bool) -> (Protocol, MethodConfig) {
+    let mut p = Protocol::omniglot(1);
+    p.data.split = "lake".into();
+    p.data.train_subset = "background".into();
+    p.data.test_subset = "evaluation".into();
+    p.validation = None;
+    p.test = EpisodeSpec::new(20, 1, 1);
+    p.schedule = StepDecay { lr: 1e-3, step: 5000, gamma: 0.5 };
+    let siamese = if koch {
+        p.backbone = BackboneConfig::Koch(KochConfig { in_channels: 1 });
+        p.data.image_size = 105;
+        SiameseConfig { hidden: 4096, ..SiameseConfig::default() }
+    } else {
+        SiameseConfig { within_group_negatives: 0.5, ..SiameseConfig::default() }
+    };
+    (p, MethodConfig::Siamese(siamese))
 }

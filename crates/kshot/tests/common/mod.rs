@@ -82,3 +82,24 @@ pub fn omniglot_before_and_after(config: &kshot::config::RunConfig, tag: &str) -
     let after = eval::evaluate(learner.as_ref(), &sampler, 100, 0, |_| {}).unwrap();
     (before.accuracy, after.accuracy)
 }
+
+/// The method settings of a run config as variant `$variant` of `MethodConfig`, mutably.
+#[macro_export]
+macro_rules! settings {
+    ($config:expr, $variant:ident) => {
+        match &mut $config.method {
+            kshot::methods::MethodConfig::$variant(m) => m,
+            other => panic!("expected {} settings, got {other:?}", stringify!($variant)),
+        }
+    };
+}
+
+/// The Conv4 settings of a run config's backbone, mutably.
+pub fn conv4(config: &mut kshot::config::RunConfig) -> &mut kshot::nn::Conv4Config {
+    config.backbone.conv4_mut().expect("a conv4 backbone")
+}
+
+/// Switches a run config to method `name` with that method's default settings.
+pub fn set_method(config: &mut kshot::config::RunConfig, name: &str) {
+    config.method = kshot::methods::MethodConfig::named(name).unwrap();
+}

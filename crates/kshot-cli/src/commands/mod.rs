@@ -1,0 +1,82 @@
+//! Subcommands, one file each: each parses flags into library types and calls the library.
+
+mod data;
+mod eval;
+mod train;
+
+use std::path::{Path, PathBuf};
+
+use clap::{ArgMatches, Parser, Subcommand};
+use kshot::config::RunConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "kshot",
+    version,
+    about = "Few-shot learning: train, evaluate and reproduce the papers"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Meta-train a learner (or continue one with --resume).
+    Train(Box<train::TrainArgs>),
+    /// Score a trained run on fixed, seeded test episodes: mean accuracy ± 95% CI.
+    Eval(eval::EvalArgs),
+    /// Download and verify datasets.
+    Data {
+        #[command(subcommand)]
+        command: data::DataCommand,
+    },
+    /// List the paper protocols that --preset accepts.
+    Presets,
+    /// Time the Conv4 workloads, side by side with the PyTorch reference (--pytorch PYTHON).
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Runs the parsed command; `matches` tells which flags were given on the command line.
+pub fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => {
+            let given = matches.subcommand_matches("train").expect("the train subcommand");
+            train::run(*args, given)
+        }
+        Command::Eval(args) => eval::run(args),
+        Command::Data { command } => data::run(command),
+        Command::Bench(args) => crate::bench::run(args),
+        Command::Presets => {
+            for p in kshot::presets::all() {
+                println!("{:<30} {}", p.name, p.summary);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The flags (by clap id) given on the command line, as opposed to defaults or the environment.
+fn given_flags(matches: &ArgMatches) -> Vec<String> {
+    matches
+        .ids()
+        .filter(|id| {
+            matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+        })
+        .map(|id| id.to_string())
+        .collect()
+}
+
+/// `--flag-name` for a clap id.
+fn flag(id: &str) -> String {
+    format!("--{}", id.replace('_', "-"))
+}
+
+/// `--data-dir` / `$KSHOT_DATA` if given, else the directory the run was trained from.
+fn data_root_for(flag: Option<&Path>, config: &RunConfig) -> anyhow::Result<PathBuf> {
+    match (flag, &config.data.data_dir) {
+        (Some(p), _) => Ok(p.to_path_buf()),
+        (None, Some(recorded)) => Ok(PathBuf::from(recorded)),
+        (None, None) => kshot::data::resolve_root(None),
+    }
+}

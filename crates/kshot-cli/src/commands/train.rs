@@ -1,0 +1,380 @@
+//! `kshot train`: a new run from a preset (or the defaults) and flags, or `--resume` of one.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{ArgMatches, Args};
+use indicatif::{ProgressBar, ProgressStyle};
+use kshot::config::{RunConfig, Validation};
+use kshot::data::{self, Grouping};
+use kshot::methods::{MethodConfig, MethodFlags};
+use kshot::nn::BackboneConfig;
+use kshot::{presets, train};
+
+use super::{data_root_for, flag, given_flags};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Continue the run in this directory exactly where it stopped.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["out", "preset", "method"])]
+    resume: Option<PathBuf>,
+    /// Directory for the new run (config, checkpoints, metrics).
+    #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Start from a paper protocol (see `kshot presets`); other flags override it.
+    #[arg(long)]
+    preset: Option<String>,
+    /// protonet, maml, fomaml, matching, siamese, baseline, baseline++, reptile or meta-lstm.
+    #[arg(long)]
+    method: Option<String>,
+    /// The network that embeds images: conv4 (default), koch (Koch et al.'s 105x105 twin).
+    #[arg(long)]
+    backbone: Option<String>,
+    /// omniglot (default) or mini-imagenet; changing it also resets the split, image size and
+    /// input channels to the dataset's defaults (vinyals, 28, 1 / ravi, 84, 3).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// omniglot: vinyals or lake; mini-imagenet: ravi.
+    #[arg(long)]
+    split: Option<String>,
+    /// Class subset of the split to train on (vinyals, ravi: train or trainval; lake: background).
+    #[arg(long)]
+    train_subset: Option<String>,
+    /// Draw every episode's classes from a single alphabet.
+    #[arg(long)]
+    within_alphabet: bool,
+    /// Data root (holds omniglot/, mini-imagenet/). Defaults to $KSHOT_DATA.
+    #[arg(long, env = "KSHOT_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Side of the square input images in pixels (Omniglot 28, miniImageNet 84).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Classes per training episode (N of N-way); test episodes keep the preset's ways.
+    #[arg(long)]
+    train_ways: Option<usize>,
+    /// Labelled examples per class in support sets (K of K-shot), training and test (Reptile:
+    /// test only; it trains on --train-shots).
+    #[arg(long)]
+    shots: Option<usize>,
+    /// Images per class in training episodes when it differs from --shots (Reptile's train shots).
+    #[arg(long)]
+    train_shots: Option<usize>,
+    /// Query images per class in training episodes.
+    #[arg(long)]
+    queries: Option<usize>,
+    /// Total training episodes (with --resume: extend the run to this many).
+    #[arg(long)]
+    episodes: Option<u64>,
+    /// Seed of every random choice in the run (episodes, initialisation, augmentation).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Adam learning rate at the start of training.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Multiply the learning rate by --lr-gamma every this many episodes (0: constant).
+    #[arg(long)]
+    lr_step: Option<u64>,
+    /// Factor applied to the learning rate every --lr-step episodes.
+    #[arg(long)]
+    lr_gamma: Option<f64>,
+    /// Write a resumable checkpoint every this many episodes (and always when training stops);
+    /// may be changed with --resume.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    checkpoint_every: Option<u64>,
+    /// Validate every this many episodes (0: never).
+    #[arg(long)]
+    val_every: Option<u64>,
+    /// Episodes per validation.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    val_episodes: Option<u64>,
+    /// Use candle's composite ops instead of kshot's fused kernels (slower; for checking).
+    #[arg(long)]
+    composite_kernels: bool,
+    /// Episodes (tasks) per optimiser update.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    meta_batch: Option<u64>,
+    /// Checkpoint and stop after this many minutes of this session (resume continues the run).
+    #[arg(long, value_name = "MINUTES")]
+    max_minutes: Option<f64>,
+    #[command(flatten)]
+    method_flags: MethodFlags,
+}
+
+/// What `--resume` accepts besides the run directory: flags that do not change what is computed.
+const RESUME_FLAGS: &[&str] =
+    &["resume", "data_dir", "episodes", "max_minutes", "checkpoint_every"];
+
+/// The run config a new `kshot train` describes: preset (or defaults), then flags.
+fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Result<RunConfig> {
+    let mut c = match &a.preset {
+        Some(name) => presets::config(name)?,
+        None => presets::default_config(),
+    };
+    c.command = std::env::args().collect();
+    if let Some(m) = &a.method {
+        c.method.switch_to(m)?;
+    }
+    check_method_flags(&c.method, given)?;
+    if let Some(d) = &a.dataset {
+        // Another dataset than the preset's: its own split, image size and channels.
+        let defaults = data::dataset_defaults(d)?;
+        if *d != c.data.dataset {
+            c.data.dataset = d.clone();
+            c.data.split = defaults.split.to_string();
+            c.data.image_size = defaults.image_size;
+            c.backbone.set_in_channels(defaults.channels);
+        }
+    }
+    if let Some(kind) = &a.backbone {
+        if kind != c.backbone.kind() {
+            c.backbone = BackboneConfig::named(kind, c.backbone.in_channels())?;
+        }
+    }
+    if a.composite_kernels {
+        match c.backbone.conv4_mut() {
+            Some(conv4) => conv4.fast_kernels = false,
+            None => bail!("--composite-kernels applies to the conv4 backbone only"),
+        }
+    }
+    if let Some(s) = &a.split {
+        c.data.split = s.clone();
+    }
+    let subsets = data::split_subsets(&c.data.dataset, &c.data.split)?;
+    // The preset's own training subset (e.g. MAML's `trainval`) stands unless the split changed.
+    if a.dataset.is_some() || a.split.is_some() || a.preset.is_none() {
+        c.data.train_subset = subsets.train.to_string();
+    }
+    if let Some(t) = &a.train_subset {
+        c.data.train_subset = t.clone();
+    }
+    c.data.test_subset = subsets.test.to_string();
+    if subsets.val.is_none() {
+        c.validation = None;
+    }
+    if a.within_alphabet {
+        c.data.grouping = Grouping::WithinGroup;
+    }
+    c.data.data_dir = Some(
+        std::path::absolute(data_root).unwrap_or(data_root.to_path_buf()).display().to_string(),
+    );
+    if let Some(s) = a.image_size {
+        c.data.image_size = s;
+    }
+    if let Some(w) = a.train_ways {
+        c.train.ways = w;
+    }
+    if let Some(k) = a.shots {
+        // Reptile trains on its own number of shots per class (the official --train-shots).
+        if !c.method.own_train_shots() {
+            c.train.shots = k;
+        }
+        c.test.shots = k;
+        if let Some(v) = &mut c.validation {
+            v.spec.shots = k;
+        }
+    }
+    if let Some(k) = a.train_shots {
+        c.train.shots = k;
+    }
+    if let Some(q) = a.queries {
+        c.train.queries = q;
+    }
+    if let Some(e) = a.episodes {
+        c.episodes = e;
+    }
+    if let Some(s) = a.seed {
+        c.seed = s;
+    }
+    if let Some(lr) = a.lr {
+        c.schedule.lr = lr;
+    }
+    if let Some(s) = a.lr_step {
+        c.schedule.step = s;
+    }
+    if let Some(g) = a.lr_gamma {
+        c.schedule.gamma = g;
+    }
+    if let Some(n) = a.checkpoint_every {
+        c.checkpoint_every = n;
+    }
+    match (a.val_every, &mut c.validation) {
+        (Some(0), _) => c.validation = None,
+        (Some(n), Some(v)) => v.every = n,
+        (Some(n), None) if subsets.val.is_some() => {
+            c.validation = Some(Validation { spec: c.test, episodes: 200, every: n });
+        }
+        _ => {}
+    }
+    if let (Some(n), Some(v)) = (a.val_episodes, &mut c.validation) {
+        v.episodes = n as usize;
+    }
+    if let Some(n) = a.meta_batch {
+        c.meta_batch = n as usize;
+    }
+    let ways = c.train.ways;
+    if let Some(w) = c.method.ways_mut() {
+        *w = ways;
+    }
+    c.method.apply(&a.method_flags)?;
+    c.check()?;
+    Ok(c)
+}
+
+/// Refuses a method flag given for a method that does not read it.
+fn check_method_flags(method: &MethodConfig, given: &[String]) -> anyhow::Result<()> {
+    let own = MethodConfig::flags_of(method.name());
+    let foreign = MethodConfig::all_flags().into_iter().filter(|id| !own.contains(id));
+    for id in foreign.filter(|id| given.contains(id)) {
+        bail!("{} does not apply to --method {}", flag(&id), method.name());
+    }
+    Ok(())
+}
+
+/// The config of the run in `dir`, with what `--resume` may change applied and saved.
+fn resumed_config(a: &TrainArgs, given: &[String], dir: &Path) -> anyhow::Result<RunConfig> {
+    if let Some(id) = given.iter().find(|id| !RESUME_FLAGS.contains(&id.as_str())) {
+        bail!(
+            "{} cannot change a run being resumed ({} fixes it); resume without it, or start a new run with --out",
+            flag(id),
+            dir.join(train::CONFIG_FILE).display()
+        );
+    }
+    let path = dir.join(train::CONFIG_FILE);
+    let mut c = RunConfig::load(&path)?;
+    let mut changed = false;
+    if let Some(e) = a.episodes.filter(|&e| e != c.episodes) {
+        if let Some(note) = c.method.extend(c.episodes, e) {
+            eprintln!("note: {note}");
+        }
+        c.episodes = e;
+        changed = true;
+    }
+    if let Some(n) = a.checkpoint_every.filter(|&n| n != c.checkpoint_every) {
+        c.checkpoint_every = n;
+        changed = true;
+    }
+    if changed {
+        c.command.push("--resume".into());
+        c.command.extend(std::env::args().skip(1));
+        c.save(&path)?;
+    }
+    Ok(c)
+}
+
+pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    let given = given_flags(matches);
+    let (run_dir, config, resume) = match &a.resume {
+        Some(dir) => (dir.clone(), resumed_config(&a, &given, dir)?, true),
+        None => {
+            let root = data::resolve_root(a.data_dir.as_deref())?;
+            let out = a.out.clone().context("--out RUN_DIR is required")?;
+            (out, new_config(&a, &given, &root)?, false)
+        }
+    };
+    let root = data_root_for(a.data_dir.as_deref(), &config)?;
+    let d = &config.data;
+    eprintln!("loading {}/{} ({}) from {}", d.dataset, d.split, d.train_subset, root.display());
+    let train_set = data::load(&root, &d.dataset, &d.split, &d.train_subset, d.image_size)?;
+    let val_set = match (&config.validation, data::split_subsets(&d.dataset, &d.split)?.val) {
+        (Some(_), Some(val)) => Some(data::load(&root, &d.dataset, &d.split, val, d.image_size)?),
+        _ => None,
+    };
+    eprintln!(
+        "{} {}: {} classes, {} {}; run directory {}",
+        if resume { "resuming" } else { "training" },
+        config.method.name(),
+        train_set.classes.len(),
+        config.episodes,
+        config.method.step_unit(&config.protocol),
+        run_dir.display()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupted: saving a checkpoint after this episode (Ctrl-C again to quit now)"
+            );
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    if let Some(minutes) = a.max_minutes {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs_f64(minutes * 60.0));
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+
+    let bar = ProgressBar::new(config.episodes);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} episodes ({eta} left) {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let (mut avg_loss, mut avg_acc) = (None::<f64>, None::<f64>);
+    let mut last_val = String::new();
+    let summary =
+        train::train(&run_dir, &config, &train_set, val_set.as_ref(), resume, &stop, |s| {
+            let ema =
+                |avg: &mut Option<f64>, x: f64| *avg = Some(avg.map_or(x, |a| 0.98 * a + 0.02 * x));
+            ema(&mut avg_loss, s.loss);
+            ema(&mut avg_acc, s.accuracy);
+            if let Some((acc, ci)) = s.val_accuracy {
+                last_val = format!(" | val {:.2}% ± {:.2}", 100.0 * acc, 100.0 * ci);
+                bar.println(format!(
+                    "episode {}: validation {:.2}% ± {:.2}%",
+                    s.episode,
+                    100.0 * acc,
+                    100.0 * ci
+                ));
+            }
+            bar.set_position(s.episode);
+            if bar.is_hidden() && (s.episode % 100 == 0 || s.episode == s.total) {
+                // stderr is not a terminal (a log file): a plain line now and then instead of a bar.
+                eprintln!(
+                    "episode {}/{}: loss {:.4} acc {:.2}% lr {:.1e} ({:.0} s){last_val}",
+                    s.episode,
+                    s.total,
+                    avg_loss.unwrap_or(0.0),
+                    100.0 * avg_acc.unwrap_or(0.0),
+                    s.lr,
+                    s.seconds
+                );
+            }
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}% lr {:.1e}{last_val}",
+                avg_loss.unwrap_or(0.0),
+                100.0 * avg_acc.unwrap_or(0.0),
+                s.lr
+            ));
+        })?;
+    if summary.interrupted {
+        bar.abandon();
+    } else {
+        bar.finish();
+    }
+    let per_episode = if summary.episodes_done > 0 {
+        summary.seconds / summary.episodes_done as f64
+    } else {
+        0.0
+    };
+    eprintln!(
+        "{} after {} of {} episodes, {:.1} s of training ({:.3} s per episode); model in {}",
+        if summary.interrupted { "stopped" } else { "done" },
+        summary.episodes_done,
+        config.episodes,
+        summary.seconds,
+        per_episode,
+        run_dir.join(train::MODEL_FILE).display()
+    );
+    Ok(())
+}

@@ -35,17 +35,6 @@ fn fce(mut c: RunConfig) -> RunConfig {
     c
 }
 
-fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
-    let t = kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE)).unwrap();
-    let mut v: Vec<(String, Vec<f64>)> = t
-        .into_iter()
-        .map(|(k, t)| {
-            (k, t.to_dtype(kshot::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
 
 /// Relabelling the support by `perm` must permute the logit columns the same way.
 fn check_relabelling(config: &RunConfig, shots: usize) {
@@ -136,8 +125,11 @@ fn held_out_accuracy(config: &RunConfig, classes: usize, tag: &str) -> (f64, f64
 /// check is `matching_omniglot.rs`.)
 #[test]
 fn matching_networks_learn_held_out_classes() {
-    let (_, after) = held_out_accuracy(&small_config("matching", 60), 40, "matching");
-    assert!(after > 0.6, "5-way accuracy {after} (chance 0.2)");
+    let (before, after) = held_out_accuracy(&small_config("matching", 60), 40, "matching");
+    assert!(
+        after > 0.6 && after > before + 0.1,
+        "5-way accuracy {before} → {after} (chance 0.2)"
+    );
     let (before, after) = held_out_accuracy(&fce(small_config("matching", 60)), 40, "matching-fce");
     assert!(
         after > 0.7 && after > before + 0.2,
@@ -171,19 +163,26 @@ fn baselines_learn_held_out_classes() {
 fn methods_that_own_their_training_step_resume_exactly() {
     let set = common::synthetic_set(20, 2, 10, 12, 5);
     let no_stop = AtomicBool::new(false);
-    for method in ["siamese", "baseline++", "matching"] {
+    let configs = [
+        ("siamese", small_config("siamese", 5)),
+        ("baseline", small_config("baseline", 5)),
+        ("baseline++", small_config("baseline++", 5)),
+        ("matching", small_config("matching", 5)),
+        ("matching-fce", fce(small_config("matching", 5))),
+    ];
+    for (method, full) in configs {
         let tmp = common::tempdir(&format!("methods-{method}"));
         let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
-        train::train(&straight, &small_config(method, 5), &set, None, false, &no_stop, |_| {})
-            .unwrap();
-        train::train(&split, &small_config(method, 3), &set, None, false, &no_stop, |_| {})
-            .unwrap();
+        let mut first_part = full.clone();
+        first_part.episodes = 3;
+        train::train(&straight, &full, &set, None, false, &no_stop, |_| {}).unwrap();
+        train::train(&split, &first_part, &set, None, false, &no_stop, |_| {}).unwrap();
         let mut config = RunConfig::load(&split.join(train::CONFIG_FILE)).unwrap();
         config.episodes = 5;
         train::train(&split, &config, &set, None, true, &no_stop, |_| {}).unwrap();
         assert_eq!(
-            model_tensors(&straight),
-            model_tensors(&split),
+            common::model_tensors(&straight),
+            common::model_tensors(&split),
             "{method}: resumed run differs from the uninterrupted one"
         );
     }

@@ -196,11 +196,11 @@ fn resume_continues_exactly() {
     let config = kshot::config::RunConfig::load(&split.join(train::CONFIG_FILE)).unwrap();
     let second = train::train(&split, &config, &set, None, true, &no_stop, |_| {}).unwrap();
     assert_eq!(second.episodes_done, 7);
-    let a = model_tensors(&straight);
+    let a = common::model_tensors(&straight);
     assert!(a.iter().any(|(k, _)| k == "inner_adam.t"), "the inner Adam state is not saved");
     assert_eq!(
         a,
-        model_tensors(&split),
+        common::model_tensors(&split),
         "resumed run must equal the uninterrupted one bit for bit"
     );
 }
@@ -233,14 +233,27 @@ fn reptile_learns_held_out_synthetic_classes() {
     );
 }
 
-fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
-    let t = kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE)).unwrap();
-    let mut v: Vec<(String, Vec<f64>)> = t
-        .into_iter()
-        .map(|(k, t)| {
-            (k, t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+
+/// Extending a finished run with more meta-iterations keeps ε's schedule: the steps already taken
+/// are those of the original run, and the new ones take ε_final.
+#[test]
+fn extending_a_run_keeps_its_outer_step_schedule() {
+    let set = common::synthetic_set(20, 2, 10, 12, 5);
+    let no_stop = AtomicBool::new(false);
+    let tmp = common::tempdir("reptile-extend");
+    let dir = tmp.path().join("run");
+    train::train(&dir, &small_config(4), &set, None, false, &no_stop, |_| {}).unwrap();
+    let mut config = kshot::config::RunConfig::load(&dir.join(train::CONFIG_FILE)).unwrap();
+    let note = config.method.extend(4, 6).expect("Reptile says what an extension does");
+    assert!(note.contains("first 4"), "{note}");
+    config.episodes = 6;
+    train::train(&dir, &config, &set, None, true, &no_stop, |_| {}).unwrap();
+    let metrics = std::fs::read_to_string(dir.join(train::METRICS_FILE)).unwrap();
+    let lr: Vec<f64> =
+        metrics.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
+    let c = *settings!(config, Reptile);
+    let want: Vec<f64> = (0..6).map(|step| c.outer_step_at(step, 4)).collect();
+    assert_eq!(lr, want);
+    assert_eq!(lr[4], c.outer_step_final);
+    assert_ne!(lr[4], c.outer_step_at(4, 6), "the schedule was stretched over the new length");
 }

@@ -118,3 +118,20 @@ fn too_many_ways_names_the_numbers() {
         .to_string();
     assert!(err.contains("6 classes") && err.contains("largest has 5"), "{err}");
 }
+
+/// The exact classes and images of the first episodes under one seed, pinned: "the same episodes
+/// on every machine" (any change to the RNG, its streams or the draw order fails here).
+#[test]
+fn golden_episodes_are_pinned() {
+    let set = common::synthetic_set(30, 3, 12, 4, 1);
+    let sampler = EpisodeSampler::new(&set, EpisodeSpec::new(3, 2, 1), Grouping::Any).unwrap();
+    let draws: Vec<String> = (0..3).map(|i| format!("{:?}", sampler.draw(42, i))).collect();
+    let golden = [
+        "GOLDEN0",
+        "GOLDEN1",
+        "GOLDEN2",
+    ];
+    assert_eq!(draws, golden);
+    let grouped = EpisodeSampler::new(&set, EpisodeSpec::new(3, 1, 1), Grouping::WithinGroup).unwrap();
+    assert_eq!(format!("{:?}", grouped.draw(7, 5)), "GOLDEN3");
+}

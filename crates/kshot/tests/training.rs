@@ -22,17 +22,6 @@ fn small_config(episodes: u64) -> kshot::config::RunConfig {
     c
 }
 
-fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
-    let t = kshot::checkpoint::load_tensors(&dir.join(train::MODEL_FILE)).unwrap();
-    let mut v: Vec<(String, Vec<f64>)> = t
-        .into_iter()
-        .map(|(k, t)| {
-            (k, t.to_dtype(kshot::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
 
 #[test]
 fn resume_continues_exactly() {
@@ -51,8 +40,8 @@ fn resume_continues_exactly() {
     let second = train::train(&split, &config, &set, None, true, &no_stop, |_| {}).unwrap();
     assert_eq!(second.episodes_done, 7);
     assert_eq!(
-        model_tensors(&straight),
-        model_tensors(&split),
+        common::model_tensors(&straight),
+        common::model_tensors(&split),
         "resumed run must equal the uninterrupted one bit for bit"
     );
     let metrics = std::fs::read_to_string(split.join(train::METRICS_FILE)).unwrap();
@@ -122,9 +111,57 @@ fn protonet_learns_held_out_synthetic_classes() {
     let dir = tmp.path().join("run");
     let mut config = small_config(60);
     config.schedule.step = 0;
+    let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
+    let untrained = train::new_learner(&config).unwrap();
+    let before = kshot::eval::evaluate(untrained.as_ref(), &sampler, 50, 0, |_| {}).unwrap();
     train::train(&dir, &config, &train_set, None, false, &AtomicBool::new(false), |_| {}).unwrap();
     let (_, learner) = load_learner(&dir).unwrap();
-    let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
-    let report = kshot::eval::evaluate(learner.as_ref(), &sampler, 50, 0, |_| {}).unwrap();
-    assert!(report.accuracy > 0.6, "5-way accuracy {} (chance 0.2)", report.accuracy);
+    let after = kshot::eval::evaluate(learner.as_ref(), &sampler, 50, 0, |_| {}).unwrap();
+    eprintln!("protonet: held-out accuracy {:.3} untrained → {:.3}", before.accuracy, after.accuracy);
+    assert!(
+        after.accuracy > 0.6 && after.accuracy > before.accuracy + 0.1,
+        "5-way accuracy {} → {} (chance 0.2)",
+        before.accuracy,
+        after.accuracy
+    );
+}
+
+#[test]
+fn zero_intervals_are_refused_before_training() {
+    let set = common::synthetic_set(20, 2, 10, 12, 5);
+    let tmp = common::tempdir("training-zero");
+    let mut c = small_config(3);
+    c.checkpoint_every = 0;
+    let err = train::train(&tmp.path().join("a"), &c, &set, None, false, &AtomicBool::new(false), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("checkpoint_every") && err.contains("--checkpoint-every"), "{err}");
+    let mut c = small_config(3);
+    c.validation = Some(kshot::config::Validation { spec: c.test, episodes: 5, every: 0 });
+    let err = train::train(&tmp.path().join("b"), &c, &set, Some(&set), false, &AtomicBool::new(false), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("validation interval"), "{err}");
+}
+
+/// Resuming must never rewrite a metrics file it cannot read: it holds the training history.
+#[test]
+fn unreadable_metrics_stop_a_resume_and_stay_untouched() {
+    let set = common::synthetic_set(20, 2, 10, 12, 5);
+    let no_stop = AtomicBool::new(false);
+    let tmp = common::tempdir("training-metrics");
+    let dir = tmp.path().join("run");
+    train::train(&dir, &small_config(2), &set, None, false, &no_stop, |_| {}).unwrap();
+    let metrics = dir.join(train::METRICS_FILE);
+    let history = std::fs::read(&metrics).unwrap();
+    // Not UTF-8: read_to_string fails, as it would on a damaged file.
+    let mut damaged = history.clone();
+    damaged.extend_from_slice(&[0xff, 0xfe, b'\n']);
+    std::fs::write(&metrics, &damaged).unwrap();
+    let mut config = kshot::config::RunConfig::load(&dir.join(train::CONFIG_FILE)).unwrap();
+    config.episodes = 4;
+    let err = train::train(&dir, &config, &set, None, true, &no_stop, |_| {}).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("metrics.csv") && msg.contains("history"), "{msg}");
+    assert_eq!(std::fs::read(&metrics).unwrap(), damaged, "the metrics file was rewritten");
 }

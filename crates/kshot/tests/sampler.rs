@@ -2,7 +2,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
+use kshot::data::{EpisodeDraw, EpisodeSampler, EpisodeSpec, Grouping};
 
 #[test]
 fn episodes_are_deterministic_in_seed_and_index() {
@@ -125,13 +125,35 @@ fn too_many_ways_names_the_numbers() {
 fn golden_episodes_are_pinned() {
     let set = common::synthetic_set(30, 3, 12, 4, 1);
     let sampler = EpisodeSampler::new(&set, EpisodeSpec::new(3, 2, 1), Grouping::Any).unwrap();
-    let draws: Vec<String> = (0..3).map(|i| format!("{:?}", sampler.draw(42, i))).collect();
+    let draw = |classes: [usize; 3], support: [(usize, usize); 6], query: [(usize, usize); 3]| {
+        EpisodeDraw { classes: classes.to_vec(), support: support.to_vec(), query: query.to_vec() }
+    };
     let golden = [
-        "GOLDEN0",
-        "GOLDEN1",
-        "GOLDEN2",
+        draw(
+            [4, 28, 19],
+            [(4, 4), (4, 3), (28, 11), (28, 3), (19, 1), (19, 11)],
+            [(4, 7), (28, 7), (19, 3)],
+        ),
+        draw(
+            [18, 5, 20],
+            [(18, 4), (18, 5), (5, 10), (5, 0), (20, 7), (20, 8)],
+            [(18, 10), (5, 3), (20, 1)],
+        ),
+        draw(
+            [8, 9, 5],
+            [(8, 10), (8, 11), (9, 10), (9, 2), (5, 3), (5, 6)],
+            [(8, 1), (9, 5), (5, 1)],
+        ),
     ];
-    assert_eq!(draws, golden);
-    let grouped = EpisodeSampler::new(&set, EpisodeSpec::new(3, 1, 1), Grouping::WithinGroup).unwrap();
-    assert_eq!(format!("{:?}", grouped.draw(7, 5)), "GOLDEN3");
+    for (i, want) in golden.iter().enumerate() {
+        assert_eq!(&sampler.draw(42, i as u64), want, "episode {i} under seed 42");
+    }
+    let grouped =
+        EpisodeSampler::new(&set, EpisodeSpec::new(3, 1, 1), Grouping::WithinGroup).unwrap();
+    let want = EpisodeDraw {
+        classes: vec![22, 7, 16],
+        support: vec![(22, 7), (7, 10), (16, 9)],
+        query: vec![(22, 4), (7, 0), (16, 3)],
+    };
+    assert_eq!(grouped.draw(7, 5), want, "a within-group episode (classes 22, 7, 16: group 1)");
 }

@@ -14,6 +14,19 @@ pub fn synthetic_set(
     size: usize,
     seed: u64,
 ) -> ImageSet {
+    noisy_synthetic_set(classes, groups, per_class, size, seed, 0.1)
+}
+
+/// [`synthetic_set`] with each pixel of each image flipped with probability `flip`: at 0.3 an
+/// untrained network's features no longer separate the classes well.
+pub fn noisy_synthetic_set(
+    classes: usize,
+    groups: usize,
+    per_class: usize,
+    size: usize,
+    seed: u64,
+    flip: f64,
+) -> ImageSet {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n = size * size;
     let classes = (0..classes)
@@ -23,7 +36,7 @@ pub fn synthetic_set(
             let mut pixels = Vec::with_capacity(per_class * n);
             for _ in 0..per_class {
                 pixels.extend(
-                    template.iter().map(|&v| if rng.random_bool(0.1) { 255 - v } else { v }),
+                    template.iter().map(|&v| if rng.random_bool(flip) { 255 - v } else { v }),
                 );
             }
             Class {

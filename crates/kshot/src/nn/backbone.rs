@@ -8,6 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{BnMode, Conv4, Conv4Config, KochConfig, KochNet, ParamSet, Params, RunningStats};
+use super::{StridedConv4, StridedConv4Config};
 
 pub trait Backbone: std::fmt::Debug + Send + Sync {
     /// The name `--backbone` spells.
@@ -63,16 +64,20 @@ pub enum BackboneConfig {
     Conv4(Conv4Config),
     /// Koch et al.'s Siamese twin for 105×105 images.
     Koch(KochConfig),
+    /// MAML's and Reptile's Omniglot net: four blocks of stride-2 'SAME' conv3×3 (+ bias) → batch
+    /// norm → ReLU, no pooling; spatial mean or flattened.
+    Conv4Strided(StridedConv4Config),
 }
 
 /// The names `--backbone` accepts.
-pub const BACKBONES: &[&str] = &["conv4", "koch"];
+pub const BACKBONES: &[&str] = &["conv4", "koch", "conv4-strided"];
 
 impl BackboneConfig {
     pub fn build(&self) -> Box<dyn Backbone> {
         match self {
             Self::Conv4(c) => Box::new(Conv4::new(*c)),
             Self::Koch(c) => Box::new(KochNet::new(*c)),
+            Self::Conv4Strided(c) => Box::new(StridedConv4::new(*c)),
         }
     }
 
@@ -81,6 +86,9 @@ impl BackboneConfig {
         match kind {
             "conv4" => Ok(Self::Conv4(Conv4Config::new(in_channels))),
             "koch" => Ok(Self::Koch(KochConfig { in_channels })),
+            "conv4-strided" => {
+                Ok(Self::Conv4Strided(StridedConv4Config::maml_omniglot(in_channels)))
+            }
             other => {
                 anyhow::bail!("unknown backbone `{other}`; choose one of: {}", BACKBONES.join(", "))
             }
@@ -91,6 +99,7 @@ impl BackboneConfig {
         match self {
             Self::Conv4(_) => "conv4",
             Self::Koch(_) => "koch",
+            Self::Conv4Strided(_) => "conv4-strided",
         }
     }
 
@@ -98,6 +107,7 @@ impl BackboneConfig {
         match self {
             Self::Conv4(c) => c.in_channels,
             Self::Koch(c) => c.in_channels,
+            Self::Conv4Strided(c) => c.in_channels,
         }
     }
 
@@ -105,6 +115,7 @@ impl BackboneConfig {
         match self {
             Self::Conv4(c) => c.in_channels = channels,
             Self::Koch(c) => c.in_channels = channels,
+            Self::Conv4Strided(c) => c.in_channels = channels,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod lstm;
 pub mod ops;
 pub mod params;
 pub mod running;
+pub mod strided_conv4;
 
 pub use backbone::{Backbone, BackboneConfig, ExplicitBackward, Tape, BACKBONES};
 pub use conv4::{Conv4, Conv4Config, Conv4Tape};
@@ -17,3 +18,4 @@ pub use koch::{KochConfig, KochNet};
 pub use lstm::LstmCell;
 pub use params::{ParamSet, Params};
 pub use running::{BnLayerStats, BnMode, RunningStats};
+pub use strided_conv4::{StridedConv4, StridedConv4Config, StridedFeatures};

@@ -32,10 +32,9 @@ pub struct StepDecay {
 
 impl StepDecay {
     pub fn at(&self, episode: u64) -> f64 {
-        if self.step == 0 {
-            self.lr
-        } else {
-            self.lr * self.gamma.powi((episode / self.step) as i32)
+        match episode.checked_div(self.step) {
+            None => self.lr,
+            Some(decays) => self.lr * self.gamma.powi(decays as i32),
         }
     }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
 use kshot::methods::reptile::{outer_update, InnerAdam};
 use kshot::methods::reptile::{Progress, Reptile};

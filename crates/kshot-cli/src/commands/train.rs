@@ -226,10 +226,10 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
 fn check_method_flags(method: &MethodConfig, given: &[String]) -> anyhow::Result<()> {
     let own = MethodConfig::flags_of(method.name());
     let foreign = MethodConfig::all_flags().into_iter().filter(|id| !own.contains(id));
-    for id in foreign.filter(|id| given.contains(id)) {
-        bail!("{} does not apply to --method {}", flag(&id), method.name());
+    match foreign.into_iter().find(|id| given.contains(id)) {
+        Some(id) => bail!("{} does not apply to --method {}", flag(&id), method.name()),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The config of the run in `dir`, with what `--resume` may change applied and saved.

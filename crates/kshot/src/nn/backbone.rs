@@ -7,7 +7,10 @@ use candle_core::{Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{BnMode, Conv4, Conv4Config, KochConfig, KochNet, ParamSet, Params, RunningStats};
+use super::{
+    BnMode, Conv4, Conv4Config, KochConfig, KochNet, ParamSet, Params, ResNet12, ResNet12Config,
+    RunningStats,
+};
 
 pub trait Backbone: std::fmt::Debug + Send + Sync {
     /// The name `--backbone` spells.
@@ -63,16 +66,19 @@ pub enum BackboneConfig {
     Conv4(Conv4Config),
     /// Koch et al.'s Siamese twin for 105×105 images.
     Koch(KochConfig),
+    /// ResNet-12 (MetaOptNet, Tian et al. 2020), without DropBlock; 640-d embeddings.
+    Resnet12(ResNet12Config),
 }
 
 /// The names `--backbone` accepts.
-pub const BACKBONES: &[&str] = &["conv4", "koch"];
+pub const BACKBONES: &[&str] = &["conv4", "koch", "resnet12"];
 
 impl BackboneConfig {
     pub fn build(&self) -> Box<dyn Backbone> {
         match self {
             Self::Conv4(c) => Box::new(Conv4::new(*c)),
             Self::Koch(c) => Box::new(KochNet::new(*c)),
+            Self::Resnet12(c) => Box::new(ResNet12::new(*c)),
         }
     }
 
@@ -81,6 +87,7 @@ impl BackboneConfig {
         match kind {
             "conv4" => Ok(Self::Conv4(Conv4Config::new(in_channels))),
             "koch" => Ok(Self::Koch(KochConfig { in_channels })),
+            "resnet12" => Ok(Self::Resnet12(ResNet12Config::new(in_channels))),
             other => {
                 anyhow::bail!("unknown backbone `{other}`; choose one of: {}", BACKBONES.join(", "))
             }
@@ -91,6 +98,7 @@ impl BackboneConfig {
         match self {
             Self::Conv4(_) => "conv4",
             Self::Koch(_) => "koch",
+            Self::Resnet12(_) => "resnet12",
         }
     }
 
@@ -98,6 +106,7 @@ impl BackboneConfig {
         match self {
             Self::Conv4(c) => c.in_channels,
             Self::Koch(c) => c.in_channels,
+            Self::Resnet12(c) => c.in_channels,
         }
     }
 
@@ -105,6 +114,7 @@ impl BackboneConfig {
         match self {
             Self::Conv4(c) => c.in_channels = channels,
             Self::Koch(c) => c.in_channels = channels,
+            Self::Resnet12(c) => c.in_channels = channels,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod koch;
 pub mod lstm;
 pub mod ops;
 pub mod params;
+pub mod resnet12;
 pub mod running;
 
 pub use backbone::{Backbone, BackboneConfig, ExplicitBackward, Tape, BACKBONES};
@@ -16,4 +17,5 @@ pub use head::{Graph, LossAndGrad};
 pub use koch::{KochConfig, KochNet};
 pub use lstm::LstmCell;
 pub use params::{ParamSet, Params};
+pub use resnet12::{ResNet12, ResNet12Config};
 pub use running::{BnLayerStats, BnMode, RunningStats};

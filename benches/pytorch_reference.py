@@ -3,7 +3,9 @@
 
 Every workload is a full training step on random normal inputs: forward, backward and an Adam update
 (lr 1e-3) of Conv4 (64 channels, 3x3 convolutions without bias, batch norm with batch statistics,
-ReLU, 2x2 max-pool). Prints one JSON line: {"workload", "samples_ms", "torch", "threads"}.
+ReLU, 2x2 max-pool), or in resnet12-step-84 of ResNet-12 (crates/kshot/src/nn/resnet12.rs: widths
+64-160-320-640, batch statistics, LeakyReLU 0.1, 1x1 shortcut, global average pool, no DropBlock).
+Prints one JSON line: {"workload", "samples_ms", "torch", "threads"}.
 
     python benches/pytorch_reference.py --workload conv4-step-28 --reps 20 --threads 2
 """
@@ -28,6 +30,27 @@ def conv4_params(in_channels, hidden=64, blocks=4):
     return params
 
 
+def resnet12_params(in_channels, widths=(64, 160, 320, 640)):
+    # As MetaOptNet / Tian et al.: kaiming_normal_(fan_out, leaky_relu), BN scale 1, shift 0.
+    def conv(cout, cin, k):
+        w = torch.empty(cout, cin, k, k)
+        torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="leaky_relu")
+        return w
+
+    params = {}
+    cin = in_channels
+    for b, width in enumerate(widths):
+        for j in range(3):
+            params[f"block{b}.conv{j}.weight"] = conv(width, cin if j == 0 else width, 3)
+            params[f"block{b}.bn{j}.weight"] = torch.ones(width)
+            params[f"block{b}.bn{j}.bias"] = torch.zeros(width)
+        params[f"block{b}.shortcut.weight"] = conv(width, cin, 1)
+        params[f"block{b}.shortcut_bn.weight"] = torch.ones(width)
+        params[f"block{b}.shortcut_bn.bias"] = torch.zeros(width)
+        cin = width
+    return params
+
+
 def linear_head(params, ways, dim):
     bound = 1 / dim ** 0.5
     params["head.weight"] = torch.empty(ways, dim).uniform_(-bound, bound)
@@ -41,6 +64,22 @@ def conv4(params, x, blocks=4):
         x = F.batch_norm(x, None, None, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=True)
         x = F.max_pool2d(F.relu(x), 2)
     return x.flatten(1)
+
+
+def resnet12(params, x, blocks=4, leak=0.1):
+    def bn(h, name):
+        return F.batch_norm(h, None, None, params[f"{name}.weight"], params[f"{name}.bias"],
+                            training=True)
+
+    for b in range(blocks):
+        h = x
+        for j in range(3):
+            h = bn(F.conv2d(h, params[f"block{b}.conv{j}.weight"], padding=1), f"block{b}.bn{j}")
+            if j < 2:
+                h = F.leaky_relu(h, leak)
+        shortcut = bn(F.conv2d(x, params[f"block{b}.shortcut.weight"]), f"block{b}.shortcut_bn")
+        x = F.max_pool2d(F.leaky_relu(h + shortcut, leak), 2)
+    return x.mean((2, 3))
 
 
 def head(params, emb):
@@ -64,6 +103,21 @@ def classifier_step(channels, size):
     def step():
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(head(params, conv4(params, x)), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def resnet12_step(batch=20, size=84):
+    params = leaves(linear_head(resnet12_params(3), 5, 640))
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    x = torch.randn(batch, 3, size, size)
+    y = labels(5, batch // 5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(head(params, resnet12(params, x)), y)
         loss.backward()
         opt.step()
 
@@ -111,6 +165,7 @@ def protonet_step(ways=60, shots=1, queries=5):
 WORKLOADS = {
     "conv4-step-28": lambda: classifier_step(1, 28),
     "conv4-step-84": lambda: classifier_step(3, 84),
+    "resnet12-step-84": resnet12_step,
     "maml2-step": maml_step,
     "protonet-60w1s5q": protonet_step,
 }

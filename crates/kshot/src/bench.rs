@@ -3,7 +3,8 @@
 //!
 //! Every workload is a full training step on random normal inputs: forward, backward and an Adam
 //! update (learning rate 1e-3) of Conv4 (64 channels, no convolution bias, batch norm with batch
-//! statistics, ReLU, 2×2 max-pool).
+//! statistics, ReLU, 2×2 max-pool), or, in `resnet12-step-84`, of ResNet-12 ([`ResNet12`]: widths
+//! 64-160-320-640, batch statistics, LeakyReLU 0.1, global average pool).
 
 use std::time::Instant;
 
@@ -14,7 +15,10 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::data::{Episode, EpisodeSpec};
 use crate::methods::{EpisodeOutput, Learner, Maml, MamlConfig, ProtoNet, ProtoNetConfig};
-use crate::nn::{ops, BackboneConfig, BnMode, Conv4, Conv4Config, ParamSet};
+use crate::nn::{
+    head, ops, Backbone, BackboneConfig, BnMode, Conv4, Conv4Config, ParamSet, ResNet12,
+    ResNet12Config,
+};
 use crate::optim::{Adam, AdamConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +27,8 @@ pub enum Workload {
     Conv4Omniglot,
     /// Conv4 + linear 5-way head, one step on 80 × 3×84×84.
     Conv4MiniImageNet,
+    /// ResNet-12 + linear 5-way head, one step on 20 × 3×84×84.
+    ResNet12MiniImageNet,
     /// One second-order MAML meta-step: 5-way 1-shot, 15 queries, 5 inner steps, α = 0.4, 28×28.
     MamlSecondOrder,
     /// One ProtoNet episode: 60-way 1-shot 5-query on 28×28.
@@ -30,9 +36,10 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::Conv4Omniglot,
         Workload::Conv4MiniImageNet,
+        Workload::ResNet12MiniImageNet,
         Workload::MamlSecondOrder,
         Workload::ProtoNet60Way,
     ];
@@ -42,6 +49,7 @@ impl Workload {
         match self {
             Workload::Conv4Omniglot => "conv4-step-28",
             Workload::Conv4MiniImageNet => "conv4-step-84",
+            Workload::ResNet12MiniImageNet => "resnet12-step-84",
             Workload::MamlSecondOrder => "maml2-step",
             Workload::ProtoNet60Way => "protonet-60w1s5q",
         }
@@ -51,6 +59,7 @@ impl Workload {
         match self {
             Workload::Conv4Omniglot => "Conv4 training step, 80 × 1×28×28",
             Workload::Conv4MiniImageNet => "Conv4 training step, 80 × 3×84×84",
+            Workload::ResNet12MiniImageNet => "ResNet-12 training step, 20 × 3×84×84",
             Workload::MamlSecondOrder => "2nd-order MAML meta-step, 5w1s 15q, 5 inner steps",
             Workload::ProtoNet60Way => "ProtoNet episode, 60-way 1-shot 5-query, 28×28",
         }
@@ -112,6 +121,14 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
             let mut adam = Adam::new(&params, adam_config)?;
             Box::new(move || classifier_step(&net, &params, &mut adam, &x, &y))
         }
+        Workload::ResNet12MiniImageNet => {
+            let net = ResNet12::new(ResNet12Config { fast_kernels, ..ResNet12Config::new(3) });
+            let params = head::init_linear_head(&net, (84, 84), 5, &mut rng, &Device::Cpu)?;
+            let x = normal(&mut rng, &[20, 3, 84, 84])?;
+            let y = Tensor::new(labels(5, 4), &Device::Cpu)?;
+            let mut adam = Adam::new(&params, adam_config)?;
+            Box::new(move || classifier_step(&net, &params, &mut adam, &x, &y))
+        }
         Workload::MamlSecondOrder => {
             let config = MamlConfig {
                 ways: 5,
@@ -142,14 +159,14 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
 }
 
 fn classifier_step(
-    net: &Conv4,
+    net: &dyn Backbone,
     params: &ParamSet,
     adam: &mut Adam,
     x: &Tensor,
     y: &Tensor,
 ) -> Result<()> {
     let p = params.values();
-    let logits = net.linear_head_logits(&p, x, BnMode::Batch(None))?;
+    let logits = head::linear_logits(net, &p, x, BnMode::Batch(None))?;
     let loss = ops::cross_entropy(&logits, y)?;
     let grads = loss.backward()?;
     adam.step(&grads, 1e-3)

@@ -560,3 +560,119 @@ fn squared_euclidean_is_exact_near_zero() -> Result<()> {
     );
     Ok(())
 }
+
+/// LeakyReLU in candle ops: leak·y + (1 - leak)·relu(y).
+fn composite_leaky(y: &Tensor, leak: f64) -> Result<Tensor> {
+    (y.relu()? * (1.0 - leak))? + (y * leak)?
+}
+
+/// ResNet-12's slopes: its LeakyReLU, and 1 for batch norm without an activation.
+const LEAKS: [f64; 2] = [0.1, 1.0];
+
+#[test]
+fn batch_norm_leaky_relu_matches_composite_and_its_derivatives_are_exact() -> Result<()> {
+    setup();
+    for leak in LEAKS {
+        for dtype in DTYPES {
+            for (i, d) in [[3, 4, 5, 5], [2, 3, 7, 7], [5, 2, 1, 1]].into_iter().enumerate() {
+                let x = (uniform(200 + i as u64, &d, dtype)? * 3.0)?.affine(1.0, 0.5)?;
+                let gamma = uniform(210 + i as u64, &[d[1]], dtype)?;
+                let beta = uniform(220 + i as u64, &[d[1]], dtype)?;
+                let what = format!("batch_norm_leaky_relu_train {d:?} {dtype:?} leak {leak}");
+                let (y, stats) =
+                    kernels::batch_norm_leaky_relu_train(&x, &gamma, &beta, EPS, leak)?;
+                let (y_ref, stats_ref) = ops::batch_norm_train(&x, &gamma, &beta, EPS)?;
+                assert_close(&y, &composite_leaky(&y_ref, leak)?, tol(dtype), &what);
+                for (a, b) in stats
+                    .mean
+                    .iter()
+                    .chain(&stats.var)
+                    .zip(stats_ref.mean.iter().chain(&stats_ref.var))
+                {
+                    assert!(
+                        (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                        "{what}: statistics {a} vs {b}"
+                    );
+                }
+            }
+        }
+        for (i, d) in [[3, 2, 3, 3], [4, 3, 2, 1]].into_iter().enumerate() {
+            let x = uniform(230 + i as u64, &d, DType::F64)?;
+            let gamma = uniform(240 + i as u64, &[d[1]], DType::F64)?.affine(1.0, 0.5)?;
+            let beta = uniform(250 + i as u64, &[d[1]], DType::F64)?;
+            let fast = |t: &[Tensor]| {
+                quad(&kernels::batch_norm_leaky_relu_train(&t[0], &t[1], &t[2], EPS, leak)?.0, 7)
+            };
+            let composite = |t: &[Tensor]| {
+                quad(
+                    &composite_leaky(&ops::batch_norm_train(&t[0], &t[1], &t[2], EPS)?.0, leak)?,
+                    7,
+                )
+            };
+            let what = format!("batch_norm_leaky_relu_train {d:?} leak {leak}");
+            check_derivatives(&fast, &composite, &[x, gamma, beta], &what)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_leaky_relu_fixed_matches_composite_and_its_derivatives_are_exact() -> Result<()> {
+    setup();
+    for leak in LEAKS {
+        for dtype in DTYPES {
+            let d = [3, 4, 5, 5];
+            let x = uniform(260, &d, dtype)?;
+            let gamma = uniform(261, &[4], dtype)?;
+            let beta = uniform(262, &[4], dtype)?;
+            let (m, v) = fixed_stats(4, 263);
+            let y = kernels::batch_norm_leaky_relu_fixed(&x, &m, &v, &gamma, &beta, EPS, leak)?;
+            let y_ref =
+                composite_leaky(&ops::batch_norm_fixed(&x, &m, &v, &gamma, &beta, EPS)?, leak)?;
+            assert_close(
+                &y,
+                &y_ref,
+                tol(dtype),
+                &format!("batch_norm_leaky_relu_fixed {dtype:?} {leak}"),
+            );
+        }
+        let x = uniform(270, &[3, 2, 3, 3], DType::F64)?;
+        let gamma = uniform(271, &[2], DType::F64)?.affine(1.0, 0.5)?;
+        let beta = uniform(272, &[2], DType::F64)?;
+        let (m, v) = fixed_stats(2, 273);
+        let fast = |t: &[Tensor]| {
+            quad(&kernels::batch_norm_leaky_relu_fixed(&t[0], &m, &v, &t[1], &t[2], EPS, leak)?, 8)
+        };
+        let composite = |t: &[Tensor]| {
+            quad(
+                &composite_leaky(&ops::batch_norm_fixed(&t[0], &m, &v, &t[1], &t[2], EPS)?, leak)?,
+                8,
+            )
+        };
+        let what = format!("batch_norm_leaky_relu_fixed leak {leak}");
+        check_derivatives(&fast, &composite, &[x, gamma, beta], &what)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn add_leaky_relu_matches_composite_and_its_derivatives_are_exact() -> Result<()> {
+    setup();
+    for leak in [0.0, 0.1] {
+        for dtype in DTYPES {
+            let (a, b) = (uniform(280, &[2, 3, 4, 5], dtype)?, uniform(281, &[2, 3, 4, 5], dtype)?);
+            let y = kernels::add_leaky_relu(&a, &b, leak)?;
+            let what = format!("add_leaky_relu {dtype:?} leak {leak}");
+            assert_close(&y, &composite_leaky(&(&a + &b)?, leak)?, tol(dtype), &what);
+        }
+        let (a, b) =
+            (uniform(282, &[2, 3, 3, 2], DType::F64)?, uniform(283, &[2, 3, 3, 2], DType::F64)?);
+        let fast = |t: &[Tensor]| quad(&kernels::add_leaky_relu(&t[0], &t[1], leak)?, 9);
+        let composite = |t: &[Tensor]| quad(&composite_leaky(&(&t[0] + &t[1])?, leak)?, 9);
+        check_derivatives(&fast, &composite, &[a, b], &format!("add_leaky_relu leak {leak}"))?;
+    }
+    let a = uniform(284, &[2, 3], DType::F32)?;
+    assert!(kernels::add_leaky_relu(&a, &a, 1.5).is_err());
+    assert!(kernels::add_leaky_relu(&a, &a.t()?, 0.1).is_err());
+    Ok(())
+}

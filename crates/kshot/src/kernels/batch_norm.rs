@@ -1,5 +1,8 @@
-//! Training-mode batch norm fused with ReLU. Per channel, over N = B·H·W elements:
-//! x̂ = (x - μ)·s with s = 1/√(σ² + ε) (μ, σ² summed in f64, σ² biased), z = γ·x̂ + β, y = max(z, 0).
+//! Training-mode batch norm fused with a (leaky) ReLU. Per channel, over N = B·H·W elements:
+//! x̂ = (x - μ)·s with s = 1/√(σ² + ε) (μ, σ² summed in f64, σ² biased), z = γ·x̂ + β, and
+//! y = z where z > 0, else leak·z: leak 0 is ReLU (Conv4), 0.1 ResNet-12's LeakyReLU, 1 no
+//! activation at all (plain batch norm). The slope m = 1 or leak is locally constant, so every
+//! formula below holds for any leak with gz = m·dy.
 //!
 //! The forward, the first-order backward and its own derivative (second order, for MAML) are
 //! fused kernels. Derivatives of third order are not implemented and fail with candle's error.
@@ -19,7 +22,17 @@ pub fn batch_norm_relu_train(
     beta: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, BatchStats)> {
-    let saved = BnReluTrain::forward(x, gamma, beta, eps)?;
+    batch_norm_leaky_relu_train(x, gamma, beta, eps, 0.0)
+}
+
+pub fn batch_norm_leaky_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    leak: f64,
+) -> Result<(Tensor, BatchStats)> {
+    let saved = BnReluTrain::forward_leaky(x, gamma, beta, eps, leak)?;
     let stats = saved.batch_stats()?;
     Ok((saved.y, stats))
 }
@@ -31,10 +44,22 @@ pub struct BnReluTrain {
     x: Tensor,
     gb: Tensor,
     stats: Arc<OnceLock<Stats>>,
+    leak: f64,
 }
 
 impl BnReluTrain {
     pub fn forward(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Self> {
+        Self::forward_leaky(x, gamma, beta, eps, 0.0)
+    }
+
+    /// With a LeakyReLU of negative slope `leak` (0: ReLU; 1: no activation).
+    pub fn forward_leaky(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+        leak: f64,
+    ) -> Result<Self> {
         let c = x.dims4()?.1;
         if gamma.dims() != [c] || beta.dims() != [c] {
             bail!("batch norm: gamma {:?} and beta {:?} must be [{c}]", gamma.dims(), beta.dims());
@@ -42,8 +67,8 @@ impl BnReluTrain {
         let x = x.contiguous()?;
         let gb = Tensor::stack(&[gamma, beta], 0)?;
         let stats = Arc::new(OnceLock::new());
-        let y = x.apply_op2(&gb, BnRelu { eps, stats: stats.clone() })?;
-        Ok(Self { y, x, gb, stats })
+        let y = x.apply_op2(&gb, BnRelu { eps, leak, stats: stats.clone() })?;
+        Ok(Self { y, x, gb, stats, leak })
     }
 
     pub fn batch_stats(&self) -> Result<BatchStats> {
@@ -55,7 +80,7 @@ impl BnReluTrain {
     /// (dx, dγ, dβ) for the output gradient `dy`, as differentiable ops: the same ops the custom
     /// op's own backward runs, so derivatives of these are exact to second order as well.
     pub fn vjp(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (dx, dgb) = bn_relu_vjp(&self.x, &self.gb, &self.stats, dy)?;
+        let (dx, dgb) = bn_relu_vjp(&self.x, &self.gb, &self.stats, self.leak, dy)?;
         Ok((dx, dgb.get(0)?, dgb.get(1)?))
     }
 }
@@ -64,9 +89,10 @@ fn bn_relu_vjp(
     x: &Tensor,
     gb: &Tensor,
     stats: &Arc<OnceLock<Stats>>,
+    leak: f64,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let packed = x.apply_op3(gb, &dy.contiguous()?, BnReluBwd { stats: stats.clone() })?;
+    let packed = x.apply_op3(gb, &dy.contiguous()?, BnReluBwd { stats: stats.clone(), leak })?;
     let n = x.elem_count();
     let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
     let dgb = packed.narrow(0, n, gb.elem_count())?.reshape(gb.shape())?;
@@ -86,6 +112,16 @@ impl Stats {
         let c = self.mean.len();
         let scale = gb[ch].to_f64() * self.inv_std[ch];
         (scale, gb[c + ch].to_f64() - scale * self.mean[ch])
+    }
+}
+
+/// The slope of the activation at pre-activation `z`: 1 where z > 0, else `leak`.
+#[inline]
+fn slope(z: f64, leak: f64) -> f64 {
+    if z > 0.0 {
+        1.0
+    } else {
+        leak
     }
 }
 
@@ -130,6 +166,7 @@ fn channel_stats<T: Real>(x: &[T], (b, c, hw): (usize, usize, usize), eps: f64) 
 
 struct BnRelu {
     eps: f64,
+    leak: f64,
     stats: Arc<OnceLock<Stats>>,
 }
 
@@ -156,7 +193,7 @@ impl CustomOp2 for BnRelu {
         _: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dgb) = bn_relu_vjp(x, gb, &self.stats, dy)?;
+        let (dx, dgb) = bn_relu_vjp(x, gb, &self.stats, self.leak, dy)?;
         Ok((Some(dx), Some(dgb)))
     }
 }
@@ -177,7 +214,8 @@ fn bn_relu_fwd<T: Real>(
             for (ch, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
                 let (scale, shift) = stats.affine(gb, ch);
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = T::from_f64((x.to_f64() * scale + shift).max(0.0));
+                    let z = x.to_f64() * scale + shift;
+                    *y = T::from_f64(if z > 0.0 { z } else { op.leak * z });
                 }
             }
         });
@@ -186,9 +224,10 @@ fn bn_relu_fwd<T: Real>(
 }
 
 /// First-order backward of [`BnRelu`]: (x, [γ; β], dy) → [dx (flattened), dγ, dβ], with
-/// gz = dy·1[z > 0], dβ = Σ gz, dγ = Σ gz·x̂, dx = γ·s·(gz - dβ/N - x̂·dγ/N).
+/// gz = m·dy, dβ = Σ gz, dγ = Σ gz·x̂, dx = γ·s·(gz - dβ/N - x̂·dγ/N).
 struct BnReluBwd {
     stats: Arc<OnceLock<Stats>>,
+    leak: f64,
 }
 
 impl BnReluBwd {
@@ -213,7 +252,7 @@ impl CustomOp3 for BnReluBwd {
     ) -> Result<(CpuStorage, Shape)> {
         same_dtype(xs, gs)?;
         same_dtype(xs, ds)?;
-        dispatch!(xs, bn_relu_bwd_fwd(self.stats(), xs, xl, gs, gl, ds, dl))
+        dispatch!(xs, bn_relu_bwd_fwd(self.stats(), self.leak, xs, xl, gs, gl, ds, dl))
     }
 
     fn bwd(
@@ -226,7 +265,8 @@ impl CustomOp3 for BnReluBwd {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let numel = x.elem_count();
         let dyu = Tensor::cat(&[&dy.flatten_all()?, &u.flatten_all()?], 0)?;
-        let packed = x.apply_op3(gb, &dyu, BnReluVjp { stats: self.stats.clone() })?;
+        let packed =
+            x.apply_op3(gb, &dyu, BnReluVjp { stats: self.stats.clone(), leak: self.leak })?;
         let d_x = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
         let d_gb = packed.narrow(0, numel, gb.elem_count())?.reshape(gb.shape())?;
         let d_dy = packed.narrow(0, numel + gb.elem_count(), numel)?.reshape(dy.shape())?;
@@ -234,8 +274,10 @@ impl CustomOp3 for BnReluBwd {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bn_relu_bwd_fwd<T: Real>(
     stats: &Stats,
+    leak: f64,
     xs: &CpuStorage,
     xl: &Layout,
     gs: &CpuStorage,
@@ -256,7 +298,7 @@ fn bn_relu_bwd_fwd<T: Real>(
                 for (x, dy) in x.chunks(4).zip(dy.chunks(4)) {
                     for (k, (&x, &dy)) in x.iter().zip(dy).enumerate() {
                         let x = x.to_f64();
-                        let gz = if x * scale + shift > 0.0 { dy.to_f64() } else { 0.0 };
+                        let gz = slope(x * scale + shift, leak) * dy.to_f64();
                         a[k] += gz;
                         bv[k] += gz * (x - mean) * inv_std;
                     }
@@ -278,7 +320,7 @@ fn bn_relu_bwd_fwd<T: Real>(
                     let (a, bv) = (sum_gz[ch] / n, sum_gz_xhat[ch] / n);
                     for (dx, (&x, &dy)) in dx.iter_mut().zip(x.iter().zip(dy)) {
                         let x = x.to_f64();
-                        let gz = if x * scale + shift > 0.0 { dy.to_f64() } else { 0.0 };
+                        let gz = slope(x * scale + shift, leak) * dy.to_f64();
                         *dx = T::from_f64(scale * (gz - a - (x - mean) * inv_std * bv));
                     }
                 }
@@ -294,7 +336,7 @@ fn bn_relu_bwd_fwd<T: Real>(
 
 /// Vector-Jacobian product of [`BnReluBwd`] (the second-order pass), fused: (x, [γ; β],
 /// [dy; u]) → [d_x, d_[γ; β], d_dy], with the cotangent u = [u_x, u_γ, u_β]. With A = Σ gz,
-/// B = Σ gz·x̂, U1 = Σ u_x, U2 = Σ u_x·x̂, P = Σ u_x·gz per channel (the ReLU mask m is locally
+/// B = Σ gz·x̂, U1 = Σ u_x, U2 = Σ u_x·x̂, P = Σ u_x·gz per channel (the slope m is locally
 /// constant, so β only enters through it and gets no gradient):
 ///
 /// - d/d(dy) = m·(γs·(u_x - U1/N - x̂·U2/N) + u_γ·x̂ + u_β)
@@ -305,6 +347,7 @@ fn bn_relu_bwd_fwd<T: Real>(
 /// It has no backward of its own: derivatives of third order fail with candle's error.
 struct BnReluVjp {
     stats: Arc<OnceLock<Stats>>,
+    leak: f64,
 }
 
 impl CustomOp3 for BnReluVjp {
@@ -324,12 +367,14 @@ impl CustomOp3 for BnReluVjp {
         same_dtype(xs, gs)?;
         same_dtype(xs, ds)?;
         let stats = self.stats.get().expect("the second-order pass runs after the forward pass");
-        dispatch!(xs, bn_relu_vjp_fwd(stats, xs, xl, gs, gl, ds, dl))
+        dispatch!(xs, bn_relu_vjp_fwd(stats, self.leak, xs, xl, gs, gl, ds, dl))
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bn_relu_vjp_fwd<T: Real>(
     stats: &Stats,
+    leak: f64,
     xs: &CpuStorage,
     xl: &Layout,
     gs: &CpuStorage,
@@ -364,7 +409,7 @@ fn bn_relu_vjp_fwd<T: Real>(
                 for ((&x, &dy), &ux) in x.iter().zip(dy).zip(ux) {
                     let x = x.to_f64();
                     let xhat = (x - mean) * inv_std;
-                    let gz = if x * scale + shift > 0.0 { dy.to_f64() } else { 0.0 };
+                    let gz = slope(x * scale + shift, leak) * dy.to_f64();
                     let ux = ux.to_f64();
                     acc[0] += gz;
                     acc[1] += gz * xhat;
@@ -410,14 +455,12 @@ fn bn_relu_vjp_fwd<T: Real>(
                     {
                         let x = x.to_f64();
                         let xhat = (x - mean) * s;
-                        let on = x * scale + shift > 0.0;
-                        let gz = if on { dy.to_f64() } else { 0.0 };
+                        let m = slope(x * scale + shift, leak);
+                        let gz = m * dy.to_f64();
                         let ux = ux.to_f64();
-                        *ddyo = T::from_f64(if on {
-                            gs * (ux - u1_n - xhat * u2_n) + u_gamma * xhat + u_beta
-                        } else {
-                            0.0
-                        });
+                        *ddyo = T::from_f64(
+                            m * (gs * (ux - u1_n - xhat * u2_n) + u_gamma * xhat + u_beta),
+                        );
                         let bracket = xhat * coef_xhat - bv * ux - u2 * gz + constant;
                         *dxo = T::from_f64(outer * bracket + u_gamma * s * (gz - a_n - xhat * b_n));
                     }
@@ -438,6 +481,19 @@ pub fn batch_norm_relu_fixed(
     beta: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
+    batch_norm_leaky_relu_fixed(x, mean, var, gamma, beta, eps, 0.0)
+}
+
+/// [`batch_norm_relu_fixed`] with a LeakyReLU of negative slope `leak` (0: ReLU; 1: none).
+pub fn batch_norm_leaky_relu_fixed(
+    x: &Tensor,
+    mean: &[f64],
+    var: &[f64],
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    leak: f64,
+) -> Result<Tensor> {
     let c = x.dim(1)?;
     if mean.len() != c || var.len() != c || gamma.dims() != [c] || beta.dims() != [c] {
         bail!("batch norm: statistics and parameters must have one entry per channel ({c})");
@@ -449,12 +505,14 @@ pub fn batch_norm_relu_fixed(
     let scale = (gamma * inv_std)?;
     let shift = (beta - (&scale * mean)?)?;
     let ss = Tensor::stack(&[&scale, &shift], 0)?;
-    x.contiguous()?.apply_op2(&ss, ScaleShiftRelu)
+    x.contiguous()?.apply_op2(&ss, ScaleShiftRelu { leak })
 }
 
-/// relu(x·scale + shift) per channel, with [scale; shift] stacked as [2, C]. Its backward, in
-/// candle ops with the ReLU mask held constant, is exact to every order.
-struct ScaleShiftRelu;
+/// leaky_relu(x·scale + shift) per channel, with [scale; shift] stacked as [2, C]. Its backward,
+/// in candle ops with the slope (1 or leak) held constant, is exact to every order.
+struct ScaleShiftRelu {
+    leak: f64,
+}
 
 impl CustomOp2 for ScaleShiftRelu {
     fn name(&self) -> &'static str {
@@ -469,7 +527,7 @@ impl CustomOp2 for ScaleShiftRelu {
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         same_dtype(xs, ss)?;
-        dispatch!(xs, scale_shift_relu_fwd(xs, xl, ss, sl))
+        dispatch!(xs, scale_shift_relu_fwd(self.leak, xs, xl, ss, sl))
     }
 
     fn bwd(
@@ -480,8 +538,13 @@ impl CustomOp2 for ScaleShiftRelu {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let c = ss.dim(1)?;
-        let mask = y.detach().gt(0.0)?.to_dtype(y.dtype())?;
-        let gz = (dy * mask)?;
+        // y > 0 exactly where z > 0, for any leak ≥ 0.
+        let on = y.detach().gt(0.0)?.to_dtype(y.dtype())?;
+        let gz = if self.leak == 0.0 {
+            (dy * on)?
+        } else {
+            (dy * on.affine(1.0 - self.leak, self.leak)?)?
+        };
         let per_channel = |t: Tensor| t.reshape((1, c, 1, 1));
         let dx =
             if x.track_op() { Some(gz.broadcast_mul(&per_channel(ss.get(0)?)?)?) } else { None };
@@ -496,6 +559,7 @@ impl CustomOp2 for ScaleShiftRelu {
 }
 
 fn scale_shift_relu_fwd<T: Real>(
+    leak: f64,
     xs: &CpuStorage,
     xl: &Layout,
     ss: &CpuStorage,
@@ -506,6 +570,7 @@ fn scale_shift_relu_fwd<T: Real>(
     if s.len() != 2 * c {
         bail!("batch norm: scale and shift must be [2, {c}]");
     }
+    let leak = T::from_f64(leak);
     let mut y = vec![zero::<T>(); x.len()];
     if !y.is_empty() {
         y.par_chunks_mut(c * hw).zip(x.par_chunks(c * hw)).for_each(|(y, x)| {
@@ -513,7 +578,7 @@ fn scale_shift_relu_fwd<T: Real>(
                 let (scale, shift) = (s[ch], s[c + ch]);
                 for (y, &x) in y.iter_mut().zip(x) {
                     let z = x * scale + shift;
-                    *y = if z > zero() { z } else { zero() };
+                    *y = if z > zero() { z } else { leak * z };
                 }
             }
         });

@@ -5,6 +5,7 @@
 //! reference ops in [`crate::nn::ops`] compute the same functions; `tests/kernels.rs` holds the two
 //! together.
 
+mod activation;
 mod batch_norm;
 mod conv;
 mod cpu;
@@ -32,6 +33,18 @@ pub fn batch_norm_relu_train(
     eps: f64,
 ) -> Result<(Tensor, BatchStats)> {
     batch_norm::batch_norm_relu_train(x, gamma, beta, eps)
+}
+
+/// Training-mode batch norm followed by a LeakyReLU of negative slope `leak`: leak 0 is
+/// [`batch_norm_relu_train`], leak 1 plain batch norm without an activation.
+pub fn batch_norm_leaky_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    leak: f64,
+) -> Result<(Tensor, BatchStats)> {
+    batch_norm::batch_norm_leaky_relu_train(x, gamma, beta, eps, leak)
 }
 
 pub use batch_norm::BnReluTrain;
@@ -69,6 +82,25 @@ pub fn batch_norm_relu_fixed(
     eps: f64,
 ) -> Result<Tensor> {
     batch_norm::batch_norm_relu_fixed(x, mean, var, gamma, beta, eps)
+}
+
+/// Evaluation-mode batch norm followed by a LeakyReLU of negative slope `leak` (0: ReLU; 1: none).
+pub fn batch_norm_leaky_relu_fixed(
+    x: &Tensor,
+    mean: &[f64],
+    var: &[f64],
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    leak: f64,
+) -> Result<Tensor> {
+    batch_norm::batch_norm_leaky_relu_fixed(x, mean, var, gamma, beta, eps, leak)
+}
+
+/// leaky_relu(a + b) with negative slope `leak` in [0, 1], element-wise over equal shapes (a
+/// residual sum and its activation); only the output is kept for the backward pass.
+pub fn add_leaky_relu(a: &Tensor, b: &Tensor, leak: f64) -> Result<Tensor> {
+    activation::add_leaky_relu(a, b, leak)
 }
 
 /// Pairwise squared Euclidean distances between the rows of `a` [N, D] and `b` [M, D]: [N, M].

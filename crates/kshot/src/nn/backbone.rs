@@ -7,8 +7,10 @@ use candle_core::{Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{BnMode, Conv4, Conv4Config, KochConfig, KochNet, ParamSet, Params, RunningStats};
-use super::{StridedConv4, StridedConv4Config};
+use super::{
+    BnMode, Conv4, Conv4Config, KochConfig, KochNet, ParamSet, Params, ResNet12, ResNet12Config,
+    RunningStats, StridedConv4, StridedConv4Config,
+};
 
 pub trait Backbone: std::fmt::Debug + Send + Sync {
     /// The name `--backbone` spells.
@@ -67,10 +69,12 @@ pub enum BackboneConfig {
     /// MAML's and Reptile's Omniglot net: four blocks of stride-2 'SAME' conv3×3 (+ bias) → batch
     /// norm → ReLU, no pooling; spatial mean or flattened.
     Conv4Strided(StridedConv4Config),
+    /// ResNet-12 (MetaOptNet, Tian et al. 2020), without DropBlock; 640-d embeddings.
+    Resnet12(ResNet12Config),
 }
 
 /// The names `--backbone` accepts.
-pub const BACKBONES: &[&str] = &["conv4", "koch", "conv4-strided"];
+pub const BACKBONES: &[&str] = &["conv4", "koch", "conv4-strided", "resnet12"];
 
 impl BackboneConfig {
     pub fn build(&self) -> Box<dyn Backbone> {
@@ -78,6 +82,7 @@ impl BackboneConfig {
             Self::Conv4(c) => Box::new(Conv4::new(*c)),
             Self::Koch(c) => Box::new(KochNet::new(*c)),
             Self::Conv4Strided(c) => Box::new(StridedConv4::new(*c)),
+            Self::Resnet12(c) => Box::new(ResNet12::new(*c)),
         }
     }
 
@@ -89,6 +94,7 @@ impl BackboneConfig {
             "conv4-strided" => {
                 Ok(Self::Conv4Strided(StridedConv4Config::maml_omniglot(in_channels)))
             }
+            "resnet12" => Ok(Self::Resnet12(ResNet12Config::new(in_channels))),
             other => {
                 anyhow::bail!("unknown backbone `{other}`; choose one of: {}", BACKBONES.join(", "))
             }
@@ -100,6 +106,7 @@ impl BackboneConfig {
             Self::Conv4(_) => "conv4",
             Self::Koch(_) => "koch",
             Self::Conv4Strided(_) => "conv4-strided",
+            Self::Resnet12(_) => "resnet12",
         }
     }
 
@@ -108,6 +115,7 @@ impl BackboneConfig {
             Self::Conv4(c) => c.in_channels,
             Self::Koch(c) => c.in_channels,
             Self::Conv4Strided(c) => c.in_channels,
+            Self::Resnet12(c) => c.in_channels,
         }
     }
 
@@ -116,6 +124,7 @@ impl BackboneConfig {
             Self::Conv4(c) => c.in_channels = channels,
             Self::Koch(c) => c.in_channels = channels,
             Self::Conv4Strided(c) => c.in_channels = channels,
+            Self::Resnet12(c) => c.in_channels = channels,
         }
     }
 

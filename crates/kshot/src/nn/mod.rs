@@ -8,6 +8,7 @@ pub mod koch;
 pub mod lstm;
 pub mod ops;
 pub mod params;
+pub mod resnet12;
 pub mod running;
 pub mod strided_conv4;
 
@@ -17,5 +18,6 @@ pub use head::{Graph, LossAndGrad};
 pub use koch::{KochConfig, KochNet};
 pub use lstm::LstmCell;
 pub use params::{ParamSet, Params};
+pub use resnet12::{ResNet12, ResNet12Config};
 pub use running::{BnLayerStats, BnMode, RunningStats};
 pub use strided_conv4::{StridedConv4, StridedConv4Config, StridedFeatures};

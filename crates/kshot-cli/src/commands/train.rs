@@ -29,7 +29,8 @@ pub struct TrainArgs {
     /// protonet, maml, fomaml, matching, siamese, baseline, baseline++, reptile or meta-lstm.
     #[arg(long)]
     method: Option<String>,
-    /// The network that embeds images: conv4 (default), koch (Koch et al.'s 105x105 twin).
+    /// The network that embeds images: conv4 (default), conv4-strided (MAML's / Reptile's
+    /// Omniglot net), koch (Koch et al.'s 105x105 twin) or resnet12.
     #[arg(long)]
     backbone: Option<String>,
     /// omniglot (default) or mini-imagenet; changing it also resets the split, image size and
@@ -132,11 +133,8 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
             c.backbone = BackboneConfig::named(kind, c.backbone.in_channels())?;
         }
     }
-    if a.composite_kernels {
-        match c.backbone.conv4_mut() {
-            Some(conv4) => conv4.fast_kernels = false,
-            None => bail!("--composite-kernels applies to the conv4 backbone only"),
-        }
+    if a.composite_kernels && !c.backbone.set_fast_kernels(false) {
+        bail!("--composite-kernels: the {} backbone has no fused kernels", c.backbone.kind());
     }
     if let Some(s) = &a.split {
         c.data.split = s.clone();

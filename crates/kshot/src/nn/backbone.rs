@@ -128,7 +128,19 @@ impl BackboneConfig {
         }
     }
 
-    /// The Conv4 settings, for the flags that only Conv4 has (`--composite-kernels`, widths).
+    /// Switches between kshot's fused kernels and candle's composite ops (`--composite-kernels`);
+    /// false for a backbone that has no fused kernels.
+    pub fn set_fast_kernels(&mut self, fast: bool) -> bool {
+        match self {
+            Self::Conv4(c) => c.fast_kernels = fast,
+            Self::Conv4Strided(c) => c.fast_kernels = fast,
+            Self::Resnet12(c) => c.fast_kernels = fast,
+            Self::Koch(_) => return false,
+        }
+        true
+    }
+
+    /// The Conv4 settings, for code that tunes Conv4 alone (widths, depth).
     pub fn conv4_mut(&mut self) -> Option<&mut Conv4Config> {
         match self {
             Self::Conv4(c) => Some(c),

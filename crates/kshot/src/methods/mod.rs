@@ -8,14 +8,6 @@
 //! A method is one file and one line of the [`methods!`] list below: the file defines its settings
 //! (a [`Method`]: names, CLI flags, builder, presets) and its learner.
 
-pub mod baseline;
-pub mod maml;
-pub mod matching;
-pub mod meta_lstm;
-pub mod protonet;
-pub mod reptile;
-pub mod siamese;
-
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Result, Tensor};
@@ -504,9 +496,13 @@ pub trait Method: Sized {
     }
 }
 
-/// The methods: `Variant(Settings) in module`. Adding a method is a new file and a line here.
+/// The methods: `Variant(Settings) = "name" in module`, each in `methods/module.rs`. Adding a
+/// method is a new file and a line here: the module, the `MethodConfig` variant, the flag group,
+/// the presets and the dispatch all come from that line.
 macro_rules! methods {
     ($($variant:ident($settings:ty) = $tag:literal in $module:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
         /// The method of a run and its settings, tagged by name in `config.json`.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(tag = "name")]

@@ -2,7 +2,7 @@
 //!
 //! A twin network h(·) embeds both images of a pair; the pair's logit is the weighted L1 distance
 //! z = Σⱼ αⱼ |h(x₁)ⱼ − h(x₂)ⱼ| + b, and p(same) = σ(z). Training owns its step (no episodes,
-//! [`Learner::own_training_step`]): a batch of same/different pairs, half of each, every image
+//! [`Siamese::pair_loss`]): a batch of same/different pairs, half of each, every image
 //! distorted by Koch's random affine transform, binary cross-entropy on z.
 //!
 //! One-shot classification scores a query against every support image and gives each class the

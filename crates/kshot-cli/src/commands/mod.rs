@@ -33,7 +33,8 @@ enum Command {
     },
     /// List the paper protocols that --preset accepts.
     Presets,
-    /// Time the Conv4 workloads, side by side with the PyTorch reference (--pytorch PYTHON).
+    /// Time the training workloads (Conv4, ResNet-12, MAML, ProtoNet), side by side with the
+    /// PyTorch reference (--pytorch PYTHON).
     Bench(crate::bench::BenchArgs),
 }
 

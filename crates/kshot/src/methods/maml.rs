@@ -119,7 +119,7 @@ impl Maml {
             let g = self.gradient(&names, &current, support, labels)?.1;
             current = sgd_step(&current, &g, self.config.inner_lr)?;
         }
-        Ok(to_params(&names, &current))
+        Ok(Params::from_names(&names, &current))
     }
 
     /// The loss, gradient and logits at `values`, all detached from any graph.
@@ -130,7 +130,7 @@ impl Maml {
         x: &Tensor,
         labels: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>, Tensor)> {
-        let params = to_params(names, values);
+        let params = Params::from_names(names, values);
         let out = head::linear_loss_and_grad(
             self.backbone.as_ref(),
             &params,
@@ -152,7 +152,7 @@ impl Maml {
     ) -> Result<(Vec<Var>, Vec<Tensor>)> {
         let vars = values.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
         let params =
-            to_params(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+            Params::from_names(names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
         let out = head::linear_loss_and_grad(
             self.backbone.as_ref(),
             &params,
@@ -213,7 +213,7 @@ impl Maml {
                 .collect::<Result<Vec<_>>>()?;
             v = sgd_step(&v, &hv, alpha)?;
         }
-        Ok(TaskGradient { grads: to_params(&names, &v), query_loss, query_accuracy })
+        Ok(TaskGradient { grads: Params::from_names(&names, &v), query_loss, query_accuracy })
     }
 }
 
@@ -233,14 +233,6 @@ impl Maml {
             accuracy,
         })
     }
-}
-
-fn to_params(names: &[String], values: &[Tensor]) -> Params {
-    let mut p = Params::new();
-    for (n, t) in names.iter().zip(values) {
-        p.insert(n.clone(), t.clone());
-    }
-    p
 }
 
 /// x − α·g as new leaves-to-be: detached, since each step's result starts a graph of its own.

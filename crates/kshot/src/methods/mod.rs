@@ -433,6 +433,14 @@ pub struct SharedFlags {
     pub inner_lr: Option<f64>,
 }
 
+/// The clap ids of the arguments of a flag group.
+fn arg_ids<A: clap::Args>() -> Vec<String> {
+    A::augment_args(clap::Command::new("flags"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect()
+}
+
 /// A method's settings: what it is called, its flags, how it builds its learner, its presets.
 pub trait Method: Sized {
     /// The names `--method` accepts for it (e.g. `maml`, `fomaml`).
@@ -602,19 +610,12 @@ macro_rules! methods {
             /// for the inner-loop methods, the shared ones. Any other method flag given with
             /// `--method name` is a mistake.
             pub fn flags_of(name: &str) -> Vec<String> {
-                let ids = |cmd: clap::Command| -> Vec<String> {
-                    cmd.get_arguments().map(|a| a.get_id().to_string()).collect()
-                };
                 let mut out = Vec::new();
                 $(
                     if <$settings as Method>::NAMES.contains(&name) {
-                        out.extend(ids(<<$settings as Method>::Flags as clap::Args>::augment_args(
-                            clap::Command::new("flags"),
-                        )));
+                        out.extend(arg_ids::<<$settings as Method>::Flags>());
                         if <$settings as Method>::READS_SHARED_FLAGS {
-                            out.extend(ids(<SharedFlags as clap::Args>::augment_args(
-                                clap::Command::new("flags"),
-                            )));
+                            out.extend(arg_ids::<SharedFlags>());
                         }
                     }
                 )*
@@ -623,10 +624,7 @@ macro_rules! methods {
 
             /// The ids of every method flag (shared ones included).
             pub fn all_flags() -> Vec<String> {
-                let ids = |cmd: clap::Command| -> Vec<String> {
-                    cmd.get_arguments().map(|a| a.get_id().to_string()).collect()
-                };
-                ids(<MethodFlags as clap::Args>::augment_args(clap::Command::new("flags")))
+                arg_ids::<MethodFlags>()
             }
         }
 

@@ -248,14 +248,6 @@ impl Reptile {
         InnerAdam::from_extra(self.config.inner_lr, &self.names, &self.state.extra)
     }
 
-    fn to_params(&self, values: &[Tensor]) -> Params {
-        let mut p = Params::new();
-        for (n, t) in self.names.iter().zip(values) {
-            p.insert(n.clone(), t.clone());
-        }
-        p
-    }
-
     /// [B, ways] logits with batch statistics of `x`.
     pub fn logits(&self, params: &Params, x: &Tensor) -> Result<Tensor> {
         head::linear_logits(self.backbone.as_ref(), params, x, BnMode::Batch(None))
@@ -287,7 +279,7 @@ impl Reptile {
             let y = Tensor::new(picked.as_slice(), images.device())?;
             let vars = current.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
             let params =
-                self.to_params(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+                Params::from_names(&self.names, &vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
             let logits = self.logits(&params, &x)?;
             let loss = ops::cross_entropy(&logits, &y)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -362,7 +354,7 @@ impl Learner for Reptile {
             (c.inner_steps_test, c.inner_batch_test),
             &mut rng,
         )?;
-        let params = self.to_params(&task.phi);
+        let params = Params::from_names(&self.names, &task.phi);
         let backbone = self.backbone.as_ref();
         Ok(Box::new(AdaptedLinear::new(backbone, params, support, c.transductive)))
     }

@@ -15,6 +15,10 @@ impl Params {
     pub fn new() -> Self {
         Self::default()
     }
+    /// `names[i]` → `values[i]`.
+    pub fn from_names(names: &[String], values: &[Tensor]) -> Self {
+        Self(names.iter().cloned().zip(values.iter().cloned()).collect())
+    }
     pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
         self.0.insert(name.into(), t);
     }

@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         inner_lr: 0.4,
         first_order: flag("fo"),
         transductive: true,
+        ..MamlConfig::default()
     };
     let backbone = Conv4Config { fast_kernels: !flag("composite"), ..Conv4Config::new(1) };
     let backbone = BackboneConfig::Conv4(backbone);

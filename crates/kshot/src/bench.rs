@@ -137,6 +137,7 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
                 inner_lr: 0.4,
                 first_order: false,
                 transductive: true,
+                ..MamlConfig::default()
             };
             let backbone =
                 BackboneConfig::Conv4(Conv4Config { fast_kernels, ..Conv4Config::new(1) });

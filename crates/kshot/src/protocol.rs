@@ -19,6 +19,10 @@ pub struct DataConfig {
     pub test_subset: String,
     pub image_size: usize,
     pub grouping: Grouping,
+    /// Rotate each class of every episode by a random multiple of 90° (cbfinn/maml's Omniglot
+    /// tasks, training and test); the split's classes are then unrotated characters.
+    #[serde(default)]
+    pub task_rotations: bool,
     /// The data root as given when the run started (informational; `--data-dir` overrides it).
     pub data_dir: Option<String>,
 }
@@ -33,6 +37,7 @@ impl DataConfig {
             test_subset: "test".into(),
             image_size: 28,
             grouping: Grouping::Any,
+            task_rotations: false,
             data_dir: None,
         }
     }
@@ -46,6 +51,7 @@ impl DataConfig {
             test_subset: "test".into(),
             image_size: 84,
             grouping: Grouping::Any,
+            task_rotations: false,
             data_dir: None,
         }
     }

@@ -117,9 +117,14 @@ pub fn train(
         write_atomic(&run_dir.join(METRICS_FILE), format!("{METRICS_HEADER}\n").as_bytes())?;
     }
 
-    let sampler = EpisodeSampler::new(train_set, config.train, config.data.grouping)?;
+    let sampler = EpisodeSampler::new(train_set, config.train, config.data.grouping)?
+        .with_task_rotations(config.data.task_rotations)?;
     let val_sampler = match (config.validation, val_set) {
-        (Some(v), Some(set)) => Some((v, EpisodeSampler::new(set, v.spec, config.data.grouping)?)),
+        (Some(v), Some(set)) => Some((
+            v,
+            EpisodeSampler::new(set, v.spec, config.data.grouping)?
+                .with_task_rotations(config.data.task_rotations)?,
+        )),
         _ => None,
     };
     let mut pending = String::new();

@@ -38,6 +38,7 @@ fn maml(steps: usize, first_order: bool, fast_kernels: bool) -> Result<(Maml, Pa
         inner_lr: 0.4,
         first_order,
         transductive: true,
+        ..MamlConfig::default()
     };
     let backbone = Conv4Config { hidden: 6, fast_kernels, ..Conv4Config::new(1) };
     let net = Maml::new(
@@ -163,6 +164,7 @@ fn episode_loss_is_the_query_loss_and_its_gradient_the_meta_gradient() -> Result
         inner_lr: 0.4,
         first_order: false,
         transductive: true,
+        ..MamlConfig::default()
     };
     let backbone = Conv4Config { hidden: 6, ..Conv4Config::new(1) };
     let mut net = Maml::new(

@@ -445,3 +445,67 @@ fn timing_vinyals_train() {
         a.total_images()
     );
 }
+
+fn names(split: Split) -> Vec<String> {
+    set(split).classes.iter().map(|c| c.name.clone()).collect()
+}
+
+/// The character (`Alphabet/characterNN`) of a class name.
+fn character(name: &str) -> String {
+    name.splitn(3, '/').take(2).collect::<Vec<_>>().join("/")
+}
+
+#[test]
+fn reptile_split_is_run_omniglots_1200_rotated_and_423_unrotated_characters() {
+    use omniglot::ShuffledSubset::{Test, Train};
+    let test = names(Split::Reptile(Test));
+    let train = names(Split::Reptile(Train));
+    assert_eq!(test.len(), 423);
+    assert!(test.iter().all(|n| !n.contains("/rot")), "Reptile's test classes are unrotated");
+    assert_eq!(train.len(), 4800, "1200 characters × 4 rotations");
+    // python3: sorted alphabets, sorted characters (both archives), random.seed(0), shuffle.
+    assert_eq!(
+        &test[..3],
+        [
+            "Malayalam/character17",
+            "Mkhedruli_(Georgian)/character07",
+            "Japanese_(hiragana)/character33"
+        ]
+    );
+    assert_eq!(
+        &train[..4],
+        [
+            "Japanese_(hiragana)/character47/rot000",
+            "Japanese_(hiragana)/character47/rot090",
+            "Japanese_(hiragana)/character47/rot180",
+            "Japanese_(hiragana)/character47/rot270"
+        ]
+    );
+    let train_chars: HashSet<String> = train.iter().map(|n| character(n)).collect();
+    assert_eq!(train_chars.len(), 1200);
+    assert!(test.iter().all(|n| !train_chars.contains(n)), "a test character is also trained on");
+    // Rotated classes are the unrotated images turned (rotation commutes with the resize).
+    let s = set(Split::Reptile(Train));
+    let (c0, c1) = (&s.classes[0].pixels, &s.classes[1].pixels);
+    assert_eq!(&omniglot::rotate_ccw(&c0[..SIZE * SIZE], SIZE, 1)[..], &c1[..SIZE * SIZE]);
+    assert!("reptile/val".parse::<Split>().is_err(), "Reptile's split has no validation part");
+}
+
+#[test]
+fn maml_split_is_the_codes_shuffled_1100_100_423_characters() {
+    use omniglot::ShuffledSubset::{Test, Train, Val};
+    let (train, val, test) =
+        (names(Split::Maml(Train)), names(Split::Maml(Val)), names(Split::Maml(Test)));
+    assert_eq!((train.len(), val.len(), test.len()), (1100, 100, 423));
+    // python3: the same sorted list, random.seed(1), shuffle (cbfinn/maml lists its folder
+    // unsorted, so its exact characters depend on the file system).
+    assert_eq!(
+        &train[..3],
+        ["Gurmukhi/character23", "Malayalam/character36", "Tifinagh/character36"]
+    );
+    assert_eq!(&val[..2], ["Tifinagh/character11", "N_Ko/character16"]);
+    assert_eq!(&test[..2], ["Keble/character04", "Atemayar_Qelisayer/character08"]);
+    let all: HashSet<&String> = train.iter().chain(&val).chain(&test).collect();
+    assert_eq!(all.len(), 1623, "the three parts are disjoint and cover every character");
+    assert!(all.iter().all(|n| !n.contains("/rot")));
+}

@@ -126,7 +126,12 @@ fn golden_episodes_are_pinned() {
     let set = common::synthetic_set(30, 3, 12, 4, 1);
     let sampler = EpisodeSampler::new(&set, EpisodeSpec::new(3, 2, 1), Grouping::Any).unwrap();
     let draw = |classes: [usize; 3], support: [(usize, usize); 6], query: [(usize, usize); 3]| {
-        EpisodeDraw { classes: classes.to_vec(), support: support.to_vec(), query: query.to_vec() }
+        EpisodeDraw {
+            classes: classes.to_vec(),
+            support: support.to_vec(),
+            query: query.to_vec(),
+            rotations: vec![],
+        }
     };
     let golden = [
         draw(
@@ -154,6 +159,53 @@ fn golden_episodes_are_pinned() {
         classes: vec![22, 7, 16],
         support: vec![(22, 7), (7, 10), (16, 9)],
         query: vec![(22, 4), (7, 0), (16, 3)],
+        rotations: vec![],
     };
     assert_eq!(grouped.draw(7, 5), want, "a within-group episode (classes 22, 7, 16: group 1)");
+}
+
+#[test]
+fn task_rotations_turn_all_images_of_a_class_alike_and_use_all_four_turns() {
+    use kshot::data::omniglot::rotate_ccw;
+    // 8 classes of 6 distinct, asymmetric 5×5 images.
+    let n = 5;
+    let classes = (0..8)
+        .map(|c| kshot::data::Class {
+            name: format!("c{c}"),
+            group: "g".into(),
+            pixels: (0..6 * n * n).map(|i| ((i * 7 + c * 31) % 251) as u8).collect(),
+        })
+        .collect();
+    let set = kshot::data::ImageSet { name: "t".into(), channels: 1, height: n, width: n, classes };
+    let spec = EpisodeSpec::new(3, 2, 2);
+    let plain = EpisodeSampler::new(&set, spec, Grouping::Any).unwrap();
+    let rotating = plain.clone().with_task_rotations(true).unwrap();
+    let mut seen = [false; 4];
+    for i in 0..20 {
+        let (a, b) = (plain.draw(1, i), rotating.draw(1, i));
+        assert_eq!((&a.classes, &a.support, &a.query), (&b.classes, &b.support, &b.query));
+        assert_eq!(b.rotations.len(), 3);
+        let ep = rotating.episode(1, i, &candle_core::Device::Cpu).unwrap();
+        let got = |t: &candle_core::Tensor, k: usize| -> Vec<u8> {
+            let v = t.get(k).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| (x * 255.0).round() as u8).collect()
+        };
+        for (k, &(class, img)) in b.support.iter().enumerate() {
+            let turns = b.rotations[k / 2];
+            seen[turns as usize] = true;
+            assert_eq!(got(&ep.support, k), rotate_ccw(set.image(class, img), n, turns));
+        }
+        for (k, &(class, img)) in b.query.iter().enumerate() {
+            assert_eq!(got(&ep.query, k), rotate_ccw(set.image(class, img), n, b.rotations[k / 2]));
+        }
+    }
+    assert!(
+        seen.iter().all(|&s| s),
+        "20 episodes of 3 classes never drew some quarter turn: {seen:?}"
+    );
+    let wide = kshot::data::ImageSet { height: 1, width: 25, ..set.clone() };
+    assert!(EpisodeSampler::new(&wide, spec, Grouping::Any)
+        .unwrap()
+        .with_task_rotations(true)
+        .is_err());
 }

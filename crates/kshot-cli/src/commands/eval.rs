@@ -55,6 +55,13 @@ pub struct EvalArgs {
     /// background alphabets (the score is then contaminated and reported as such).
     #[arg(long)]
     allow_contaminated: bool,
+    /// MAML: adapt each test task with this many inner steps instead of the run's own.
+    #[arg(long, value_name = "N")]
+    inner_steps_test: Option<usize>,
+    /// MAML: score the same test tasks after 0, 1, …, T inner steps (T: the run's test steps, or
+    /// --inner-steps-test) and report every step's accuracy, as cbfinn/maml's test does.
+    #[arg(long)]
+    each_inner_step: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,6 +82,19 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             ),
         }
     }
+    let method = config.method.name();
+    let own_steps = match (config.method.test_steps_mut(), a.inner_steps_test, a.each_inner_step) {
+        (Some(slot), Some(n), _) => {
+            *slot = n;
+            Some(n)
+        }
+        (Some(slot), None, _) => Some(*slot),
+        (None, None, false) => None,
+        (None, _, _) => bail!(
+            "--inner-steps-test and --each-inner-step apply to methods that adapt by inner steps (maml, fomaml); {} is a {method} run",
+            a.run.display()
+        ),
+    };
     let (config, learner) = train::load_learner_with(&a.run, config)?;
     let root = data_root_for(a.data_dir.as_deref(), &config)?;
     if let Some(BenchmarkArg::Lake20way) = a.benchmark {
@@ -90,19 +110,41 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     };
     let episodes = a.episodes.unwrap_or(config.test_episodes);
     let grouping = if a.within_alphabet { Grouping::WithinGroup } else { Grouping::Any };
-    let sampler = EpisodeSampler::new(&set, spec, grouping)?;
-    let bar = ProgressBar::new(episodes as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} test episodes ({eta} left)",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    let report = eval::evaluate(learner.as_ref(), &sampler, episodes, a.seed, |n| {
-        bar.set_position(n as u64)
-    })?;
-    bar.finish_and_clear();
+    let sampler =
+        EpisodeSampler::new(&set, spec, grouping)?.with_task_rotations(d.task_rotations)?;
+    if a.each_inner_step {
+        let last = own_steps.unwrap_or(0);
+        let mut rows = Vec::new();
+        for steps in 0..=last {
+            let mut c = config.clone();
+            *c.method.test_steps_mut().expect("checked above") = steps;
+            let (_, learner) = train::load_learner_with(&a.run, c)?;
+            let report = score(learner.as_ref(), &sampler, episodes, a.seed)?;
+            if !a.json {
+                println!(
+                    "{method} after {steps} inner steps: {:.2}% ± {:.2}%",
+                    100.0 * report.accuracy,
+                    100.0 * report.ci95
+                );
+            }
+            rows.push(serde_json::json!({
+                "inner_steps": steps, "accuracy": report.accuracy, "ci95": report.ci95,
+                "seconds": report.seconds,
+            }));
+        }
+        if a.json {
+            let json = serde_json::json!({
+                "method": method, "dataset": d.dataset, "split": d.split, "subset": subset,
+                "task_rotations": d.task_rotations, "ways": spec.ways, "shots": spec.shots,
+                "queries": spec.queries, "episodes": episodes, "seed": a.seed,
+                "each_inner_step": rows, "run": a.run.display().to_string(),
+                "kshot_version": kshot::VERSION,
+            });
+            println!("{json}");
+        }
+        return Ok(());
+    }
+    let report = score(learner.as_ref(), &sampler, episodes, a.seed)?;
     if a.json {
         let json = serde_json::json!({
             "method": config.method.name(),
@@ -110,6 +152,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             "split": d.split,
             "subset": subset,
             "grouping": grouping,
+            "task_rotations": d.task_rotations,
+            "inner_steps_test": own_steps,
             "ways": spec.ways,
             "shots": spec.shots,
             "queries": spec.queries,
@@ -135,6 +179,26 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Scores `episodes` test episodes with a progress bar.
+fn score(
+    learner: &dyn kshot::methods::Learner,
+    sampler: &EpisodeSampler,
+    episodes: usize,
+    seed: u64,
+) -> anyhow::Result<eval::EvalReport> {
+    let bar = ProgressBar::new(episodes as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} test episodes ({eta} left)",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let report = eval::evaluate(learner, sampler, episodes, seed, |n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    Ok(report)
 }
 
 fn run_lake(

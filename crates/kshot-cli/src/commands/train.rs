@@ -37,9 +37,15 @@ pub struct TrainArgs {
     /// input channels to the dataset's defaults (vinyals, 28, 1 / ravi, 84, 3).
     #[arg(long)]
     dataset: Option<String>,
-    /// omniglot: vinyals or lake; mini-imagenet: ravi.
+    /// omniglot: vinyals, lake, maml (cbfinn/maml's shuffled 1100/100/423 characters, with
+    /// per-task rotations) or reptile (run_omniglot.py's 1200 × 4 rotations / 423 unrotated);
+    /// mini-imagenet: ravi.
     #[arg(long)]
     split: Option<String>,
+    /// Rotate each class of every episode by a random multiple of 90° (cbfinn/maml's Omniglot
+    /// tasks). Default: on with --split maml, else the preset's.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    task_rotations: Option<bool>,
     /// Class subset of the split to train on (vinyals, ravi: train or trainval; lake: background).
     #[arg(long)]
     train_subset: Option<String>,
@@ -138,6 +144,10 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
     }
     if let Some(s) = &a.split {
         c.data.split = s.clone();
+        c.data.task_rotations = s == "maml";
+    }
+    if let Some(t) = a.task_rotations {
+        c.data.task_rotations = t;
     }
     let subsets = data::split_subsets(&c.data.dataset, &c.data.split)?;
     // The preset's own training subset (e.g. MAML's `trainval`) stands unless the split changed.

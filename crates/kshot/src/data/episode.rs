@@ -48,6 +48,9 @@ pub struct EpisodeDraw {
     pub classes: Vec<usize>,
     pub support: Vec<(usize, usize)>,
     pub query: Vec<(usize, usize)>,
+    /// Counter-clockwise quarter turns of each label's images (support and query alike), with
+    /// [`EpisodeSampler::with_task_rotations`]; empty without.
+    pub rotations: Vec<u32>,
 }
 
 /// One materialised episode: images as f32 in [0, 1], labels in 0..ways.
@@ -90,6 +93,7 @@ pub struct EpisodeSampler<'a> {
     spec: EpisodeSpec,
     /// Class indices each episode may draw from: all classes, or one list per group.
     pools: Vec<Vec<usize>>,
+    task_rotations: bool,
 }
 
 impl<'a> EpisodeSampler<'a> {
@@ -136,7 +140,22 @@ impl<'a> EpisodeSampler<'a> {
                 }
             }
         }
-        Ok(Self { set, spec, pools })
+        Ok(Self { set, spec, pools, task_rotations: false })
+    }
+
+    /// Rotates all the images of each class of an episode by a random multiple of 90°, drawn
+    /// afresh per episode and class: cbfinn/maml's `tf.image.rot90(…, k=rotations[class])`
+    /// (`data_generator.py`), in training and test tasks alike. Needs square images.
+    pub fn with_task_rotations(mut self, on: bool) -> anyhow::Result<Self> {
+        ensure!(
+            !on || self.set.height == self.set.width,
+            "per-task rotations need square images; {} has {}×{}",
+            self.set.name,
+            self.set.height,
+            self.set.width
+        );
+        self.task_rotations = on;
+        Ok(self)
     }
 
     pub fn spec(&self) -> EpisodeSpec {
@@ -164,7 +183,12 @@ impl<'a> EpisodeSampler<'a> {
             support.extend(picks[..self.spec.shots].iter().map(|&i| (class, i)));
             query.extend(picks[self.spec.shots..].iter().map(|&i| (class, i)));
         }
-        EpisodeDraw { classes, support, query }
+        let rotations = if self.task_rotations {
+            (0..self.spec.ways).map(|_| rng.random_range(0..4u32)).collect()
+        } else {
+            Vec::new()
+        };
+        EpisodeDraw { classes, support, query, rotations }
     }
 
     /// Draws and materialises episode `index`.
@@ -178,13 +202,38 @@ impl<'a> EpisodeSampler<'a> {
             spec,
             index,
             seed,
-            support: images_tensor(self.set, &draw.support, device)?,
-            query: images_tensor(self.set, &draw.query, device)?,
+            support: rotated_images(self.set, &draw.support, &draw.rotations, spec.shots, device)?,
+            query: rotated_images(self.set, &draw.query, &draw.rotations, spec.queries, device)?,
             support_labels: labels(spec.shots),
             query_labels: labels(spec.queries),
             classes: draw.classes,
         })
     }
+}
+
+/// [`images_tensor`] of label-major picks (`per_label` a label), each label's images turned by
+/// `rotations[label]` quarter turns (none when `rotations` is empty).
+fn rotated_images(
+    set: &ImageSet,
+    picks: &[(usize, usize)],
+    rotations: &[u32],
+    per_label: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    if rotations.is_empty() || rotations.iter().all(|&r| r == 0) {
+        return images_tensor(set, picks, device);
+    }
+    let n = set.height;
+    let mut data = Vec::with_capacity(picks.len() * set.image_len());
+    let mut turned = vec![0u8; n * n];
+    for (k, &(class, i)) in picks.iter().enumerate() {
+        let turns = rotations[k / per_label.max(1)];
+        for plane in set.image(class, i).chunks_exact(n * n) {
+            super::omniglot::rotate_ccw_into(plane, n, turns, &mut turned);
+            data.extend(turned.iter().map(|&v| v as f32 / 255.0));
+        }
+    }
+    Tensor::from_vec(data, (picks.len(), set.channels, set.height, set.width), device)
 }
 
 /// Stacks the given (class, image) pairs into [n, C, H, W] f32 in [0, 1].

@@ -7,6 +7,7 @@ pub mod episode;
 pub mod lake_runs;
 pub mod mini_imagenet;
 pub mod omniglot;
+pub mod python_random;
 
 pub use episode::{Episode, EpisodeDraw, EpisodeSampler, EpisodeSpec, Grouping};
 
@@ -120,8 +121,10 @@ pub fn split_subsets(dataset: &str, split: &str) -> anyhow::Result<SplitSubsets>
         ("omniglot", "lake") => {
             Ok(SplitSubsets { train: "background", val: None, test: "evaluation" })
         }
+        ("omniglot", "maml") => Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" }),
+        ("omniglot", "reptile") => Ok(SplitSubsets { train: "train", val: None, test: "test" }),
         ("omniglot", other) => {
-            anyhow::bail!("unknown Omniglot split `{other}`; choose vinyals or lake")
+            anyhow::bail!("unknown Omniglot split `{other}`; choose vinyals, lake, maml or reptile")
         }
         ("mini-imagenet", "ravi") => {
             Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" })
@@ -149,7 +152,8 @@ pub fn load(
     }
     let split = match split {
         "vinyals" => omniglot::Split::Vinyals(subset.parse()?),
-        _ => omniglot::Split::Lake(subset.parse()?),
+        "lake" => omniglot::Split::Lake(subset.parse()?),
+        family => format!("{family}/{subset}").parse()?,
     };
     omniglot::load(root, &split, image_size)
 }

@@ -53,11 +53,33 @@ pub enum LakeSubset {
     Evaluation,
 }
 
+/// The subsets of the official codes' random character splits ([`Split::Maml`], [`Split::Reptile`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShuffledSubset {
+    Train,
+    Val,
+    Test,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Split {
     Vinyals(VinyalsSubset),
     Lake(LakeSubset),
+    /// cbfinn/maml's split (`data_generator.py`): the 1623 characters shuffled by Python's
+    /// `random.seed(1)`, then 1100 train, 100 val and 423 test characters, one unrotated class each
+    /// (MAML rotates each class of a task at random: [`crate::data::EpisodeSampler::with_task_rotations`]).
+    Maml(ShuffledSubset),
+    /// openai/supervised-reptile's split (`run_omniglot.py`): the 1623 characters shuffled by
+    /// Python's `random.seed(0)`, then 1200 train characters × 4 rotations (4800 classes) and 423
+    /// unrotated test characters. No validation subset.
+    Reptile(ShuffledSubset),
 }
+
+/// Characters in the train and validation parts of MAML's and Reptile's shuffled splits; the rest
+/// (423) are test characters.
+const MAML_TRAIN: usize = 1100;
+const MAML_VAL: usize = 100;
+const REPTILE_TRAIN: usize = 1200;
 
 impl VinyalsSubset {
     pub const ALL: [VinyalsSubset; 4] =
@@ -69,6 +91,19 @@ impl VinyalsSubset {
             VinyalsSubset::Val => "val",
             VinyalsSubset::Trainval => "trainval",
             VinyalsSubset::Test => "test",
+        }
+    }
+}
+
+impl ShuffledSubset {
+    pub const ALL: [ShuffledSubset; 3] =
+        [ShuffledSubset::Train, ShuffledSubset::Val, ShuffledSubset::Test];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShuffledSubset::Train => "train",
+            ShuffledSubset::Val => "val",
+            ShuffledSubset::Test => "test",
         }
     }
 }
@@ -98,6 +133,8 @@ impl Split {
         match self {
             Split::Vinyals(_) => "vinyals",
             Split::Lake(_) => "lake",
+            Split::Maml(_) => "maml",
+            Split::Reptile(_) => "reptile",
         }
     }
 
@@ -105,6 +142,7 @@ impl Split {
         match self {
             Split::Vinyals(s) => s.as_str(),
             Split::Lake(s) => s.as_str(),
+            Split::Maml(s) | Split::Reptile(s) => s.as_str(),
         }
     }
 
@@ -163,16 +201,20 @@ impl FromStr for Split {
         };
         let vinyals = subset.parse::<VinyalsSubset>().ok().map(Split::Vinyals);
         let lake = subset.parse::<LakeSubset>().ok().map(Split::Lake);
+        let shuffled = ShuffledSubset::ALL.into_iter().find(|v| v.as_str() == subset);
         let found = match family {
             None => vinyals.or(lake),
             Some("vinyals") => vinyals,
             Some("lake") => lake,
+            Some("maml") => shuffled.map(Split::Maml),
+            Some("reptile") => shuffled.filter(|s| *s != ShuffledSubset::Val).map(Split::Reptile),
             Some(_) => None,
         };
         found.ok_or_else(|| {
             anyhow!(
-                "unknown Omniglot split `{s}`: expected train, val, trainval, test (Vinyals) \
-                 or background, evaluation (Lake)"
+                "unknown Omniglot split `{s}`: expected train, val, trainval, test (Vinyals), \
+                 background, evaluation (Lake), maml/train, maml/val, maml/test or reptile/train, \
+                 reptile/test"
             )
         })
     }
@@ -525,6 +567,13 @@ impl Inputs {
             Split::Lake(s) => {
                 Ok(Inputs { archives: vec![locate_archive(root, *s)?], split_file: None })
             }
+            Split::Maml(_) | Split::Reptile(_) => {
+                let archives = LakeSubset::ALL
+                    .into_iter()
+                    .map(|a| locate_archive(root, a))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Inputs { archives, split_file: None })
+            }
             Split::Vinyals(s) => {
                 let file = vinyals_split_file(root, *s);
                 let archives = LakeSubset::ALL
@@ -581,6 +630,8 @@ impl Inputs {
                 let file = self.split_file.as_ref().expect("Vinyals inputs have a split file");
                 vinyals_plan(file, &archives)?
             }
+            Split::Maml(s) => shuffled_plan(&archives, 1, *s, MAML_TRAIN, MAML_VAL, false)?,
+            Split::Reptile(s) => shuffled_plan(&archives, 0, *s, REPTILE_TRAIN, 0, true)?,
         };
 
         // Decode every needed character once, all images in parallel.
@@ -719,6 +770,70 @@ fn decode_image(bytes: &[u8], resize: &AreaResize) -> Result<Vec<u8>> {
     } else {
         Ok(preprocess(&luma, w, h, resize.size))
     }
+}
+
+/// Every character of `archives` in the order the official codes list them before shuffling:
+/// alphabets sorted, characters sorted within each (Reptile's `read_dataset` over the merged
+/// background and evaluation folders; MAML lists its folder unsorted, which no copy can reproduce).
+fn sorted_characters(archives: &[Archive]) -> Vec<(usize, &str)> {
+    let mut all: Vec<(usize, &str)> = archives
+        .iter()
+        .enumerate()
+        .flat_map(|(a, arch)| arch.chars.keys().map(move |k| (a, k.as_str())))
+        .collect();
+    all.sort_by(|x, y| {
+        let split = |k: &str| {
+            k.split_once('/')
+                .map_or((k.to_string(), String::new()), |(a, c)| (a.to_string(), c.to_string()))
+        };
+        split(x.1).cmp(&split(y.1))
+    });
+    all
+}
+
+/// The classes of a shuffled split: `random.seed(seed); random.shuffle(characters)`, then the
+/// first `train` characters are the training part, the next `val` the validation part and the
+/// rest the test part. With `rotate_train`, each training character gives four classes (0°, 90°,
+/// 180°, 270°, named `…/rotDDD`), as Reptile's `augment_dataset`.
+fn shuffled_plan(
+    archives: &[Archive],
+    seed: u64,
+    subset: ShuffledSubset,
+    train: usize,
+    val: usize,
+    rotate_train: bool,
+) -> Result<Vec<Planned>> {
+    let mut all = sorted_characters(archives);
+    if all.len() <= train + val {
+        bail!(
+            "the Omniglot archives hold {} characters; the official shuffled splits need all 1623 of              both images_background and images_evaluation: {}",
+            all.len(),
+            fetch_hint()
+        );
+    }
+    super::python_random::PythonRandom::seed(seed).shuffle(&mut all);
+    let part = match subset {
+        ShuffledSubset::Train => &all[..train],
+        ShuffledSubset::Val => &all[train..train + val],
+        ShuffledSubset::Test => &all[train + val..],
+    };
+    let turns: &[u32] =
+        if rotate_train && subset == ShuffledSubset::Train { &[0, 1, 2, 3] } else { &[0] };
+    Ok(part
+        .iter()
+        .flat_map(|&(archive, key)| {
+            turns.iter().map(move |&t| Planned {
+                archive,
+                key: key.to_string(),
+                name: if turns.len() > 1 {
+                    format!("{key}/rot{:03}", t * 90)
+                } else {
+                    key.to_string()
+                },
+                quarter_turns: t,
+            })
+        })
+        .collect())
 }
 
 /// Parses a Vinyals split file into one [`Planned`] class a line, checking that

@@ -25,7 +25,10 @@ use super::{
 };
 use crate::data::{Episode, EpisodeSpec};
 use crate::nn::head::{self, Graph};
-use crate::nn::{ops, Backbone, BackboneConfig, BnMode, Conv4Config, Params, RunningStats};
+use crate::nn::{
+    ops, Backbone, BackboneConfig, BnMode, Conv4Config, ConvInit, Params, RunningStats,
+    StridedConv4Config,
+};
 use crate::optim::StepDecay;
 use crate::protocol::{DataConfig, Protocol};
 
@@ -47,10 +50,40 @@ pub struct MamlConfig {
     /// code's evaluation); with `false` each query is scored in a batch with the support set alone.
     #[serde(default = "transductive_default")]
     pub transductive: bool,
+    /// What the inner gradient is the gradient of ([`InnerLoss`]).
+    #[serde(default)]
+    pub inner_loss: InnerLoss,
+    /// Adapt the batch-norm parameters (`bn*`) in the inner loop. cbfinn/maml does not: its
+    /// batch-norm offset is a variable of the TF layer, not one of the `weights` the inner loop
+    /// differentiates, so it is meta-learned only.
+    #[serde(default = "transductive_default")]
+    pub adapt_batch_norm: bool,
+    /// How the output layer starts.
+    #[serde(default)]
+    pub head_init: head::HeadInit,
+    /// Clip every component of the meta-gradient to ±c, where the gradient is that of cbfinn/maml's
+    /// outer loss, Σ over tasks and queries of CE / K, divided by the meta-batch (its miniImageNet
+    /// runs clip at 10). That loss is N·Q/K times kshot's mean query loss, so kshot clips its own
+    /// gradient at ±c·K/(N·Q).
+    #[serde(default)]
+    pub clip_official: Option<f64>,
 }
 
 fn transductive_default() -> bool {
     true
+}
+
+/// The support loss whose gradient the inner step follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InnerLoss {
+    /// The mean cross-entropy over the N·K support examples.
+    #[default]
+    Mean,
+    /// cbfinn/maml's `xent / update_batch_size` fed to `tf.gradients` as a vector: the *sum* of
+    /// the per-example cross-entropies divided by K, which is N × the mean. With it α = 0.4 is an
+    /// inner step of 2.0 on the mean loss at 5 ways, α = 0.1 one of 2.0 at 20 ways.
+    SumOverShots,
 }
 
 impl Default for MamlConfig {
@@ -62,7 +95,28 @@ impl Default for MamlConfig {
             inner_lr: 0.4,
             first_order: false,
             transductive: true,
+            inner_loss: InnerLoss::Mean,
+            adapt_batch_norm: true,
+            head_init: head::HeadInit::Torch,
+            clip_official: None,
         }
+    }
+}
+
+impl MamlConfig {
+    /// The step size on the mean support loss that one inner step takes: α, or α·N when the
+    /// inner loss is the official sum over the support set divided by K.
+    pub fn mean_loss_step(&self) -> f64 {
+        match self.inner_loss {
+            InnerLoss::Mean => self.inner_lr,
+            InnerLoss::SumOverShots => self.inner_lr * self.ways as f64,
+        }
+    }
+
+    /// Whether the inner loop adapts parameter `name` (everything but batch norm's, unless
+    /// [`MamlConfig::adapt_batch_norm`]).
+    pub fn adapts(&self, name: &str) -> bool {
+        self.adapt_batch_norm || !name.starts_with("bn")
     }
 }
 
@@ -91,7 +145,14 @@ impl Maml {
         device: &Device,
     ) -> Result<Self> {
         let backbone = backbone.build();
-        let params = head::init_linear_head(backbone.as_ref(), size, config.ways, rng, device)?;
+        let params = head::init_linear_head_with(
+            backbone.as_ref(),
+            size,
+            config.ways,
+            config.head_init,
+            rng,
+            device,
+        )?;
         let state = State::new(params, RunningStats::empty());
         Ok(Self { config, parallel_tasks: true, backbone, state })
     }
@@ -114,12 +175,20 @@ impl Maml {
         steps: usize,
     ) -> Result<Params> {
         let names: Vec<String> = theta.iter().map(|(n, _)| n.clone()).collect();
+        let steps_by_param = self.step_sizes(&names);
         let mut current: Vec<Tensor> = theta.iter().map(|(_, t)| t.detach()).collect();
         for _ in 0..steps {
             let g = self.gradient(&names, &current, support, labels)?.1;
-            current = sgd_step(&current, &g, self.config.inner_lr)?;
+            current = sgd_step(&current, &g, &steps_by_param)?;
         }
         Ok(Params::from_names(&names, &current))
+    }
+
+    /// The inner step size of each parameter, on the gradient of the mean support loss: 0 for
+    /// the ones the inner loop does not adapt.
+    pub fn step_sizes(&self, names: &[String]) -> Vec<f64> {
+        let alpha = self.config.mean_loss_step();
+        names.iter().map(|n| if self.config.adapts(n) { alpha } else { 0.0 }).collect()
     }
 
     /// The loss, gradient and logits at `values`, all detached from any graph.
@@ -171,8 +240,8 @@ impl Maml {
         episode: &Episode,
         steps: usize,
     ) -> Result<TaskGradient> {
-        let alpha = self.config.inner_lr;
         let names: Vec<String> = theta.iter().map(|(n, _)| n.clone()).collect();
+        let alphas = self.step_sizes(&names);
         let support_labels = episode.support_labels_tensor()?;
         let query_labels = episode.query_labels_tensor()?;
 
@@ -181,11 +250,11 @@ impl Maml {
         for _ in 0..steps {
             if self.config.first_order {
                 let g = self.gradient(&names, &current, &episode.support, &support_labels)?.1;
-                current = sgd_step(&current, &g, alpha)?;
+                current = sgd_step(&current, &g, &alphas)?;
             } else {
                 let (vars, g) =
                     self.support_gradient(&names, &current, &episode.support, &support_labels)?;
-                current = sgd_step(&current, &g, alpha)?;
+                current = sgd_step(&current, &g, &alphas)?;
                 trajectory.push((vars, g));
             }
         }
@@ -195,10 +264,19 @@ impl Maml {
         let query_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let query_accuracy = ops::accuracy(&logits, &query_labels)?;
 
+        // θ_{k+1} = θ_k − A∇L_S(θ_k) with A = diag(α_i), so v_k = (I − H_k A) v_{k+1}: the
+        // Hessian-vector product of H_k with A·v_{k+1}. With one α for all it is factored out.
+        let uniform = alphas.iter().all(|&a| a == alphas[0]).then_some(alphas[0]);
         for (vars, g) in trajectory.iter().rev() {
             let mut dot: Option<Tensor> = None;
-            for (gi, vi) in g.iter().zip(&v) {
-                let term = (gi * vi)?.sum_all()?;
+            for ((gi, vi), &a) in g.iter().zip(&v).zip(&alphas) {
+                if a == 0.0 {
+                    continue;
+                }
+                let term = match uniform {
+                    Some(_) => (gi * vi)?.sum_all()?,
+                    None => ((gi * vi)?.sum_all()? * a)?,
+                };
                 dot = Some(match dot {
                     Some(d) => (d + term)?,
                     None => term,
@@ -211,7 +289,8 @@ impl Maml {
                 .zip(&names)
                 .map(|(var, name)| head::required_grad(&store, var.as_tensor(), name))
                 .collect::<Result<Vec<_>>>()?;
-            v = sgd_step(&v, &hv, alpha)?;
+            let scale = vec![uniform.unwrap_or(1.0); v.len()];
+            v = sgd_step(&v, &hv, &scale)?;
         }
         Ok(TaskGradient { grads: Params::from_names(&names, &v), query_loss, query_accuracy })
     }
@@ -220,12 +299,21 @@ impl Maml {
 impl Maml {
     /// A loss whose value is the mean query loss of `tasks` and whose gradient with respect to θ is
     /// their mean meta-gradient.
-    fn surrogate(&self, tasks: &[TaskGradient]) -> Result<EpisodeOutput> {
+    fn surrogate(&self, tasks: &[TaskGradient], spec: EpisodeSpec) -> Result<EpisodeOutput> {
         if tasks.is_empty() {
             candle_core::bail!("a meta-batch needs at least one task")
         }
         let n = tasks.len() as f64;
-        let mean = super::mean_gradient(&self.state.params, tasks.iter().map(|t| &t.grads))?;
+        let mut mean = super::mean_gradient(&self.state.params, tasks.iter().map(|t| &t.grads))?;
+        if let Some(c) = self.config.clip_official {
+            let official_scale = (spec.ways * spec.queries) as f64 / spec.shots as f64;
+            let bound = c / official_scale;
+            let mut clipped = Params::new();
+            for (name, g) in mean.iter() {
+                clipped.insert(name.clone(), g.clamp(-bound, bound)?);
+            }
+            mean = clipped;
+        }
         let query_loss = tasks.iter().map(|t| t.query_loss).sum::<f64>() / n;
         let accuracy = tasks.iter().map(|t| t.query_accuracy).sum::<f64>() / n;
         Ok(EpisodeOutput {
@@ -235,9 +323,19 @@ impl Maml {
     }
 }
 
-/// x − α·g as new leaves-to-be: detached, since each step's result starts a graph of its own.
-fn sgd_step(x: &[Tensor], g: &[Tensor], alpha: f64) -> Result<Vec<Tensor>> {
-    x.iter().zip(g).map(|(x, g)| Ok((x - (g.detach() * alpha)?)?.detach())).collect()
+/// x − α_i·g as new leaves-to-be: detached, since each step's result starts a graph of its own.
+fn sgd_step(x: &[Tensor], g: &[Tensor], alphas: &[f64]) -> Result<Vec<Tensor>> {
+    x.iter()
+        .zip(g)
+        .zip(alphas)
+        .map(|((x, g), &a)| {
+            if a == 0.0 {
+                Ok(x.detach())
+            } else {
+                Ok((x - (g.detach() * a)?)?.detach())
+            }
+        })
+        .collect()
 }
 
 impl Maml {
@@ -264,7 +362,8 @@ impl Maml {
                 .map(|ep| self.task_gradient(&theta, ep, steps))
                 .collect::<Result<_>>()?
         };
-        self.surrogate(&tasks)
+        let spec = episodes.first().map_or(EpisodeSpec::new(1, 1, 1), |e| e.spec);
+        self.surrogate(&tasks, spec)
     }
 }
 
@@ -363,48 +462,55 @@ impl Method for MamlConfig {
         Some(&mut self.transductive)
     }
 
+    fn test_steps_mut(&mut self) -> Option<&mut usize> {
+        Some(&mut self.inner_steps_test)
+    }
+
     fn presets() -> Vec<Preset> {
         vec![
             Preset {
                 name: "maml-omniglot-5w1s",
-                summary: "Finn et al. 2017, Omniglot 5-way 1-shot: 1 inner step α=0.4 (3 at test), meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 1 query per class (official code); 600 test tasks",
+                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 5-way 1-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1); 1 inner step α=0.4 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 1 query per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
                 build: || omniglot(5, 1),
             },
             Preset {
                 name: "maml-omniglot-5w5s",
-                summary: "Finn et al. 2017, Omniglot 5-way 5-shot: 1 inner step α=0.4 (3 at test), meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; 600 test tasks",
+                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 5-way 5-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1); 1 inner step α=0.4 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
                 build: || omniglot(5, 5),
             },
             Preset {
                 name: "maml-omniglot-20w1s",
-                summary: "Finn et al. 2017, Omniglot 20-way 1-shot: 5 inner steps α=0.1 (5 at test), meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 1 query per class; 600 test tasks",
+                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 20-way 1-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1); 5 inner steps α=0.1 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 1 query per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
                 build: || omniglot(20, 1),
             },
             Preset {
                 name: "maml-omniglot-20w5s",
-                summary: "Finn et al. 2017, Omniglot 20-way 5-shot: 5 inner steps α=0.1 (5 at test), meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; 600 test tasks",
+                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 20-way 5-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1); 5 inner steps α=0.1 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
                 build: || omniglot(20, 5),
             },
             Preset {
                 name: "maml-miniimagenet-5w1s",
-                summary: "Finn et al. 2017, miniImageNet 5-way 1-shot (Ravi split, train classes): Conv4 with 32 filters, 84×84, 5 inner steps α=0.01 (10 at test), meta-batch 4, 15 queries per class, Adam 1e-3, 60 000 meta-iterations; 600 test tasks",
+                summary: "Finn et al. 2017 / cbfinn/maml, miniImageNet 5-way 1-shot (Ravi split; our train classes hold 300 of 600 images): Conv4 with 32 filters and max-pool, conv bias-free (BN follows), BN offset only, ε 1e-3, Glorot init; 5 inner steps α=0.01 on Σ CE/K (= 0.05 on the mean), BN not adapted; meta-batch 4, 15 queries per class in training, meta-gradient clipped to ±10 on the code's loss scale, Adam 1e-3, 60 000 meta-iterations; test: 600 tasks, 1 query per class, 10 inner steps",
                 build: || mini_imagenet(1),
             },
             Preset {
                 name: "maml-miniimagenet-5w5s",
-                summary: "Finn et al. 2017, miniImageNet 5-way 5-shot (Ravi split, train classes): Conv4 with 32 filters, 84×84, 5 inner steps α=0.01 (10 at test), meta-batch 2, 15 queries per class, Adam 1e-3, 60 000 meta-iterations; 600 test tasks",
+                summary: "Finn et al. 2017 / cbfinn/maml, miniImageNet 5-way 5-shot (Ravi split; our train classes hold 300 of 600 images): Conv4 with 32 filters and max-pool, BN offset only, ε 1e-3, Glorot init; 5 inner steps α=0.01 on Σ CE/K (= 0.05 on the mean), BN not adapted; meta-batch 4 (the code's README; the paper says 2), 15 queries per class in training, meta-gradient clipped to ±10 on the code's loss scale, Adam 1e-3, 60 000 meta-iterations; test: 600 tasks, 5 queries per class, 10 inner steps",
                 build: || mini_imagenet(5),
             },
         ]
     }
 }
 
-/// MAML on Omniglot as in Finn et al. 2017 (Appendix A.1) and the official code: 1200 training
-/// characters (our `trainval`: train + validation of the Vinyals split) with rotations, Conv4 with 64
-/// filters and batch statistics at test time, K queries per class, 600 test tasks.
+/// MAML on Omniglot as in Finn et al. 2017 (Appendix A.1) and cbfinn/maml (`main.py`, `maml.py`,
+/// `utils.py`): the strided Conv4 with a spatial mean, batch statistics always, the batch-norm
+/// offset meta-learned but not adapted, head N(0, 1), the inner gradient of Σ CE / K, K queries
+/// per class, 10 test steps, 600 test tasks. Classes: the paper's 1200 training characters with
+/// rotations (our `trainval`: train + validation of the Vinyals split, 4800 classes).
 fn omniglot(ways: usize, shots: usize) -> (Protocol, MethodConfig) {
     let mut p = Protocol::omniglot(shots);
     p.data.train_subset = "trainval".into();
+    p.backbone = BackboneConfig::Conv4Strided(StridedConv4Config::maml_omniglot(1));
     p.train = EpisodeSpec::new(ways, shots, shots);
     p.meta_batch = if ways == 5 { 32 } else { 16 };
     p.episodes = 60_000;
@@ -413,42 +519,48 @@ fn omniglot(ways: usize, shots: usize) -> (Protocol, MethodConfig) {
     p.test = EpisodeSpec::new(ways, shots, shots);
     p.test_episodes = 600;
     p.checkpoint_every = 100;
-    let maml = if ways == 5 {
-        MamlConfig {
-            ways,
-            inner_steps: 1,
-            inner_steps_test: 3,
-            inner_lr: 0.4,
-            ..Default::default()
-        }
-    } else {
-        MamlConfig {
-            ways,
-            inner_steps: 5,
-            inner_steps_test: 5,
-            inner_lr: 0.1,
-            ..Default::default()
-        }
+    let (inner_steps, inner_lr) = if ways == 5 { (1, 0.4) } else { (5, 0.1) };
+    let maml = MamlConfig {
+        ways,
+        inner_steps,
+        inner_steps_test: 10,
+        inner_lr,
+        inner_loss: InnerLoss::SumOverShots,
+        adapt_batch_norm: false,
+        head_init: head::HeadInit::Normal,
+        ..Default::default()
     };
     (p, MethodConfig::Maml(maml))
 }
 
-/// MAML on miniImageNet as in Finn et al. 2017 (Section 5.1, Appendix A.1): Conv4 with 32 filters,
-/// 5 inner steps of α = 0.01 (10 at test), meta-batch 4 tasks for 1-shot and 2 for 5-shot, 15
-/// queries per class, trained on the 64 train classes; 600 test tasks.
+/// MAML on miniImageNet as in Finn et al. 2017 (Section 5.1) and cbfinn/maml's README commands:
+/// Conv4 with 32 filters and max-pool, batch-norm offset only (ε 1e-3), Glorot init, 5 inner steps
+/// of α = 0.01 on Σ CE / K (10 at test), meta-batch 4, 15 queries per class in training and K at
+/// test, the meta-gradient clipped at ±10; 600 test tasks.
 fn mini_imagenet(shots: usize) -> (Protocol, MethodConfig) {
     let (mut p, _) = omniglot(5, shots);
     p.data = DataConfig::mini_imagenet();
-    p.backbone = BackboneConfig::Conv4(Conv4Config { hidden: 32, ..Conv4Config::new(3) });
+    p.backbone = BackboneConfig::Conv4(Conv4Config {
+        hidden: 32,
+        bn_eps: 1e-3,
+        bn_momentum: 1e-3,
+        bn_scale: false,
+        conv_init: ConvInit::Glorot,
+        ..Conv4Config::new(3)
+    });
     p.train = EpisodeSpec::new(5, shots, 15);
-    p.meta_batch = if shots == 1 { 4 } else { 2 };
-    p.test = EpisodeSpec::new(5, shots, 15);
+    p.meta_batch = 4;
+    p.test = EpisodeSpec::new(5, shots, shots);
     p.test_episodes = 600;
     let maml = MamlConfig {
         ways: 5,
         inner_steps: 5,
         inner_steps_test: 10,
         inner_lr: 0.01,
+        inner_loss: InnerLoss::SumOverShots,
+        adapt_batch_norm: false,
+        head_init: head::HeadInit::Glorot,
+        clip_official: Some(10.0),
         ..Default::default()
     };
     (p, MethodConfig::Maml(maml))

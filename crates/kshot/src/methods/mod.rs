@@ -481,6 +481,11 @@ pub trait Method: Sized {
     fn transductive_mut(&mut self) -> Option<&mut bool> {
         None
     }
+    /// The inner steps a test task adapts with, for methods that adapt by steps
+    /// (`kshot eval --each-inner-step`).
+    fn test_steps_mut(&mut self) -> Option<&mut usize> {
+        None
+    }
     /// True when training episodes have their own number of shots (`--train-shots`, Reptile),
     /// so that `--shots` sets only the test shots.
     fn own_train_shots(&self) -> bool {
@@ -592,6 +597,10 @@ macro_rules! methods {
 
             pub fn transductive_mut(&mut self) -> Option<&mut bool> {
                 match self { $(Self::$variant(m) => m.transductive_mut(),)* }
+            }
+
+            pub fn test_steps_mut(&mut self) -> Option<&mut usize> {
+                match self { $(Self::$variant(m) => m.test_steps_mut(),)* }
             }
 
             pub fn own_train_shots(&self) -> bool {

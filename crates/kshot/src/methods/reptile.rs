@@ -26,7 +26,7 @@ use super::{
 };
 use crate::data::{Episode, EpisodeSpec};
 use crate::nn::head::{self, required_grad};
-use crate::nn::{ops, Backbone, BackboneConfig, BnMode, Params, RunningStats};
+use crate::nn::{ops, Backbone, BackboneConfig, BnMode, Params, RunningStats, StridedConv4Config};
 use crate::optim::StepDecay;
 use crate::protocol::Protocol;
 
@@ -55,6 +55,10 @@ pub struct ReptileConfig {
     /// length.
     #[serde(default)]
     pub schedule_total: Option<u64>,
+    /// How the output layer starts (the official `tf.layers.dense`: Glorot-uniform weight, zero
+    /// bias).
+    #[serde(default)]
+    pub head_init: head::HeadInit,
 }
 
 impl Default for ReptileConfig {
@@ -71,6 +75,7 @@ impl Default for ReptileConfig {
             outer_step_final: 0.0,
             transductive: false,
             schedule_total: None,
+            head_init: head::HeadInit::Torch,
         }
     }
 }
@@ -235,7 +240,14 @@ impl Reptile {
             )
         }
         let backbone = backbone.build();
-        let params = head::init_linear_head(backbone.as_ref(), size, config.ways, rng, device)?;
+        let params = head::init_linear_head_with(
+            backbone.as_ref(),
+            size,
+            config.ways,
+            config.head_init,
+            rng,
+            device,
+        )?;
         let names: Vec<String> = params.iter().map(|(n, _)| n.to_string()).collect();
         let values: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().detach()).collect();
         let mut state = State::new(params, RunningStats::empty());
@@ -473,22 +485,22 @@ impl Method for ReptileConfig {
         vec![
             Preset {
                 name: "reptile-omniglot-5w1s",
-                summary: "Nichol et al. 2018, official README, Omniglot 5-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 linearly over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive (--transductive for the transductive numbers)",
+                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Omniglot 5-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 linearly over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive (--transductive for the transductive numbers)",
                 build: || omniglot(5, 1),
             },
             Preset {
                 name: "reptile-omniglot-5w5s",
-                summary: "Nichol et al. 2018, official README, Omniglot 5-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive",
+                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Omniglot 5-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive",
                 build: || omniglot(5, 5),
             },
             Preset {
                 name: "reptile-omniglot-20w1s",
-                summary: "Nichol et al. 2018, official README, Omniglot 20-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
+                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Omniglot 20-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
                 build: || omniglot(20, 1),
             },
             Preset {
                 name: "reptile-omniglot-20w5s",
-                summary: "Nichol et al. 2018, official README, Omniglot 20-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
+                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Omniglot 20-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
                 build: || omniglot(20, 5),
             },
         ]
@@ -497,14 +509,19 @@ impl Method for ReptileConfig {
 
 /// Reptile on Omniglot with the official README's settings (openai/supervised-reptile): training
 /// tasks draw 10 images per class (`--train-shots 10`) and no query set, test tasks K shots and one
-/// query per class. Training classes as for MAML (`trainval`: 1200 characters with rotations).
+/// query per class. Classes: `run_omniglot.py`'s own split (our `reptile` split: Python's
+/// `random.seed(0)` shuffle of the 1623 sorted characters, 1200 × 4 rotations to train on, the 423
+/// others unrotated to test on); the network is `models.py`'s `OmniglotModel` (strided Conv4,
+/// batch norm with scale, 256-d flattened features, Glorot-uniform dense head).
 fn omniglot(ways: usize, shots: usize) -> (Protocol, MethodConfig) {
     let mut p = Protocol::omniglot(shots);
-    p.data.train_subset = "trainval".into();
+    p.data.split = "reptile".into();
+    p.data.train_subset = "train".into();
+    p.backbone = BackboneConfig::Conv4Strided(StridedConv4Config::reptile_omniglot(1));
     p.train = EpisodeSpec::new(ways, 10, 0);
     p.meta_batch = 5;
     let reptile = if ways == 5 {
-        ReptileConfig { ways, ..ReptileConfig::default() }
+        ReptileConfig { ways, head_init: head::HeadInit::Glorot, ..ReptileConfig::default() }
     } else {
         ReptileConfig {
             ways,
@@ -513,6 +530,7 @@ fn omniglot(ways: usize, shots: usize) -> (Protocol, MethodConfig) {
             inner_batch: 20,
             inner_batch_test: 10,
             inner_lr: 0.0005,
+            head_init: head::HeadInit::Glorot,
             ..ReptileConfig::default()
         }
     };

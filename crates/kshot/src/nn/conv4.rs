@@ -22,6 +22,24 @@ pub struct Conv4Config {
     /// Use the fused kernels of [`crate::kernels`] (default) or candle's composite ops.
     #[serde(default = "default_true")]
     pub fast_kernels: bool,
+    /// Whether batch norm has a learned scale γ (`bn{i}.weight`); without it γ = 1, as
+    /// `tf.contrib.layers.batch_norm`'s default (cbfinn/maml).
+    #[serde(default = "default_true")]
+    pub bn_scale: bool,
+    /// How the convolution weights start.
+    #[serde(default)]
+    pub conv_init: ConvInit,
+}
+
+/// Initialisation of convolution weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvInit {
+    /// PyTorch's default, U(±1/√(9·C_in)).
+    #[default]
+    Torch,
+    /// Glorot uniform, TensorFlow's `xavier_initializer_conv2d` (cbfinn/maml).
+    Glorot,
 }
 
 fn default_true() -> bool {
@@ -37,6 +55,8 @@ impl Conv4Config {
             bn_eps: 1e-5,
             bn_momentum: 0.1,
             fast_kernels: true,
+            bn_scale: true,
+            conv_init: ConvInit::Torch,
         }
     }
 
@@ -76,7 +96,9 @@ impl Tape for Conv4Tape {
             let w = params.get(&format!("conv{i}.weight"))?;
             let (d_input, d_w) = kernels::conv3x3_vjp(input, w, &d_conv, i > 0)?;
             grads.insert(format!("conv{i}.weight"), d_w);
-            grads.insert(format!("bn{i}.weight"), d_gamma);
+            if params.get(&format!("bn{i}.weight")).is_ok() {
+                grads.insert(format!("bn{i}.weight"), d_gamma);
+            }
             grads.insert(format!("bn{i}.bias"), d_beta);
             if let Some(d_input) = d_input {
                 d = d_input;
@@ -103,11 +125,19 @@ impl Conv4 {
         let mut cin = c.in_channels;
         for i in 0..c.blocks {
             let shape = [c.hidden, cin, 3, 3];
-            p.push(format!("conv{i}.weight"), init::torch_default(rng, &shape, cin * 9, device)?)?;
-            p.push(
-                format!("bn{i}.weight"),
-                Tensor::ones(c.hidden, candle_core::DType::F32, device)?,
-            )?;
+            let w = match c.conv_init {
+                ConvInit::Torch => init::torch_default(rng, &shape, cin * 9, device)?,
+                ConvInit::Glorot => {
+                    init::glorot_uniform(rng, &shape, cin * 9, c.hidden * 9, device)?
+                }
+            };
+            p.push(format!("conv{i}.weight"), w)?;
+            if c.bn_scale {
+                p.push(
+                    format!("bn{i}.weight"),
+                    Tensor::ones(c.hidden, candle_core::DType::F32, device)?,
+                )?;
+            }
             p.push(
                 format!("bn{i}.bias"),
                 Tensor::zeros(c.hidden, candle_core::DType::F32, device)?,
@@ -162,10 +192,10 @@ impl Conv4 {
         let mut h = x.contiguous()?;
         for i in 0..c.blocks {
             let w = params.get(&format!("conv{i}.weight"))?;
-            let gamma = params.get(&format!("bn{i}.weight"))?;
+            let gamma = self.gamma(params, i, &h)?;
             let beta = params.get(&format!("bn{i}.bias"))?;
             let bn =
-                kernels::BnReluTrain::forward(&kernels::conv3x3(&h, w)?, gamma, beta, c.bn_eps)?;
+                kernels::BnReluTrain::forward(&kernels::conv3x3(&h, w)?, &gamma, beta, c.bn_eps)?;
             if let Some(r) = running.as_deref_mut() {
                 r.update(i, &bn.batch_stats()?, c.bn_momentum);
             }
@@ -175,6 +205,15 @@ impl Conv4 {
         }
         let pooled_shape = h.dims().to_vec();
         Ok(Conv4Tape { blocks, pooled_shape, embedding: h.flatten_from(1)? })
+    }
+
+    /// Block `i`'s batch-norm scale: the parameter, or ones without [`Conv4Config::bn_scale`].
+    fn gamma(&self, params: &Params, i: usize, like: &Tensor) -> Result<Tensor> {
+        if self.config.bn_scale {
+            Ok(params.get(&format!("bn{i}.weight"))?.clone())
+        } else {
+            Tensor::ones(self.config.hidden, like.dtype(), like.device())
+        }
     }
 
     pub fn running_stats(&self) -> RunningStats {
@@ -187,7 +226,7 @@ impl Conv4 {
         let mut h = x.clone();
         for i in 0..c.blocks {
             let w = params.get(&format!("conv{i}.weight"))?;
-            let gamma = params.get(&format!("bn{i}.weight"))?;
+            let gamma = &self.gamma(params, i, &h)?;
             let beta = params.get(&format!("bn{i}.bias"))?;
             h = if c.fast_kernels { kernels::conv3x3(&h, w)? } else { ops::conv3x3(&h, w)? };
             h = match &mut bn {

@@ -25,19 +25,58 @@ pub enum Graph {
     Keep,
 }
 
+/// How a linear output layer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadInit {
+    /// PyTorch's `nn.Linear` default: weight and bias U(±1/√D).
+    #[default]
+    Torch,
+    /// Weight N(0, 1), bias 0: cbfinn/maml's Omniglot `w5 = tf.Variable(tf.random_normal(…))`.
+    Normal,
+    /// Weight Glorot-uniform, bias 0: cbfinn/maml's miniImageNet `w5` (`xavier_initializer`).
+    Glorot,
+}
+
 /// The backbone's parameters for `height`×`width` inputs followed by a linear `ways`-unit output
 /// layer (`head.weight` [ways, D], `head.bias` [ways], PyTorch-default init), drawn in that order.
 pub fn init_linear_head(
     backbone: &dyn Backbone,
+    size: (usize, usize),
+    ways: usize,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<ParamSet> {
+    init_linear_head_with(backbone, size, ways, HeadInit::Torch, rng, device)
+}
+
+/// [`init_linear_head`] with the output layer initialised by `head`.
+pub fn init_linear_head_with(
+    backbone: &dyn Backbone,
     (height, width): (usize, usize),
     ways: usize,
+    head: HeadInit,
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Result<ParamSet> {
     let dim = backbone.embedding_dim(height, width)?;
     let mut p = backbone.init(rng, device)?;
-    p.push("head.weight", init::torch_default(rng, &[ways, dim], dim, device)?)?;
-    p.push("head.bias", init::torch_default(rng, &[ways], dim, device)?)?;
+    let (weight, bias) = match head {
+        HeadInit::Torch => (
+            init::torch_default(rng, &[ways, dim], dim, device)?,
+            init::torch_default(rng, &[ways], dim, device)?,
+        ),
+        HeadInit::Normal => (
+            init::normal(rng, &[ways, dim], 0.0, 1.0, device)?,
+            Tensor::zeros(ways, candle_core::DType::F32, device)?,
+        ),
+        HeadInit::Glorot => (
+            init::glorot_uniform(rng, &[ways, dim], dim, ways, device)?,
+            Tensor::zeros(ways, candle_core::DType::F32, device)?,
+        ),
+    };
+    p.push("head.weight", weight)?;
+    p.push("head.bias", bias)?;
     Ok(p)
 }
 

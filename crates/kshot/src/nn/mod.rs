@@ -13,7 +13,7 @@ pub mod running;
 pub mod strided_conv4;
 
 pub use backbone::{Backbone, BackboneConfig, ExplicitBackward, Tape, BACKBONES};
-pub use conv4::{Conv4, Conv4Config, Conv4Tape};
+pub use conv4::{Conv4, Conv4Config, Conv4Tape, ConvInit};
 pub use head::{Graph, LossAndGrad};
 pub use koch::{KochConfig, KochNet};
 pub use lstm::LstmCell;

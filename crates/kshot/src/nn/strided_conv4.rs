@@ -156,18 +156,6 @@ fn every_second_same(y: &Tensor) -> Result<Tensor> {
         .reshape((b, c, ho, wo))
 }
 
-/// Glorot/Xavier uniform: U(−√(6/(fan_in + fan_out)), √(6/(fan_in + fan_out))), TensorFlow's
-/// `xavier_initializer_conv2d` and `glorot_uniform`.
-fn glorot_uniform(
-    rng: &mut ChaCha8Rng,
-    shape: &[usize],
-    fan_in: usize,
-    fan_out: usize,
-    device: &Device,
-) -> Result<Tensor> {
-    init::uniform(rng, shape, (6.0 / (fan_in + fan_out) as f64).sqrt(), device)
-}
-
 #[derive(Debug, Clone)]
 pub struct StridedConv4 {
     pub config: StridedConv4Config,
@@ -189,7 +177,7 @@ impl StridedConv4 {
             let shape = [c.hidden, cin, 3, 3];
             p.push(
                 format!("conv{i}.weight"),
-                glorot_uniform(rng, &shape, cin * 9, c.hidden * 9, device)?,
+                init::glorot_uniform(rng, &shape, cin * 9, c.hidden * 9, device)?,
             )?;
             p.push(format!("conv{i}.bias"), Tensor::zeros(c.hidden, DType::F32, device)?)?;
             if c.bn_scale {

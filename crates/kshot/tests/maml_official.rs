@@ -280,3 +280,45 @@ fn the_meta_gradient_is_clipped_on_the_official_loss_scale() -> Result<()> {
     assert!(clipped_some, "the test's bound clipped nothing");
     Ok(())
 }
+
+#[test]
+fn the_strided_backbones_explicit_backward_gives_candles_meta_gradient_to_1e_10() -> Result<()> {
+    let size = 13; // odd sizes: 13 → 7 → 4 → 2 → 1
+    let ep = task(&mut ChaCha8Rng::seed_from_u64(30), size)?;
+    for features in [kshot::nn::StridedFeatures::Mean, kshot::nn::StridedFeatures::Flatten] {
+        for bn_scale in [false, true] {
+            let cfg = |fast_kernels| {
+                BackboneConfig::Conv4Strided(StridedConv4Config {
+                    hidden: 4,
+                    features,
+                    bn_scale,
+                    fast_kernels,
+                    ..StridedConv4Config::maml_omniglot(1)
+                })
+            };
+            for steps in [1, 3] {
+                let (fast, theta) = net(official(steps), &cfg(true), size)?;
+                let (composite, _) = net(official(steps), &cfg(false), size)?;
+                assert!(fast.backbone().explicit_backward().is_some());
+                assert!(composite.backbone().explicit_backward().is_none());
+                let a = fast.task_gradient(&theta, &ep, steps)?.grads;
+                let b = composite.task_gradient(&theta, &ep, steps)?.grads;
+                // Relative to the largest component: the convolution biases' gradients are zero
+                // up to rounding (batch norm removes them), so they have no scale of their own.
+                let mut scale = 0.0f64;
+                for (_, t) in b.iter() {
+                    scale = scale.max(t.abs()?.max_all()?.to_scalar::<f64>()?);
+                }
+                for (name, t) in b.iter() {
+                    let d = (t - a.get(name)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                    assert!(
+                        d / scale < 1e-10,
+                        "{features:?}, scale {bn_scale}, {steps} steps, {name}: explicit and candle meta-gradients differ by {:e}",
+                        d / scale
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{init, ops, BnMode, ParamSet, Params, RunningStats};
+use super::{init, ops, BnMode, ExplicitBackward, ParamSet, Params, RunningStats, Tape};
 use crate::kernels;
 
 /// What the last block's [B, C, h, w] feature maps become.
@@ -143,6 +143,16 @@ pub fn conv3x3_same_stride2(x: &Tensor, w: &Tensor, fast_kernels: bool) -> Resul
     }
 }
 
+/// The transpose of [`every_second_same`]: `d` [B, C, ⌈H/2⌉, ⌈W/2⌉] scattered back into zeros of
+/// [B, C, H, W]. Built from differentiable candle ops, so it can be differentiated again.
+fn every_second_same_vjp(d: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, c, ho, wo) = d.dims4()?;
+    let (off_h, off_w) = (1 - h % 2, 1 - w % 2);
+    let d = d.reshape((b, c, ho, 1, wo, 1))?;
+    let d = d.pad_with_zeros(3, off_h, 1 - off_h)?.pad_with_zeros(5, off_w, 1 - off_w)?;
+    d.reshape((b, c, 2 * ho, 2 * wo))?.narrow(2, 0, h)?.narrow(3, 0, w)
+}
+
 /// Rows and columns 1, 3, … of even sizes and 0, 2, … of odd ones: [B, C, H, W] → [B, C, ⌈H/2⌉,
 /// ⌈W/2⌉].
 fn every_second_same(y: &Tensor) -> Result<Tensor> {
@@ -239,6 +249,119 @@ impl StridedConv4 {
     }
 }
 
+/// A strided Conv4 forward pass kept for its explicit backward pass
+/// ([`StridedConv4::forward_taped`]).
+pub struct StridedConv4Tape {
+    /// Each block's input, the stride-1 convolution's spatial size, and its batch norm.
+    blocks: Vec<(Tensor, (usize, usize), kernels::BnReluTrain)>,
+    last_shape: Vec<usize>,
+    features: StridedFeatures,
+    bn_scale: bool,
+    embedding: Tensor,
+}
+
+impl Tape for StridedConv4Tape {
+    fn embedding(&self) -> &Tensor {
+        &self.embedding
+    }
+
+    /// The fused backward ops of every block (batch norm + ReLU, the subsampling's scatter, the
+    /// stride-1 convolution's input and weight gradients), all differentiable again.
+    fn backward(&self, params: &Params, d_embedding: &Tensor) -> Result<Params> {
+        let mut grads = Params::new();
+        let shape = self.last_shape.as_slice();
+        let mut d = match self.features {
+            StridedFeatures::Flatten => d_embedding.reshape(shape)?,
+            StridedFeatures::Mean => {
+                let (h, w) = (shape[2], shape[3]);
+                (d_embedding.unsqueeze(2)?.unsqueeze(3)?.broadcast_as(shape)? / (h * w) as f64)?
+                    .contiguous()?
+            }
+        };
+        for (i, (input, (h, w), bn)) in self.blocks.iter().enumerate().rev() {
+            let (d_pre, d_gamma, d_beta) = bn.vjp(&d)?;
+            grads.insert(format!("conv{i}.bias"), d_pre.sum((0, 2, 3))?);
+            if self.bn_scale {
+                grads.insert(format!("bn{i}.weight"), d_gamma);
+            }
+            grads.insert(format!("bn{i}.bias"), d_beta);
+            let d_full = every_second_same_vjp(&d_pre, *h, *w)?.contiguous()?;
+            let weight = params.get(&format!("conv{i}.weight"))?;
+            let (d_input, d_w) = kernels::conv3x3_vjp(input, weight, &d_full, i > 0)?;
+            grads.insert(format!("conv{i}.weight"), d_w);
+            if let Some(d_input) = d_input {
+                d = d_input;
+            }
+        }
+        Ok(grads)
+    }
+}
+
+impl StridedConv4 {
+    /// The training-mode forward pass (batch statistics, folded into `running` when given) with
+    /// what [`StridedConv4Tape::backward`] needs. Needs the fused kernels.
+    pub fn forward_taped(
+        &self,
+        params: &Params,
+        x: &Tensor,
+        mut running: Option<&mut RunningStats>,
+    ) -> Result<StridedConv4Tape> {
+        let c = &self.config;
+        if !c.fast_kernels {
+            candle_core::bail!(
+                "the explicit strided Conv4 backward pass needs the fused kernels (fast_kernels = true)"
+            );
+        }
+        let mut blocks = Vec::with_capacity(c.blocks);
+        let mut h = x.contiguous()?;
+        for i in 0..c.blocks {
+            let w = params.get(&format!("conv{i}.weight"))?;
+            let bias = params.get(&format!("conv{i}.bias"))?;
+            let beta = params.get(&format!("bn{i}.bias"))?;
+            let gamma = if c.bn_scale {
+                params.get(&format!("bn{i}.weight"))?.clone()
+            } else {
+                Tensor::ones(c.hidden, h.dtype(), h.device())?
+            };
+            let full = kernels::conv3x3(&h, w)?;
+            let (_, _, fh, fw) = full.dims4()?;
+            let pre = every_second_same(&full)?
+                .broadcast_add(&bias.reshape((1, c.hidden, 1, 1))?)?
+                .contiguous()?;
+            let bn = kernels::BnReluTrain::forward(&pre, &gamma, beta, c.bn_eps)?;
+            if let Some(r) = running.as_deref_mut() {
+                r.update(i, &bn.batch_stats()?, c.bn_momentum);
+            }
+            let out = bn.y.clone();
+            blocks.push((h, (fh, fw), bn));
+            h = out;
+        }
+        let last_shape = h.dims().to_vec();
+        let embedding = match c.features {
+            StridedFeatures::Mean => h.flatten_from(2)?.mean(2)?,
+            StridedFeatures::Flatten => h.flatten_from(1)?,
+        };
+        Ok(StridedConv4Tape {
+            blocks,
+            last_shape,
+            features: c.features,
+            bn_scale: c.bn_scale,
+            embedding,
+        })
+    }
+}
+
+impl ExplicitBackward for StridedConv4 {
+    fn forward_taped(
+        &self,
+        params: &Params,
+        x: &Tensor,
+        running: Option<&mut RunningStats>,
+    ) -> Result<Box<dyn Tape>> {
+        Ok(Box::new(StridedConv4::forward_taped(self, params, x, running)?))
+    }
+}
+
 impl super::Backbone for StridedConv4 {
     fn kind(&self) -> &'static str {
         "conv4-strided"
@@ -265,5 +388,13 @@ impl super::Backbone for StridedConv4 {
 
     fn forward(&self, params: &Params, x: &Tensor, bn: BnMode) -> Result<Tensor> {
         StridedConv4::forward(self, params, x, bn)
+    }
+
+    fn explicit_backward(&self) -> Option<&dyn ExplicitBackward> {
+        if self.config.fast_kernels {
+            Some(self)
+        } else {
+            None
+        }
     }
 }

@@ -207,8 +207,8 @@ fn early_stopping_keeps_the_best_model_and_stops_after_the_patience() {
     let dir = tmp.path().join("run");
     let mut c = early_config(1000, 2, 1, ValMetric::Loss);
     c.schedule.lr = 0.0;
-    let s = train::train(&dir, &c, &set, Some(&val), false, &AtomicBool::new(false), |_| {})
-        .unwrap();
+    let s =
+        train::train(&dir, &c, &set, Some(&val), false, &AtomicBool::new(false), |_| {}).unwrap();
     assert!(s.stopped_early && !s.interrupted, "{s:?}");
     let best_episode = s.best.unwrap().episode;
     // The best round, then two rounds without improvement (wait 1, then 2 > patience 1).
@@ -235,8 +235,8 @@ fn early_stopping_keeps_the_best_model_and_stops_after_the_patience() {
     assert_eq!(best["episode"], best_episode);
     assert_eq!(best["metric"], "loss");
     // A stopped run stays stopped when resumed.
-    let again = train::train(&dir, &c, &set, Some(&val), true, &AtomicBool::new(false), |_| {})
-        .unwrap();
+    let again =
+        train::train(&dir, &c, &set, Some(&val), true, &AtomicBool::new(false), |_| {}).unwrap();
     assert!(again.stopped_early && again.episodes_done == s.episodes_done, "{again:?}");
     // The retrain stage: 0-based best epoch (best_episode / 2 - 1) + patience 1, epochs of 2.
     let retrain = train::retrain_config(&dir).unwrap();

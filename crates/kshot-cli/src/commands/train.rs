@@ -8,10 +8,10 @@ use anyhow::{bail, Context};
 use clap::{ArgMatches, Args};
 use indicatif::{ProgressBar, ProgressStyle};
 use kshot::config::{RunConfig, Validation};
-use kshot::protocol::{EarlyStopping, ValMetric, ValSet};
 use kshot::data::{self, Grouping};
 use kshot::methods::{MethodConfig, MethodFlags};
 use kshot::nn::BackboneConfig;
+use kshot::protocol::{EarlyStopping, ValMetric, ValSet};
 use kshot::{presets, train};
 
 use super::{data_root_for, flag, given_flags};
@@ -416,7 +416,8 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     if summary.stopped_early {
         bar.abandon();
         let es = config.validation.and_then(|v| v.early_stopping);
-        let (metric, patience) = es.map_or(("?".into(), 0), |e| (format!("{:?}", e.metric), e.patience));
+        let (metric, patience) =
+            es.map_or(("?".into(), 0), |e| (format!("{:?}", e.metric), e.patience));
         match summary.best {
             Some(b) => println!(
                 "early stopping after episode {}: more than {patience} validation rounds without a better validation {}; best {:.5} at episode {} ({})",

@@ -140,3 +140,68 @@ fn a_killed_run_resumes_to_the_same_model() {
     let metrics = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
     assert_eq!(metrics.lines().count(), 301, "header + one line per episode");
 }
+
+/// ProtoNet's two-stage procedure end to end, on a fast setting: stage 1 stops early (patience 1,
+/// validation every 5 episodes), says so on stdout, and `kshot eval` scores its best model; stage 2
+/// (`--retrain-trainval`) trains on trainval for (best epoch + patience) epochs without validation.
+#[test]
+fn early_stopping_then_retrain_on_trainval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    let mut a = small(&first, &["--episodes", "2000", "--lr", "0"]);
+    // SMALL turns validation off; this run validates every 5 episodes on 3 episodes.
+    let at = a.iter().position(|s| s == "--val-every").unwrap();
+    a[at + 1] = "5".into();
+    a.extend(["--val-episodes", "3", "--patience", "1"].map(String::from));
+    let out = run(&args(&a));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("early stopping after episode"), "{stdout}");
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(first.join("best.json")).unwrap()).unwrap();
+    let best_episode = best["episode"].as_u64().unwrap();
+    let out = run(&["eval", "--run", &first.display().to_string(), "--episodes", "3", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["model"], "best_model.safetensors");
+    let out = run(&[
+        "eval",
+        "--run",
+        &first.display().to_string(),
+        "--episodes",
+        "3",
+        "--json",
+        "--model",
+        "last",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["model"], "model.safetensors");
+
+    // A flag that would change the protocol is refused with the retrain.
+    let out = run(&[
+        "train",
+        "--retrain-trainval",
+        &first.display().to_string(),
+        "--out",
+        &second.display().to_string(),
+        "--shots",
+        "5",
+    ]);
+    assert!(!out.status.success() && stderr(&out).contains("--retrain-trainval"));
+    let out = run(&[
+        "train",
+        "--retrain-trainval",
+        &first.display().to_string(),
+        "--out",
+        &second.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c = kshot::config::RunConfig::load(&second.join("config.json")).unwrap();
+    // (best_episode / 5 − 1) + 1 epochs of 5 episodes.
+    assert_eq!(c.episodes, best_episode);
+    assert_eq!(c.data.train_subset, "trainval");
+    assert!(c.validation.is_none());
+    let metrics = std::fs::read_to_string(second.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count() as u64, best_episode + 1);
+    assert!(!second.join("best_model.safetensors").exists());
+}

@@ -136,3 +136,70 @@ impl Adam {
         Ok(())
     }
 }
+
+/// One layer's SGD hyper-parameters at one step: learning rate η, momentum μ, L2 weight λ.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdHyper {
+    pub lr: f64,
+    pub momentum: f64,
+    pub l2: f64,
+}
+
+/// Koch et al.'s (2015, §3.2) update of one parameter tensor `w` with gradient `grad` and previous
+/// update `delta`: Δw ← μ·Δw − η·(∇ + 2λ·w), w ← w + Δw (the gradient of the loss plus λ‖w‖²).
+/// Returns (w + Δw, Δw).
+pub fn sgd_momentum_step(
+    w: &Tensor,
+    grad: &Tensor,
+    delta: &Tensor,
+    h: SgdHyper,
+) -> Result<(Tensor, Tensor)> {
+    let g = if h.l2 != 0.0 { (grad + (w * (2.0 * h.l2))?)? } else { grad.clone() };
+    let delta = ((delta * h.momentum)? - (g * h.lr)?)?;
+    Ok(((w + &delta)?, delta))
+}
+
+/// Koch et al.'s optimiser: SGD with a learning rate η_j, a final momentum μ_j and an L2 weight
+/// λ_j per layer j; every epoch η_j ← 0.99·η_j, and the momentum starts at 0.5 in every layer and
+/// rises linearly per epoch to μ_j. The layers are the four convolutions (with their batch norm,
+/// if any), the sigmoid embedding layer and the output unit. The paper's tuned values were never
+/// published; the presets state theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct KochSgd {
+    /// η_j: conv 1–4, embedding layer, output unit.
+    pub lr: [f64; 6],
+    /// μ_j, reached after `momentum_epochs` epochs.
+    pub momentum: [f64; 6],
+    /// λ_j, applied to weights only (not biases or batch-norm parameters).
+    pub l2: [f64; 6],
+    /// Momentum of every layer in the first epoch (Koch: 0.5).
+    pub momentum_start: f64,
+    /// Epochs over which the momentum rises linearly from `momentum_start` to μ_j.
+    pub momentum_epochs: u64,
+    /// Factor on every η_j per epoch (Koch: 0.99).
+    pub lr_decay: f64,
+    /// Training steps per epoch.
+    pub steps_per_epoch: u64,
+}
+
+impl KochSgd {
+    /// The epoch of 0-based training step `step`.
+    pub fn epoch(&self, step: u64) -> u64 {
+        step / self.steps_per_epoch.max(1)
+    }
+
+    /// Layer `layer`'s hyper-parameters at 0-based training step `step`.
+    pub fn at(&self, layer: usize, step: u64) -> SgdHyper {
+        let epoch = self.epoch(step);
+        let ramp = if self.momentum_epochs == 0 {
+            1.0
+        } else {
+            epoch.min(self.momentum_epochs) as f64 / self.momentum_epochs as f64
+        };
+        SgdHyper {
+            lr: self.lr[layer] * self.lr_decay.powi(epoch.min(i32::MAX as u64) as i32),
+            momentum: self.momentum_start + (self.momentum[layer] - self.momentum_start) * ramp,
+            l2: self.l2[layer],
+        }
+    }
+}

@@ -57,12 +57,79 @@ impl DataConfig {
     }
 }
 
-/// Periodic validation during training.
+/// Periodic validation during training, and optionally model selection on it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Validation {
     pub spec: EpisodeSpec,
     pub episodes: usize,
     pub every: u64,
+    /// The classes validation draws from (default: the split's validation subset).
+    #[serde(default)]
+    pub set: ValSet,
+    /// How validation episodes group their classes (default: as training episodes do).
+    #[serde(default)]
+    pub grouping: Option<Grouping>,
+    /// Keep-best and early stopping on a validation metric (default: none; the last model is the
+    /// run's model and training runs all its episodes).
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+impl Validation {
+    /// `episodes` episodes of `spec` every `every` training steps on the split's validation
+    /// classes, logged only (no model selection).
+    pub fn new(spec: EpisodeSpec, episodes: usize, every: u64) -> Self {
+        Self { spec, episodes, every, set: ValSet::Split, grouping: None, early_stopping: None }
+    }
+}
+
+/// Where validation classes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValSet {
+    /// The validation subset of the run's split (Vinyals `val`, Ravi `val`).
+    #[default]
+    Split,
+    /// Omniglot's 10 evaluation alphabets that Lake's 20-way benchmark (`all_runs.zip`) does not
+    /// use ([`LAKE_UNBENCHMARKED_ALPHABETS`]), each character's first `drawers` drawers: disjoint
+    /// from the background alphabets a Lake run trains on and from the benchmark's alphabets.
+    LakeUnbenchmarked { drawers: usize },
+}
+
+/// The 10 of Omniglot's 20 evaluation alphabets that none of Lake's 20 benchmark runs draws from
+/// (`omniglot/all_runs_sources.tsv` names the other 10).
+pub const LAKE_UNBENCHMARKED_ALPHABETS: [&str; 10] = [
+    "Angelic",
+    "Atemayar_Qelisayer",
+    "Aurek-Besh",
+    "Avesta",
+    "Keble",
+    "Mongolian",
+    "Oriya",
+    "Sylheti",
+    "Syriac_(Serto)",
+    "ULOG",
+];
+
+/// The validation number that selects the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValMetric {
+    /// Mean query cross-entropy of the validation episodes (lower is better).
+    Loss,
+    /// Mean validation accuracy (higher is better).
+    Accuracy,
+}
+
+/// Keep-best and early stopping, as prototypical-networks' `train.py`: after every validation
+/// round, a strictly better `metric` saves the model as the run's best model and resets the count
+/// of rounds without improvement; otherwise the count grows, and training stops as soon as it
+/// exceeds `patience` (the official `wait > patience`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyStopping {
+    pub metric: ValMetric,
+    /// Validation rounds without improvement tolerated before training stops.
+    pub patience: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +145,11 @@ pub struct Protocol {
     pub seed: u64,
     pub adam: AdamConfig,
     pub schedule: StepDecay,
+    /// Steps added to the step count before the schedule is read: with epochs of E steps, E makes
+    /// the schedule PyTorch's StepLR stepped at the start of every epoch (the first decay comes
+    /// one epoch early). Default 0: the decay falls exactly on multiples of `schedule.step`.
+    #[serde(default)]
+    pub lr_offset: u64,
     pub backbone: BackboneConfig,
     pub checkpoint_every: u64,
     pub validation: Option<Validation>,
@@ -103,16 +175,18 @@ impl Protocol {
             seed: 0,
             adam: AdamConfig::default(),
             schedule: StepDecay { lr: 1e-3, step: 2000, gamma: 0.5 },
+            lr_offset: 0,
             backbone: BackboneConfig::Conv4(Conv4Config::new(1)),
             checkpoint_every: 500,
-            validation: Some(Validation {
-                spec: EpisodeSpec::new(5, shots, 15),
-                episodes: 200,
-                every: 1000,
-            }),
+            validation: Some(Validation::new(EpisodeSpec::new(5, shots, 15), 200, 1000)),
             test: EpisodeSpec::new(5, shots, 15),
             test_episodes: 1000,
         }
+    }
+
+    /// The learning rate of the schedule at `step` (0-based), `lr_offset` included.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        self.schedule.at(step + self.lr_offset)
     }
 
     /// The intervals must be positive: a zero would divide by zero in the trainer.
@@ -127,6 +201,12 @@ impl Protocol {
                 "the validation interval must be at least 1 (got 0); use --val-every 0 to turn validation off"
             );
             anyhow::ensure!(v.episodes > 0, "validation needs at least 1 episode (--val-episodes)");
+            if let ValSet::LakeUnbenchmarked { drawers } = v.set {
+                anyhow::ensure!(
+                    (1..=20).contains(&drawers),
+                    "validation on the unbenchmarked Lake alphabets needs 1 to 20 drawers (got {drawers})"
+                );
+            }
         }
         anyhow::ensure!(self.meta_batch > 0, "the meta-batch must hold at least 1 task");
         Ok(())

@@ -62,6 +62,17 @@ pub struct EvalArgs {
     /// --inner-steps-test) and report every step's accuracy, as cbfinn/maml's test does.
     #[arg(long)]
     each_inner_step: bool,
+    /// Which model of the run to score: selected (default: the best validation round's model
+    /// when the run trained with early stopping, else the last), best, or last.
+    #[arg(long, value_enum, default_value = "selected")]
+    model: ModelArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModelArg {
+    Selected,
+    Best,
+    Last,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,10 +106,17 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             a.run.display()
         ),
     };
-    let (config, learner) = train::load_learner_with(&a.run, config)?;
+    let choice = match a.model {
+        ModelArg::Selected => train::ModelChoice::Selected,
+        ModelArg::Best => train::ModelChoice::Best,
+        ModelArg::Last => train::ModelChoice::Last,
+    };
+    let model_file = train::model_path(&a.run, choice)?;
+    let (config, learner) = train::load_model(&a.run, config, choice)?;
+    let model_name = model_file.file_name().map(|n| n.to_string_lossy().to_string());
     let root = data_root_for(a.data_dir.as_deref(), &config)?;
     if let Some(BenchmarkArg::Lake20way) = a.benchmark {
-        return run_lake(&a, &config, learner.as_ref(), &root);
+        return run_lake(&a, &config, learner.as_ref(), &root, model_name.as_deref());
     }
     let d = &config.data;
     let subset = a.subset.clone().unwrap_or_else(|| d.test_subset.clone());
@@ -118,7 +136,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         for steps in 0..=last {
             let mut c = config.clone();
             *c.method.test_steps_mut().expect("checked above") = steps;
-            let (_, learner) = train::load_learner_with(&a.run, c)?;
+            let (_, learner) = train::load_model(&a.run, c, choice)?;
             let report = score(learner.as_ref(), &sampler, episodes, a.seed)?;
             if !a.json {
                 println!(
@@ -164,6 +182,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             "seconds": report.seconds,
             "transductive": config.clone().method.transductive_mut().map(|t| *t),
             "run": a.run.display().to_string(),
+            "model": model_name,
             "kshot_version": kshot::VERSION,
         });
         println!("{json}");
@@ -206,6 +225,7 @@ fn run_lake(
     config: &RunConfig,
     learner: &dyn kshot::methods::Learner,
     root: &Path,
+    model_name: Option<&str>,
 ) -> anyhow::Result<()> {
     let contaminated = eval::lake_benchmark_ineligibility(config);
     if let Some(why) = &contaminated {
@@ -227,6 +247,8 @@ fn run_lake(
             "accuracy": report.accuracy / 100.0,
             "contaminated": contaminated.is_some(),
             "run": a.run.display().to_string(),
+            "model": model_name,
+            "model": model_name,
             "kshot_version": kshot::VERSION,
         });
         println!("{json}");

@@ -11,6 +11,7 @@ use kshot::config::{RunConfig, Validation};
 use kshot::data::{self, Grouping};
 use kshot::methods::{MethodConfig, MethodFlags};
 use kshot::nn::BackboneConfig;
+use kshot::protocol::{EarlyStopping, ValMetric, ValSet};
 use kshot::{presets, train};
 
 use super::{data_root_for, flag, given_flags};
@@ -18,8 +19,16 @@ use super::{data_root_for, flag, given_flags};
 #[derive(Args)]
 pub struct TrainArgs {
     /// Continue the run in this directory exactly where it stopped.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["out", "preset", "method"])]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["out", "preset", "method", "retrain_trainval"])]
     resume: Option<PathBuf>,
+    /// Stage 2 of prototypical-networks' procedure (run_trainval.py): retrain the finished,
+    /// early-stopped run RUN_DIR's protocol from scratch on the split's train+val classes
+    /// (Vinyals: 4800) for (best epoch + patience) epochs, an epoch being RUN_DIR's validation
+    /// interval, with no validation; the new run (--out) is scored on its last model.
+    /// Example: `kshot train --preset protonet-omniglot-1shot-official --out runs/a` then
+    /// `kshot train --retrain-trainval runs/a --out runs/a-trainval`.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["preset", "method"])]
+    retrain_trainval: Option<PathBuf>,
     /// Directory for the new run (config, checkpoints, metrics).
     #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -96,6 +105,14 @@ pub struct TrainArgs {
     /// Episodes per validation.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     val_episodes: Option<u64>,
+    /// Early stopping: keep the model of the best validation round (best_model.safetensors,
+    /// scored by `kshot eval`) and stop once more than N validation rounds in a row have not
+    /// improved (prototypical-networks' `wait > patience`).
+    #[arg(long, value_name = "N")]
+    patience: Option<u64>,
+    /// The validation number early stopping selects on: loss (default) or accuracy.
+    #[arg(long, value_enum, value_name = "METRIC")]
+    select_on: Option<ValMetric>,
     /// Use candle's composite ops instead of kshot's fused kernels (slower; for checking).
     #[arg(long)]
     composite_kernels: bool,
@@ -112,6 +129,10 @@ pub struct TrainArgs {
 /// What `--resume` accepts besides the run directory: flags that do not change what is computed.
 const RESUME_FLAGS: &[&str] =
     &["resume", "data_dir", "episodes", "max_minutes", "checkpoint_every"];
+
+/// What `--retrain-trainval` accepts besides the first run's directory.
+const RETRAIN_FLAGS: &[&str] =
+    &["retrain_trainval", "out", "data_dir", "max_minutes", "checkpoint_every"];
 
 /// The run config a new `kshot train` describes: preset (or defaults), then flags.
 fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Result<RunConfig> {
@@ -158,7 +179,9 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
         c.data.train_subset = t.clone();
     }
     c.data.test_subset = subsets.test.to_string();
-    if subsets.val.is_none() {
+    // A split without validation classes validates only on a set of its own (Siamese's
+    // unbenchmarked Lake alphabets).
+    if subsets.val.is_none() && c.validation.is_some_and(|v| v.set == ValSet::Split) {
         c.validation = None;
     }
     if a.within_alphabet {
@@ -211,12 +234,23 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
         (Some(0), _) => c.validation = None,
         (Some(n), Some(v)) => v.every = n,
         (Some(n), None) if subsets.val.is_some() => {
-            c.validation = Some(Validation { spec: c.test, episodes: 200, every: n });
+            c.validation = Some(Validation::new(c.test, 200, n));
         }
         _ => {}
     }
     if let (Some(n), Some(v)) = (a.val_episodes, &mut c.validation) {
         v.episodes = n as usize;
+    }
+    if a.patience.is_some() || a.select_on.is_some() {
+        let Some(v) = &mut c.validation else {
+            bail!("--patience and --select-on need validation; this run has none (give --val-every N on a split with validation classes)");
+        };
+        let current = v.early_stopping;
+        let patience = a.patience.or(current.map(|e| e.patience)).ok_or_else(|| {
+            anyhow::anyhow!("--select-on needs --patience N (the run has no early stopping)")
+        })?;
+        let metric = a.select_on.or(current.map(|e| e.metric)).unwrap_or(ValMetric::Loss);
+        v.early_stopping = Some(EarlyStopping { metric, patience });
     }
     if let Some(n) = a.meta_batch {
         c.meta_batch = n as usize;
@@ -271,11 +305,38 @@ fn resumed_config(a: &TrainArgs, given: &[String], dir: &Path) -> anyhow::Result
     Ok(c)
 }
 
+/// The config of the train+val retrain of the finished run `first`, with the flags it allows.
+fn retrain_config(a: &TrainArgs, given: &[String], first: &Path) -> anyhow::Result<RunConfig> {
+    if let Some(id) = given.iter().find(|id| !RETRAIN_FLAGS.contains(&id.as_str())) {
+        bail!(
+            "{} cannot be combined with --retrain-trainval: the retrain repeats {}'s protocol; change it in the first run",
+            flag(id),
+            first.join(train::CONFIG_FILE).display()
+        );
+    }
+    let mut c = train::retrain_config(first)?;
+    c.command = std::env::args().collect();
+    if let Some(n) = a.checkpoint_every {
+        c.checkpoint_every = n;
+    }
+    eprintln!(
+        "retraining {} on {} for {} episodes (best epoch + patience; no validation)",
+        first.display(),
+        c.data.train_subset,
+        c.episodes
+    );
+    Ok(c)
+}
+
 pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let given = given_flags(matches);
-    let (run_dir, config, resume) = match &a.resume {
-        Some(dir) => (dir.clone(), resumed_config(&a, &given, dir)?, true),
-        None => {
+    let (run_dir, config, resume) = match (&a.resume, &a.retrain_trainval) {
+        (Some(dir), _) => (dir.clone(), resumed_config(&a, &given, dir)?, true),
+        (None, Some(first)) => {
+            let out = a.out.clone().context("--out RUN_DIR is required")?;
+            (out, retrain_config(&a, &given, first)?, false)
+        }
+        (None, None) => {
             let root = data::resolve_root(a.data_dir.as_deref())?;
             let out = a.out.clone().context("--out RUN_DIR is required")?;
             (out, new_config(&a, &given, &root)?, false)
@@ -285,10 +346,7 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let d = &config.data;
     eprintln!("loading {}/{} ({}) from {}", d.dataset, d.split, d.train_subset, root.display());
     let train_set = data::load(&root, &d.dataset, &d.split, &d.train_subset, d.image_size)?;
-    let val_set = match (&config.validation, data::split_subsets(&d.dataset, &d.split)?.val) {
-        (Some(_), Some(val)) => Some(data::load(&root, &d.dataset, &d.split, val, d.image_size)?),
-        _ => None,
-    };
+    let val_set = train::load_validation_set(&root, &config)?;
     eprintln!(
         "{} {}: {} classes, {} {}; run directory {}",
         if resume { "resuming" } else { "training" },
@@ -365,7 +423,23 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
                 s.lr
             ));
         })?;
-    if summary.interrupted {
+    if summary.stopped_early {
+        bar.abandon();
+        let es = config.validation.and_then(|v| v.early_stopping);
+        let (metric, patience) =
+            es.map_or(("?".into(), 0), |e| (format!("{:?}", e.metric), e.patience));
+        match summary.best {
+            Some(b) => println!(
+                "early stopping after episode {}: more than {patience} validation rounds without a better validation {}; best {:.5} at episode {} ({})",
+                summary.episodes_done,
+                metric.to_lowercase(),
+                b.value,
+                b.episode,
+                run_dir.join(train::BEST_MODEL_FILE).display()
+            ),
+            None => println!("early stopping after episode {}", summary.episodes_done),
+        }
+    } else if summary.interrupted {
         bar.abandon();
     } else {
         bar.finish();
@@ -377,7 +451,7 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     };
     eprintln!(
         "{} after {} of {} episodes, {:.1} s of training ({:.3} s per episode); model in {}",
-        if summary.interrupted { "stopped" } else { "done" },
+        if summary.interrupted || summary.stopped_early { "stopped" } else { "done" },
         summary.episodes_done,
         config.episodes,
         summary.seconds,

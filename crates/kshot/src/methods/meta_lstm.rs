@@ -617,8 +617,7 @@ fn mini_imagenet(shots: usize) -> (Protocol, MethodConfig) {
     };
     p.episodes = 50_000;
     p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
-    p.validation =
-        Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 100, every: 1000 });
+    p.validation = Some(Validation::new(EpisodeSpec::new(5, shots, 15), 100, 1000));
     p.test = EpisodeSpec::new(5, shots, 15);
     p.test_episodes = 600;
     p.checkpoint_every = 100;

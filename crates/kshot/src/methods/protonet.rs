@@ -12,7 +12,7 @@ use super::{
 use crate::data::{Episode, EpisodeSpec};
 use crate::kernels;
 use crate::nn::{ops, Backbone, BackboneConfig, BnMode, Conv4Config, Params};
-use crate::protocol::{DataConfig, Protocol, Validation};
+use crate::protocol::{DataConfig, EarlyStopping, Protocol, ValMetric, Validation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -203,6 +203,16 @@ impl Method for ProtoNetConfig {
                 build: || omniglot(5),
             },
             Preset {
+                name: "protonet-omniglot-1shot-official",
+                summary: OFFICIAL_1SHOT,
+                build: || omniglot_official(1),
+            },
+            Preset {
+                name: "protonet-omniglot-5shot-official",
+                summary: OFFICIAL_5SHOT,
+                build: || omniglot_official(5),
+            },
+            Preset {
                 name: "protonet-miniimagenet-1shot",
                 summary: "Snell et al. 2017, miniImageNet (Ravi split), 84×84: Conv4 64 filters (1600-d), train 30-way 1-shot 15-query, Adam 1e-3 halved every 2000 episodes; test 5-way 1-shot 15-query, 600 episodes",
                 build: || mini_imagenet(1),
@@ -220,6 +230,41 @@ fn omniglot(shots: usize) -> (Protocol, MethodConfig) {
     (Protocol::omniglot(shots), MethodConfig::ProtoNet(ProtoNetConfig::default()))
 }
 
+macro_rules! official_summary {
+    ($shots:literal) => {
+        concat!(
+            "Snell et al. 2017, the authors' full procedure (jakesnell/prototypical-networks), stage 1 of 2, run_train.py: Omniglot Vinyals train (4112 classes), 60-way ",
+            $shots,
+            "-shot 5-query, epochs of 100 episodes (at most 10 000); after every epoch 100 validation episodes 5-way ",
+            $shots,
+            "-shot 15-query on val (688 classes); early stopping on validation loss, patience 200 epochs, best model kept; Adam 1e-3 halved every 20 epochs, stepped at epoch start (first at episode 1900). ",
+            "Stage 2 (run_trainval.py): `kshot train --retrain-trainval RUN --out RUN2` retrains on trainval (4800 classes) for best epoch + 200 epochs without validation; score RUN2. ",
+            "Departures: area-average gray 28x28 pixels, rotated after resizing (official: NEAREST binary, rotated at 105x105, transposed); the same 100 validation episodes every epoch (official: fresh ones); kshot's seeds, not torch.manual_seed(1234)"
+        )
+    };
+}
+const OFFICIAL_1SHOT: &str = official_summary!("1");
+const OFFICIAL_5SHOT: &str = official_summary!("5");
+
+/// Stage 1 of prototypical-networks' Omniglot procedure (`scripts/train/few_shot/run_train.py`,
+/// `protonets/engine.py`, `train.py`): the published protocol, trained in epochs of 100 episodes
+/// with 100 validation episodes after each, early stopping on validation loss with patience 200
+/// epochs, StepLR(20 epochs, 0.5) stepped at the start of every epoch, at most 10 000 epochs.
+/// Stage 2 is [`crate::train::retrain_config`].
+fn omniglot_official(shots: usize) -> (Protocol, MethodConfig) {
+    const EPOCH: u64 = 100;
+    let mut p = Protocol::omniglot(shots);
+    p.episodes = 10_000 * EPOCH;
+    p.schedule.step = 20 * EPOCH;
+    p.lr_offset = EPOCH;
+    p.checkpoint_every = 5 * EPOCH;
+    p.validation = Some(Validation {
+        early_stopping: Some(EarlyStopping { metric: ValMetric::Loss, patience: 200 }),
+        ..Validation::new(EpisodeSpec::new(5, shots, 15), 100, EPOCH)
+    });
+    (p, MethodConfig::ProtoNet(ProtoNetConfig::default()))
+}
+
 /// Snell et al. 2017, Section 3.2: Conv4 with 64 filters (1600-d embeddings at 84×84), 30-way
 /// episodes for 1-shot and 20-way for 5-shot, 15 queries per class, train shot = test shot; 600
 /// test episodes of 5-way 15-query.
@@ -228,8 +273,7 @@ fn mini_imagenet(shots: usize) -> (Protocol, MethodConfig) {
     p.data = DataConfig::mini_imagenet();
     p.backbone = BackboneConfig::Conv4(Conv4Config::new(3));
     p.train = EpisodeSpec::new(if shots == 1 { 30 } else { 20 }, shots, 15);
-    p.validation =
-        Some(Validation { spec: EpisodeSpec::new(5, shots, 15), episodes: 200, every: 1000 });
+    p.validation = Some(Validation::new(EpisodeSpec::new(5, shots, 15), 200, 1000));
     p.test = EpisodeSpec::new(5, shots, 15);
     p.test_episodes = 600;
     p.checkpoint_every = 100;

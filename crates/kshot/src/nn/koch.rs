@@ -88,3 +88,44 @@ impl Backbone for KochNet {
         h.flatten_from(1)
     }
 }
+
+/// Values drawn from N(`mean`, `std`²).
+pub fn normal(
+    rng: &mut ChaCha8Rng,
+    shape: &[usize],
+    mean: f64,
+    std: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    use rand_distr::Distribution;
+    let dist = rand_distr::Normal::new(mean, std)
+        .map_err(|e| candle_core::Error::Msg(format!("normal({mean}, {std}): {e}")))?;
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| dist.sample(rng) as f32).collect();
+    Tensor::from_vec(v, shape, device)
+}
+
+/// Koch et al.'s (2015, §3.3) initialisation of a Siamese twin, drawn from `rng` in the order of
+/// `params`: convolution weights (4-d) N(0, 0.01²); fully connected weights (`embed.weight`,
+/// `head.alpha`) N(0, 0.2²); every bias N(0.5, 0.01²). Batch-norm parameters (`bn*`, of a reduced
+/// twin) keep their values. The standard deviations are the paper's; N(0, 0.2²) for the fully
+/// connected weights is as the paper is usually quoted (not confirmed against it).
+pub fn paper_init(params: &ParamSet, rng: &mut ChaCha8Rng, device: &Device) -> Result<ParamSet> {
+    let mut out = ParamSet::new();
+    for (name, var) in params.iter() {
+        let dims = var.dims().to_vec();
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let is_bn = name.split('.').any(|part| part.starts_with("bn"));
+        let value = if is_bn {
+            var.as_tensor().copy()?
+        } else if leaf == "bias" {
+            normal(rng, &dims, 0.5, 0.01, device)?
+        } else if dims.len() == 4 {
+            normal(rng, &dims, 0.0, 0.01, device)?
+        } else {
+            normal(rng, &dims, 0.0, 0.2, device)?
+        };
+        out.push(name, value)?;
+    }
+    Ok(out)
+}

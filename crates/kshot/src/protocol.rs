@@ -21,6 +21,25 @@ pub struct DataConfig {
     pub grouping: Grouping,
     /// The data root as given when the run started (informational; `--data-dir` overrides it).
     pub data_dir: Option<String>,
+    /// Omniglot: how the 105×105 originals are resized (`--resize`); older configs read as the
+    /// exact area average.
+    #[serde(default)]
+    pub resize: crate::data::omniglot::Resize,
+    /// Omniglot: ink = 1 on a 0 background (`--invert true`, older configs) or the PNG's own
+    /// white background (`--invert false`).
+    #[serde(default = "yes")]
+    pub invert: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl DataConfig {
+    /// The Omniglot pixel pipeline of these settings.
+    pub fn pixels(&self) -> crate::data::omniglot::Pixels {
+        crate::data::omniglot::Pixels { resize: self.resize, invert: self.invert }
+    }
 }
 
 impl DataConfig {
@@ -34,6 +53,8 @@ impl DataConfig {
             image_size: 28,
             grouping: Grouping::Any,
             data_dir: None,
+            resize: Default::default(),
+            invert: true,
         }
     }
 
@@ -47,6 +68,8 @@ impl DataConfig {
             image_size: 84,
             grouping: Grouping::Any,
             data_dir: None,
+            resize: Default::default(),
+            invert: true,
         }
     }
 }

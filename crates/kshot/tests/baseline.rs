@@ -47,6 +47,11 @@ fn presets_follow_closer_look() {
         assert!(c.validation.is_none(), "{name}: the code validates nothing");
         assert_eq!(c.test, EpisodeSpec::new(5, 1, 15), "{name}");
         assert_eq!(c.schedule.step, 0, "{name}: constant Adam 1e-3");
+        assert_eq!(
+            (c.data.resize, c.data.invert),
+            (kshot::data::omniglot::Resize::BilinearCrop, false),
+            "{name}: CloserLook's pixels"
+        );
     }
 }
 

@@ -601,6 +601,9 @@ fn omniglot(head: Head) -> (Protocol, MethodConfig) {
     let mut p = Protocol::omniglot(1);
     p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
     p.episodes = OMNIGLOT_STEPS;
+    // CloserLook's transform: bilinear to 32, centre-crop 28, the PNG's white background.
+    p.data.resize = crate::data::omniglot::Resize::BilinearCrop;
+    p.data.invert = false;
     p.validation = None;
     p.test_episodes = 600;
     (p, MethodConfig::Baseline(BaselineConfig { head, ..BaselineConfig::default() }))

@@ -205,3 +205,19 @@ fn early_stopping_then_retrain_on_trainval() {
     assert_eq!(metrics.lines().count() as u64, best_episode + 1);
     assert!(!second.join("best_model.safetensors").exists());
 }
+
+/// `--resize` and `--invert` reach the run's config (and its own decoded-image cache entry);
+/// a bad mode is a one-line error naming the choices.
+#[test]
+fn resize_and_invert_are_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let out =
+        run(&args(&small(&dir, &["--episodes", "1", "--resize", "nearest", "--invert", "false"])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(config.contains("\"resize\": \"nearest\"") && config.contains("\"invert\": false"));
+    let out = run(&args(&small(&tmp.path().join("x"), &["--resize", "bicubic"])));
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("area, nearest or bilinear-crop"), "{err}");
+}

@@ -25,6 +25,25 @@ pub struct DataConfig {
     pub task_rotations: bool,
     /// The data root as given when the run started (informational; `--data-dir` overrides it).
     pub data_dir: Option<String>,
+    /// Omniglot: how the 105×105 originals are resized (`--resize`); older configs read as the
+    /// exact area average.
+    #[serde(default)]
+    pub resize: crate::data::omniglot::Resize,
+    /// Omniglot: ink = 1 on a 0 background (`--invert true`, older configs) or the PNG's own
+    /// white background (`--invert false`).
+    #[serde(default = "yes")]
+    pub invert: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl DataConfig {
+    /// The Omniglot pixel pipeline of these settings.
+    pub fn pixels(&self) -> crate::data::omniglot::Pixels {
+        crate::data::omniglot::Pixels { resize: self.resize, invert: self.invert }
+    }
 }
 
 impl DataConfig {
@@ -39,6 +58,8 @@ impl DataConfig {
             grouping: Grouping::Any,
             task_rotations: false,
             data_dir: None,
+            resize: Default::default(),
+            invert: true,
         }
     }
 
@@ -53,6 +74,8 @@ impl DataConfig {
             grouping: Grouping::Any,
             task_rotations: false,
             data_dir: None,
+            resize: Default::default(),
+            invert: true,
         }
     }
 }

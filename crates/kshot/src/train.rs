@@ -475,9 +475,14 @@ pub fn load_validation_set(root: &Path, config: &RunConfig) -> anyhow::Result<Op
     let d = &config.data;
     match v.set {
         ValSet::Split => match crate::data::split_subsets(&d.dataset, &d.split)?.val {
-            Some(val) => {
-                Ok(Some(crate::data::load(root, &d.dataset, &d.split, val, d.image_size)?))
-            }
+            Some(val) => Ok(Some(crate::data::load_with_pixels(
+                root,
+                &d.dataset,
+                &d.split,
+                val,
+                d.image_size,
+                d.pixels(),
+            )?)),
             None => Ok(None),
         },
         ValSet::LakeUnbenchmarked { drawers } => {
@@ -485,7 +490,14 @@ pub fn load_validation_set(root: &Path, config: &RunConfig) -> anyhow::Result<Op
                 d.dataset == "omniglot",
                 "validation on the unbenchmarked Lake alphabets needs --dataset omniglot"
             );
-            let set = crate::data::load(root, "omniglot", "lake", "evaluation", d.image_size)?;
+            let set = crate::data::load_with_pixels(
+                root,
+                "omniglot",
+                "lake",
+                "evaluation",
+                d.image_size,
+                d.pixels(),
+            )?;
             lake_unbenchmarked(set, drawers)
         }
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use kshot::data::{Episode, EpisodeSampler, EpisodeSpec, Grouping};
-use kshot::methods::meta_lstm::{cell_update, gate, preprocess, StepInputs};
+use kshot::methods::meta_lstm::{cell_update, gate, preprocess, StepInputs, TestBn};
 use kshot::methods::{Learner, MetaLstm, MetaLstmConfig};
 use kshot::nn::{ops, BackboneConfig, Conv4Config, Params};
 use kshot::train;
@@ -444,4 +444,179 @@ fn resume_continues_exactly() {
         common::model_tensors(&split),
         "resumed Meta-LSTM run differs from the uninterrupted one"
     );
+}
+
+/// A Meta-LSTM with the official settings (test-time batch norm from the support steps' running
+/// statistics) over a 2-block Conv4 on 8×8 images, its parameters drawn from `seed`.
+fn small(config: MetaLstmConfig, seed: u64) -> MetaLstm {
+    let backbone =
+        Conv4Config { hidden: 4, blocks: 2, bn_eps: 1e-3, bn_momentum: 0.9, ..Conv4Config::new(1) };
+    MetaLstm::new(
+        config,
+        &BackboneConfig::Conv4(backbone),
+        (8, 8),
+        &mut ChaCha8Rng::seed_from_u64(seed),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn normal_f32(rng: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
+    normal(rng, dims).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+/// The rows of `logits` [M, ways] as f64 vectors.
+fn rows(logits: &Tensor) -> Vec<Vec<f64>> {
+    logits.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
+}
+
+fn max_row_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// The official `evaluate` mode: a query's logits are the same whether it is scored with all the
+/// queries, a subset of them, or a permuted superset. The older transductive scoring (query batch
+/// statistics) fails the same check, so the check can tell the two apart.
+#[test]
+fn evaluation_does_not_depend_on_the_other_queries() {
+    let config = MetaLstmConfig { inner_steps_test: 4, ..MetaLstmConfig::default() };
+    assert_eq!(config.test_bn, TestBn::SupportRunning, "the official scoring is the default");
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let support = normal_f32(&mut rng, &[10, 1, 8, 8]);
+    let labels: Vec<u32> = (0..10).map(|i| i % 5).collect();
+    let queries = normal_f32(&mut rng, &[12, 1, 8, 8]);
+    let extra = normal_f32(&mut rng, &[5, 1, 8, 8]);
+    // Subset: queries 3, 7, 0; superset: the extra images interleaved, in another order.
+    let subset_idx = [3u32, 7, 0];
+    let subset = queries.index_select(&Tensor::new(&subset_idx, &Device::Cpu).unwrap(), 0).unwrap();
+    let all = Tensor::cat(&[&extra, &queries], 0).unwrap();
+    let order: Vec<u32> = (0..17u32).rev().collect();
+    let superset =
+        all.index_select(&Tensor::new(order.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
+    // Row of query q (0..12) in the superset: position of 5 + q in the reversed order.
+    let super_row = |q: usize| 16 - (5 + q);
+
+    let check = |test_bn: TestBn| -> f64 {
+        let net = small(MetaLstmConfig { test_bn, ..config }, 7);
+        let classifier = net.adapt(&support, &labels, 5).unwrap();
+        let full = rows(&classifier.logits(&queries).unwrap());
+        let sub = rows(&classifier.logits(&subset).unwrap());
+        let sup = rows(&classifier.logits(&superset).unwrap());
+        let single = rows(&classifier.logits(&queries.narrow(0, 4, 1).unwrap()).unwrap());
+        let mut worst = max_row_diff(&full[4], &single[0]);
+        for (k, &q) in subset_idx.iter().enumerate() {
+            worst = worst.max(max_row_diff(&full[q as usize], &sub[k]));
+        }
+        for (q, row) in full.iter().enumerate() {
+            worst = worst.max(max_row_diff(row, &sup[super_row(q)]));
+        }
+        worst
+    };
+    let official = check(TestBn::SupportRunning);
+    assert!(official <= 1e-6, "per-query logits moved by {official} when the query set changed");
+    let transductive = check(TestBn::Batch);
+    assert!(
+        transductive > 1e-3,
+        "query-batch statistics should make the logits depend on the other queries ({transductive})"
+    );
+}
+
+/// The statistics come from the support steps: another support set, same queries, other logits;
+/// and they are not the fresh (0, 1) statistics.
+#[test]
+fn evaluation_statistics_come_from_the_support_steps() {
+    let net = small(MetaLstmConfig { inner_steps_test: 3, ..MetaLstmConfig::default() }, 3);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let support = normal_f32(&mut rng, &[5, 1, 8, 8]);
+    let queries = normal_f32(&mut rng, &[4, 1, 8, 8]);
+    let labels = [0u32, 1, 2, 3, 4];
+    let base = rows(&net.adapt(&support, &labels, 5).unwrap().logits(&queries).unwrap());
+    // Scaling the support by 3 changes the batch statistics of every step (and so the running
+    // averages); with batch norm the learner's gradients barely change.
+    let scaled = (&support * 3.0).unwrap();
+    let other = rows(&net.adapt(&scaled, &labels, 5).unwrap().logits(&queries).unwrap());
+    let moved = base.iter().zip(&other).map(|(a, b)| max_row_diff(a, b)).fold(0.0, f64::max);
+    assert!(moved > 1e-3, "query logits ignore the support statistics ({moved})");
+}
+
+/// The learner gradient enters the meta-learner as ∇(mean CE) / B (the official code's extra
+/// `gradParameters:div(inputs:size(1))`), and older configs keep the undivided gradient.
+#[test]
+fn meta_learner_sees_the_mean_gradient_over_the_batch_size() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let support = normal_f32(&mut rng, &[5, 1, 8, 8]);
+    let labels = Tensor::new(&[0u32, 1, 2, 3, 4], &Device::Cpu).unwrap();
+    let inputs = |grad_over_batch: bool| {
+        let net = small(MetaLstmConfig { grad_over_batch, ..MetaLstmConfig::default() }, 4);
+        let meta = net.params().detached_values();
+        let (_, seen) = net.unroll(&meta, &support, &labels, 1, None).unwrap();
+        (seen[0].grad.to_dtype(DType::F64).unwrap(), seen[0].loss)
+    };
+    let (divided, loss_a) = inputs(true);
+    let (plain, loss_b) = inputs(false);
+    assert_eq!(loss_a, loss_b, "the loss input is the plain mean CE");
+    let want = (plain / 5.0).unwrap();
+    let diff =
+        (&divided - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(scale > 0.0 && diff <= 1e-6 * scale, "∇/B off by {diff} (scale {scale})");
+}
+
+/// The official initialisation: layer 1 U(±0.01), forget bias U(4, 5), input bias U(−5, −4), the
+/// learner's batch-norm scale U(0, 1).
+#[test]
+fn official_initialisation() {
+    let net = small(MetaLstmConfig::default(), 11);
+    let p = net.params().detached_values();
+    let vals = |n: &str| {
+        p.get(n)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    for n in ["lstm.w_ih", "lstm.w_hh", "lstm.bias", "gate_i.weight", "gate_f.weight"] {
+        assert!(vals(n).iter().all(|v| v.abs() <= 0.01), "{n} outside ±0.01");
+    }
+    let bf = vals("gate_f.bias")[0];
+    let bi = vals("gate_i.bias")[0];
+    assert!((4.0..5.0).contains(&bf) && (-5.0..-4.0).contains(&bi), "bF {bf}, bI {bi}");
+    let gamma: Vec<f64> =
+        ["learner.bn0.weight", "learner.bn1.weight"].iter().flat_map(|n| vals(n)).collect();
+    assert!(gamma.iter().all(|g| (0.0..1.0).contains(g)), "{gamma:?}");
+    assert!(gamma.iter().any(|g| (g - gamma[0]).abs() > 1e-3), "BN scales are not drawn");
+}
+
+/// Configs written before these settings existed read as the old behaviour.
+#[test]
+fn old_configs_keep_the_old_meta_lstm_behaviour() {
+    let old = serde_json::json!({
+        "ways": 5, "inner_steps": 12, "inner_steps_test": 12, "hidden": 20, "preprocess_p": 10.0
+    });
+    let c: MetaLstmConfig = serde_json::from_value(old).unwrap();
+    assert_eq!((c.test_bn, c.grad_over_batch, c.official_init), (TestBn::Batch, false, false));
+    assert_eq!(c.grad_clip, 0.0);
+}
+
+#[test]
+fn presets_follow_the_official_configs() {
+    for (name, shots, steps, episodes, momentum) in [
+        ("meta-lstm-miniimagenet-5w1s", 1, 12, 75_000, 0.9),
+        ("meta-lstm-miniimagenet-5w5s", 5, 8, 50_000, 0.95),
+        ("meta-lstm-omniglot-5w1s", 1, 12, 75_000, 0.9),
+    ] {
+        let mut c = kshot::presets::config(name).unwrap();
+        let m = *settings!(c, MetaLstm);
+        assert_eq!((m.inner_steps, m.inner_steps_test), (steps, steps), "{name}");
+        assert_eq!((c.episodes, c.train.shots, c.test_episodes), (episodes, shots, 600), "{name}");
+        assert_eq!(
+            (m.test_bn, m.grad_over_batch, m.official_init),
+            (TestBn::SupportRunning, true, true)
+        );
+        let conv4 = *common::conv4(&mut c);
+        assert_eq!((conv4.bn_eps, conv4.bn_momentum, conv4.hidden), (1e-3, momentum, 32), "{name}");
+    }
 }

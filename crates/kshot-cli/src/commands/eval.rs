@@ -120,7 +120,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
     let d = &config.data;
     let subset = a.subset.clone().unwrap_or_else(|| d.test_subset.clone());
-    let set = data::load(&root, &d.dataset, &d.split, &subset, d.image_size)?;
+    let set =
+        data::load_with_pixels(&root, &d.dataset, &d.split, &subset, d.image_size, d.pixels())?;
     let spec = EpisodeSpec {
         ways: a.ways.unwrap_or(config.test.ways),
         shots: a.shots.unwrap_or(config.test.shots),

@@ -67,6 +67,14 @@ pub struct TrainArgs {
     /// Side of the square input images in pixels (Omniglot 28, miniImageNet 84).
     #[arg(long)]
     image_size: Option<usize>,
+    /// Omniglot resize of the 105×105 originals: area (exact area average, default), nearest
+    /// (Pillow on the 1-bit PNGs: MAML, Reptile, ProtoNet) or bilinear-crop (CloserLook: bilinear
+    /// to ⌊1.15·size⌋, centre crop).
+    #[arg(long, value_name = "MODE")]
+    resize: Option<kshot::data::omniglot::Resize>,
+    /// Omniglot: true = ink 1 on background 0 (default), false = the PNG's white background.
+    #[arg(long, value_name = "BOOL")]
+    invert: Option<bool>,
     /// Classes per training episode (N of N-way); test episodes keep the preset's ways.
     #[arg(long)]
     train_ways: Option<usize>,
@@ -152,6 +160,8 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
             c.data.dataset = d.clone();
             c.data.split = defaults.split.to_string();
             c.data.image_size = defaults.image_size;
+            c.data.resize = Default::default();
+            c.data.invert = true;
             c.backbone.set_in_channels(defaults.channels);
         }
     }
@@ -192,6 +202,12 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
     );
     if let Some(s) = a.image_size {
         c.data.image_size = s;
+    }
+    if let Some(r) = a.resize {
+        c.data.resize = r;
+    }
+    if let Some(i) = a.invert {
+        c.data.invert = i;
     }
     if let Some(w) = a.train_ways {
         c.train.ways = w;
@@ -345,7 +361,14 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let root = data_root_for(a.data_dir.as_deref(), &config)?;
     let d = &config.data;
     eprintln!("loading {}/{} ({}) from {}", d.dataset, d.split, d.train_subset, root.display());
-    let train_set = data::load(&root, &d.dataset, &d.split, &d.train_subset, d.image_size)?;
+    let train_set = data::load_with_pixels(
+        &root,
+        &d.dataset,
+        &d.split,
+        &d.train_subset,
+        d.image_size,
+        d.pixels(),
+    )?;
     let val_set = train::load_validation_set(&root, &config)?;
     eprintln!(
         "{} {}: {} classes, {} {}; run directory {}",

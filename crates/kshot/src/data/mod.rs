@@ -146,8 +146,25 @@ pub fn load(
     subset: &str,
     image_size: usize,
 ) -> anyhow::Result<ImageSet> {
+    load_with_pixels(root, dataset, split, subset, image_size, omniglot::Pixels::default())
+}
+
+/// [`load`] with an Omniglot pixel pipeline (`--resize`, `--invert`); miniImageNet takes only
+/// the default one.
+pub fn load_with_pixels(
+    root: &Path,
+    dataset: &str,
+    split: &str,
+    subset: &str,
+    image_size: usize,
+    pixels: omniglot::Pixels,
+) -> anyhow::Result<ImageSet> {
     split_subsets(dataset, split)?;
     if dataset == "mini-imagenet" {
+        anyhow::ensure!(
+            pixels == omniglot::Pixels::default(),
+            "--resize and --invert apply to Omniglot only; drop them for mini-imagenet"
+        );
         return mini_imagenet::load(root, subset.parse()?, image_size);
     }
     let split = match split {
@@ -155,5 +172,5 @@ pub fn load(
         "lake" => omniglot::Split::Lake(subset.parse()?),
         family => format!("{family}/{subset}").parse()?,
     };
-    omniglot::load(root, &split, image_size)
+    omniglot::load_pixels(root, &split, image_size, pixels)
 }

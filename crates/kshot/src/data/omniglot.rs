@@ -232,21 +232,52 @@ pub fn load_with_cache(
     image_size: usize,
     cache: &Cache,
 ) -> Result<ImageSet> {
+    load_pixels_with_cache(root, split, image_size, Pixels::default(), cache)
+}
+
+/// [`load`] with another pixel pipeline ([`Pixels`]); each pipeline has its own cache entry.
+pub fn load_pixels(
+    root: &Path,
+    split: &Split,
+    image_size: usize,
+    pixels: Pixels,
+) -> Result<ImageSet> {
+    load_pixels_with_cache(root, split, image_size, pixels, &Cache::from_env())
+}
+
+/// [`load_pixels`] with an explicit cache.
+pub fn load_pixels_with_cache(
+    root: &Path,
+    split: &Split,
+    image_size: usize,
+    pixels: Pixels,
+    cache: &Cache,
+) -> Result<ImageSet> {
     check_size(image_size)?;
     let inputs = Inputs::locate(root, split)?;
-    let key = inputs.cache_key(split, image_size);
-    cache.load_or_build(&key, || inputs.build(split, image_size))
+    let key = inputs.cache_key(split, image_size, pixels);
+    cache.load_or_build(&key, || inputs.build(split, image_size, pixels))
 }
 
 /// Decodes `split` without any cache.
 pub fn build(root: &Path, split: &Split, image_size: usize) -> Result<ImageSet> {
     check_size(image_size)?;
-    Inputs::locate(root, split)?.build(split, image_size)
+    Inputs::locate(root, split)?.build(split, image_size, Pixels::default())
 }
 
 /// The cache key [`load`] uses (fails like `load` when the data is missing).
 pub fn cache_key(root: &Path, split: &Split, image_size: usize) -> Result<CacheKey> {
-    Ok(Inputs::locate(root, split)?.cache_key(split, image_size))
+    cache_key_pixels(root, split, image_size, Pixels::default())
+}
+
+/// The cache key [`load_pixels`] uses.
+pub fn cache_key_pixels(
+    root: &Path,
+    split: &Split,
+    image_size: usize,
+    pixels: Pixels,
+) -> Result<CacheKey> {
+    Ok(Inputs::locate(root, split)?.cache_key(split, image_size, pixels))
 }
 
 /// The folder holding Omniglot under a data root.
@@ -284,13 +315,202 @@ fn fetch_hint() -> &'static str {
 /// across platforms, anti-aliased (a 105→28 glyph keeps its thin strokes as gray levels instead of
 /// dropping them as nearest-neighbour would), and commutes exactly with 90° rotations and flips
 /// (the weights are symmetric), so rotating after resizing equals resizing the rotated original.
-/// This differs from Prototypical Networks' PIL `resize((28, 28))` (whose default filter depends on
-/// the Pillow version); accuracies are comparable, pixels are not identical.
+/// This differs from the official pipelines (MAML, Reptile, ProtoNet): their PNGs are 1-bit, which
+/// Pillow opens in mode "1" and always resizes with NEAREST whatever filter is asked
+/// (`Image.resize`: `if self.mode in ("1", "P"): resample = NEAREST`), giving binary images;
+/// [`Resize::Nearest`] reproduces that. Accuracies are comparable, pixels are not identical.
 ///
 /// # Panics
 /// If `luma.len() != w * h` or any of `w`, `h`, `size` is 0 (the loader checks these first).
 pub fn preprocess(luma: &[u8], w: usize, h: usize, size: usize) -> Vec<u8> {
     AreaResize::new(w, h, size).apply(luma)
+}
+
+/// How the 105×105 originals become `size`×`size` images (`kshot train --resize`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resize {
+    /// kshot's exact area average ([`preprocess`]): gray levels.
+    #[default]
+    Area,
+    /// Pillow's resize of a mode-"1" image, which is NEAREST whatever filter is asked (MAML,
+    /// Reptile, ProtoNet): output pixel x takes input ⌊(x + ½)·in/out⌋ (ImagingScaleAffine).
+    Nearest,
+    /// CloserLookFewShot's test transform: Pillow BILINEAR (antialiased, 8-bit fixed point) to
+    /// ⌊1.15·size⌋ (32 for 28), then the centre `size`×`size` crop. Their ImageNet `Normalize` is
+    /// not applied (the images are stored as 8-bit values; it is an affine map of the input).
+    BilinearCrop,
+}
+
+impl Resize {
+    pub const ALL: [Resize; 3] = [Resize::Area, Resize::Nearest, Resize::BilinearCrop];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resize::Area => "area",
+            Resize::Nearest => "nearest",
+            Resize::BilinearCrop => "bilinear-crop",
+        }
+    }
+}
+
+impl fmt::Display for Resize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Resize {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Resize::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| anyhow!("unknown resize `{s}`; choose area, nearest or bilinear-crop"))
+    }
+}
+
+/// The pixel pipeline of the Omniglot loader: the resize and whether ink is bright.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pixels {
+    pub resize: Resize,
+    /// Ink = 255 − luma, background 0 (kshot, ProtoNet); false keeps the PNG's white background.
+    pub invert: bool,
+}
+
+impl Default for Pixels {
+    fn default() -> Self {
+        Pixels { resize: Resize::Area, invert: true }
+    }
+}
+
+impl Pixels {
+    /// What the cache key adds for these pixels: nothing for the default (so existing caches stay
+    /// valid), else a parameter naming the pipeline.
+    fn cache_param(&self) -> Option<String> {
+        (*self != Pixels::default())
+            .then(|| format!("omniglot-pixels=resize:{},invert:{},v1", self.resize, self.invert))
+    }
+
+    /// One decoded grayscale image (`luma`, `w`×`h`, white background) to `size`×`size` u8.
+    pub fn apply(&self, luma: &[u8], w: usize, h: usize, size: usize) -> Vec<u8> {
+        let out = match self.resize {
+            // The area average computes ink; un-inverted is its complement.
+            Resize::Area => {
+                let ink = preprocess(luma, w, h, size);
+                return if self.invert { ink } else { ink.iter().map(|v| 255 - v).collect() };
+            }
+            Resize::Nearest => nearest_resize(luma, w, h, size),
+            Resize::BilinearCrop => {
+                let m = size * 115 / 100;
+                let big = pillow_bilinear(luma, w, h, m);
+                // torchvision's CenterCrop: int(round((m − size)/2)), Python rounding half to even.
+                let (d, floor) = (m - size, (m - size) / 2);
+                let off = floor + usize::from(d % 2 == 1 && floor % 2 == 1);
+                let mut crop = Vec::with_capacity(size * size);
+                for r in 0..size {
+                    crop.extend_from_slice(&big[(r + off) * m + off..(r + off) * m + off + size]);
+                }
+                crop
+            }
+        };
+        if self.invert {
+            out.iter().map(|v| 255 - v).collect()
+        } else {
+            out
+        }
+    }
+}
+
+/// Pillow's NEAREST resize (ImagingScaleAffine): output x reads input COORD(xo) with
+/// xo = ½·in/out + x·in/out accumulated in f64, as Pillow does.
+pub fn nearest_resize(luma: &[u8], w: usize, h: usize, size: usize) -> Vec<u8> {
+    assert_eq!(luma.len(), w * h, "luma buffer does not match {w}x{h}");
+    let taps = |n_in: usize| {
+        let a = n_in as f64 / size as f64;
+        let mut o = a * 0.5;
+        let mut v = Vec::with_capacity(size);
+        for _ in 0..size {
+            v.push((o as usize).min(n_in - 1));
+            o += a;
+        }
+        v
+    };
+    let (xs, ys) = (taps(w), taps(h));
+    let mut out = Vec::with_capacity(size * size);
+    for &y in &ys {
+        out.extend(xs.iter().map(|&x| luma[y * w + x]));
+    }
+    out
+}
+
+/// Pillow's fixed-point precision for 8-bit resampling (Resample.c `PRECISION_BITS`).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's BILINEAR coefficients (Resample.c `precompute_coeffs`, `normalize_coeffs_8bpc`): for
+/// each output pixel, its first input index and integer weights.
+fn bilinear_coeffs(n_in: usize, n_out: usize) -> Vec<(usize, Vec<i64>)> {
+    let scale = n_in as f64 / n_out as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale;
+    (0..n_out)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(n_in as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) * ss).abs();
+                    if t < 1.0 {
+                        1.0 - t
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let k = w
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v };
+                    (0.5 + v * (1u64 << PRECISION_BITS) as f64) as i64
+                })
+                .collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+/// Pillow's 8-bit BILINEAR resize of `luma` (`w`×`h`) to `size`×`size`: the horizontal pass, its
+/// rows rounded to u8, then the vertical pass.
+pub fn pillow_bilinear(luma: &[u8], w: usize, h: usize, size: usize) -> Vec<u8> {
+    assert_eq!(luma.len(), w * h, "luma buffer does not match {w}x{h}");
+    let clip = |ss: i64| (ss >> PRECISION_BITS).clamp(0, 255) as u8;
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let cx = bilinear_coeffs(w, size);
+    let mut tmp = vec![0u8; h * size];
+    for y in 0..h {
+        for (xx, (xmin, k)) in cx.iter().enumerate() {
+            let row = &luma[y * w + xmin..];
+            let ss = k.iter().zip(row).fold(half, |acc, (&k, &v)| acc + v as i64 * k);
+            tmp[y * size + xx] = clip(ss);
+        }
+    }
+    let cy = bilinear_coeffs(h, size);
+    let mut out = vec![0u8; size * size];
+    for (yy, (ymin, k)) in cy.iter().enumerate() {
+        for x in 0..size {
+            let ss = k
+                .iter()
+                .enumerate()
+                .fold(half, |acc, (j, &k)| acc + tmp[(ymin + j) * size + x] as i64 * k);
+            out[yy * size + x] = clip(ss);
+        }
+    }
+    out
 }
 
 /// [`preprocess`] with its weight tables computed once for a given input shape.
@@ -588,13 +808,16 @@ impl Inputs {
         }
     }
 
-    fn cache_key(&self, split: &Split, image_size: usize) -> CacheKey {
+    fn cache_key(&self, split: &Split, image_size: usize, pixels: Pixels) -> CacheKey {
         let mut key = CacheKey::new(
             "omniglot",
             &format!("{}-{}", split.family(), split.subset()),
             image_size,
         )
         .with_param(PREPROCESS_VERSION);
+        if let Some(p) = pixels.cache_param() {
+            key = key.with_param(p);
+        }
         for a in &self.archives {
             key = key.with_source(a.path());
         }
@@ -604,7 +827,7 @@ impl Inputs {
         key
     }
 
-    fn build(&self, split: &Split, image_size: usize) -> Result<ImageSet> {
+    fn build(&self, split: &Split, image_size: usize, pixels: Pixels) -> Result<ImageSet> {
         let archives = self.archives.iter().map(Archive::open).collect::<Result<Vec<_>>>()?;
         let plan: Vec<Planned> = match split {
             Split::Lake(_) => {
@@ -665,7 +888,7 @@ impl Inputs {
                 || zips.clone(),
                 |zips, &(_, a, r)| {
                     read_image(zips[a].as_mut(), r)
-                        .and_then(|b| decode_image(&b, &resize))
+                        .and_then(|b| decode_image(&b, &resize, pixels))
                         .map_err(|e| anyhow!("{}: {e:#}", archives[a].describe(r)))
                 },
             )
@@ -762,10 +985,12 @@ pub(crate) fn decode_luma(bytes: &[u8]) -> Result<(Vec<u8>, usize, usize)> {
     Ok((luma, w, h))
 }
 
-/// Decodes and preprocesses one image, reusing `resize` when the shape matches.
-fn decode_image(bytes: &[u8], resize: &AreaResize) -> Result<Vec<u8>> {
+/// Decodes and preprocesses one image, reusing `resize` (the default pixels) when the shape matches.
+fn decode_image(bytes: &[u8], resize: &AreaResize, pixels: Pixels) -> Result<Vec<u8>> {
     let (luma, w, h) = decode_luma(bytes)?;
-    if (w, h) == (resize.w, resize.h) {
+    if pixels != Pixels::default() {
+        Ok(pixels.apply(&luma, w, h, resize.size))
+    } else if (w, h) == (resize.w, resize.h) {
         Ok(resize.apply(&luma))
     } else {
         Ok(preprocess(&luma, w, h, resize.size))

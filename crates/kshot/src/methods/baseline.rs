@@ -12,8 +12,15 @@
 //! classes in the order the classes first appear in the support set, so that relabelling the
 //! support permutes the logits exactly. The shuffle depends only on the support size. The cosine
 //! scale follows Chen's code: 2 for at most 200 classes, 10 above (Omniglot's thousands of base
-//! classes). Chen's code also learns a per-class norm of w_c (WeightNorm); we keep the paper's
-//! plain cosine.
+//! classes). Chen's code also learns a per-class norm (`distLinear` wraps its linear layer in
+//! `WeightNorm(dim=0)`): the weight is w_c = g_c·v_c/‖v_c‖ with g_c learned and initialised to
+//! ‖v_c‖, so the scores are s·g_c·cos(x, v_c) ([`BaselineConfig::weight_norm`], in pretraining
+//! and fine-tuning, both g and v decayed); without it the head is the paper's plain cosine.
+//!
+//! Chen's Omniglot schedule is 5 epochs of mini-batches of 16 over the training images, shuffled
+//! without replacement each epoch ([`BaselineConfig::epoch_sampling`]), with He-normal
+//! convolutions (N(0, √(2/(k·k·c_out))), backbone.py `init_layer`) and a zero linear-head bias
+//! ([`BaselineConfig::closer_look_init`]).
 //!
 //! The head is fine-tuned on features computed once, with exact hand-written gradients (softmax
 //! regression and its cosine form), so an episode costs one forward pass of the backbone.
@@ -60,6 +67,20 @@ pub struct BaselineConfig {
     pub finetune_momentum: f64,
     pub finetune_dampening: f64,
     pub finetune_weight_decay: f64,
+    /// Baseline++: the learned per-class norm g of Chen's `distLinear` (WeightNorm), in
+    /// pretraining and fine-tuning. Older configs read as false (plain cosine).
+    #[serde(default)]
+    pub weight_norm: bool,
+    /// Pretraining batches run through the training images in epochs, each a fresh shuffle without
+    /// replacement (a function of the seed and epoch), the last batch of an epoch holding the
+    /// remainder, as PyTorch's shuffled `DataLoader`. Older configs read as false: every batch
+    /// draws (class, image) pairs independently with replacement.
+    #[serde(default)]
+    pub epoch_sampling: bool,
+    /// Chen's initialisation: He-normal convolution weights N(0, √(2/(k·k·c_out))) and a zero
+    /// bias of the linear head. Older configs read as false (PyTorch-default uniform, both).
+    #[serde(default)]
+    pub closer_look_init: bool,
 }
 
 impl Default for BaselineConfig {
@@ -67,15 +88,44 @@ impl Default for BaselineConfig {
         Self {
             head: Head::Linear,
             classes: 0,
-            batch_size: 64,
+            batch_size: 16,
             finetune_epochs: 100,
             finetune_batch: 4,
             finetune_lr: 0.01,
             finetune_momentum: 0.9,
             finetune_dampening: 0.9,
             finetune_weight_decay: 0.001,
+            weight_norm: true,
+            epoch_sampling: true,
+            closer_look_init: true,
         }
     }
+}
+
+/// Chen's `distLinear` scores: scale·g_c·(x/(‖x‖ + 1e-5))·(v_c/‖v_c‖), for features `x` [B, D],
+/// directions `v` [C, D] and norms `g` [C].
+pub fn weight_norm_logits(x: &Tensor, v: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    let x_hat = x.broadcast_div(&(x.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-5)?)?;
+    let v_hat = v.broadcast_div(&v.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    x_hat.matmul(&v_hat.t()?)?.broadcast_mul(&g.unsqueeze(0)?)? * scale
+}
+
+/// N(0, std²) draws as f32.
+fn normal(rng: &mut ChaCha8Rng, shape: &[usize], std: f64, device: &Device) -> Result<Tensor> {
+    use rand_distr::{Distribution, StandardNormal};
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(rng);
+            (std * z) as f32
+        })
+        .collect();
+    Tensor::from_vec(v, shape, device)
+}
+
+/// The L2 norm of each row of `w` [C·D row-major].
+fn row_norms(w: &[f32], d: usize) -> Vec<f32> {
+    w.chunks(d).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect()
 }
 
 /// Chen et al.'s cosine scale: 2 for at most 200 classes, 10 above.
@@ -118,23 +168,58 @@ impl Baseline {
         let backbone = backbone.build();
         let dim = backbone.embedding_dim(image_size, image_size)?;
         let mut params = backbone.init(rng, device)?;
-        params
-            .push("head.weight", init::torch_default(rng, &[config.classes, dim], dim, device)?)?;
+        if config.closer_look_init {
+            // backbone.py `init_layer`: conv weights N(0, √(2/(k·k·c_out))); BN stays (1, 0).
+            let mut he = crate::nn::ParamSet::new();
+            for (name, var) in params.iter() {
+                let dims = var.dims().to_vec();
+                let t = if dims.len() == 4 {
+                    let std = (2.0 / (dims[2] * dims[3] * dims[0]) as f64).sqrt();
+                    normal(rng, &dims, std, device)?
+                } else {
+                    var.as_tensor().detach()
+                };
+                he.push(name.to_string(), t)?;
+            }
+            params = he;
+        }
+        let weight = init::torch_default(rng, &[config.classes, dim], dim, device)?;
+        if head == Head::Cosine && config.weight_norm {
+            // WeightNorm starts g at the norm of each row of v.
+            let g = weight.sqr()?.sum(1)?.sqrt()?;
+            params.push("head.weight", weight)?;
+            params.push("head.g", g)?;
+        } else {
+            params.push("head.weight", weight)?;
+        }
         if head == Head::Linear {
-            params.push("head.bias", init::torch_default(rng, &[config.classes], dim, device)?)?;
+            let bias = if config.closer_look_init {
+                Tensor::zeros(config.classes, candle_core::DType::F32, device)?
+            } else {
+                init::torch_default(rng, &[config.classes], dim, device)?
+            };
+            params.push("head.bias", bias)?;
         }
         let state = State::new(params, backbone.running_stats());
         Ok(Self { config, head, backbone, state, dim })
     }
 
+    /// Whether the head is Chen's weight-normalised cosine (`bias` then holds g).
+    fn weight_normed(&self) -> bool {
+        self.head == Head::Cosine && self.config.weight_norm
+    }
+
+    /// Logits of the head: `bias` is b for the linear head, g for the weight-normalised cosine.
     fn head_logits(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let scale = cosine_scale(weight.dim(0)?);
         match self.head {
             Head::Linear => {
                 x.matmul(&weight.t()?)?.broadcast_add(bias.expect("linear head has a bias"))
             }
-            Head::Cosine => {
-                ops::cosine_similarity(x, weight, 1e-10)? * cosine_scale(weight.dim(0)?)
+            Head::Cosine if self.config.weight_norm => {
+                weight_norm_logits(x, weight, bias.expect("weight norm has g"), scale)
             }
+            Head::Cosine => ops::cosine_similarity(x, weight, 1e-10)? * scale,
         }
     }
 
@@ -165,6 +250,10 @@ impl Baseline {
             let l = l as usize;
             w[l * d..(l + 1) * d].copy_from_slice(&fresh_w[r * d..(r + 1) * d]);
             b[l] = fresh_b[r];
+        }
+        if self.weight_normed() {
+            // `b` holds g, WeightNorm's initial value ‖v_c‖.
+            b = row_norms(&w, d);
         }
         // Unit-length features for the cosine head.
         let xs: Vec<f32> = match self.head {
@@ -201,7 +290,7 @@ impl Baseline {
                     }
                 };
                 step(&mut w, &gw, &mut buf_w);
-                if self.head == Head::Linear {
+                if self.head == Head::Linear || self.weight_normed() {
                     step(&mut b, &gb, &mut buf_b);
                 }
                 first = false;
@@ -210,7 +299,8 @@ impl Baseline {
         (w, b)
     }
 
-    /// Gradient of the mean cross-entropy over the rows `batch` of `x` with respect to (W, b).
+    /// Gradient of the mean cross-entropy over the rows `batch` of `x` with respect to (W, b), or
+    /// for the weight-normalised cosine head with respect to (v, g) (`b` holding g).
     #[allow(clippy::too_many_arguments)]
     fn head_gradient(
         &self,
@@ -223,25 +313,29 @@ impl Baseline {
         scale: f32,
     ) -> (Vec<f32>, Vec<f32>) {
         let d = self.dim;
+        let wn = self.weight_normed();
         let norms: Vec<f32> = match self.head {
             Head::Linear => vec![1.0; ways],
-            Head::Cosine => (0..ways)
-                .map(|c| w[c * d..(c + 1) * d].iter().map(|v| v * v).sum::<f32>().sqrt() + 1e-10)
-                .collect(),
+            Head::Cosine if wn => row_norms(w, d),
+            Head::Cosine => row_norms(w, d).into_iter().map(|n| n + 1e-10).collect(),
         };
+        // The cosine's factor per class: s, or s·g_c with weight norm.
+        let k_c: Vec<f32> = (0..ways).map(|c| if wn { scale * b[c] } else { scale }).collect();
         // Gradient with respect to the effective weight rows (W itself, or W's unit rows · scale).
         let mut g_eff = vec![0f32; ways * d];
         let mut gb = vec![0f32; ways];
         let inv = 1.0 / batch.len() as f32;
         let mut z = vec![0f32; ways];
+        let mut cos = vec![0f32; ways];
         for &i in batch {
             let xi = &x[i * d..(i + 1) * d];
             for c in 0..ways {
                 let wc = &w[c * d..(c + 1) * d];
                 let dot: f32 = wc.iter().zip(xi).map(|(a, b)| a * b).sum();
+                cos[c] = dot / norms[c];
                 z[c] = match self.head {
                     Head::Linear => dot + b[c],
-                    Head::Cosine => scale * dot / norms[c],
+                    Head::Cosine => k_c[c] * cos[c],
                 };
             }
             let max = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -249,10 +343,11 @@ impl Baseline {
             for c in 0..ways {
                 let p = (z[c] - max).exp() / sum;
                 let dz = (p - if labels[i] as usize == c { 1.0 } else { 0.0 }) * inv;
-                gb[c] += dz;
+                // d z_c / d g_c = s·cos(x, v_c) for the weight-normalised head.
+                gb[c] += if wn { dz * scale * cos[c] } else { dz };
                 let k = match self.head {
                     Head::Linear => dz,
-                    Head::Cosine => dz * scale,
+                    Head::Cosine => dz * k_c[c],
                 };
                 for (g, xv) in g_eff[c * d..(c + 1) * d].iter_mut().zip(xi) {
                     *g += k * xv;
@@ -275,6 +370,28 @@ impl Baseline {
     }
 }
 
+/// Pretraining steps per epoch of `set` in batches of `batch` (the last one holds the remainder).
+pub fn steps_per_epoch(set: &ImageSet, batch: usize) -> u64 {
+    let images: usize = (0..set.classes.len()).map(|c| set.num_images(c)).sum();
+    images.div_ceil(batch.max(1)) as u64
+}
+
+/// The (class, image) pairs of step `step` when pretraining runs in epochs: step s is batch
+/// s mod E of epoch ⌊s/E⌋ (E = [`steps_per_epoch`]), and each epoch is its own shuffle of every
+/// training image, a function of (seed, epoch) alone, so a resumed run draws the same.
+pub fn epoch_batch(set: &ImageSet, batch: usize, seed: u64, step: u64) -> Vec<(usize, usize)> {
+    let per_epoch = steps_per_epoch(set, batch).max(1);
+    let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
+    let mut all: Vec<(usize, usize)> = (0..set.classes.len())
+        .flat_map(|c| (0..set.num_images(c)).map(move |i| (c, i)))
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xba5e_11e0_e90c_0000);
+    rng.set_stream(epoch);
+    all.shuffle(&mut rng);
+    let start = k * batch;
+    all[start.min(all.len())..((k + 1) * batch).min(all.len())].to_vec()
+}
+
 struct FineTuned<'a> {
     net: &'a Baseline,
     params: Params,
@@ -294,6 +411,29 @@ impl Baseline {
     /// The cross-entropy of one pretraining mini-batch of the base classes drawn from `rng`; folds
     /// the batch statistics into the running averages.
     pub fn batch_loss(&mut self, set: &ImageSet, mut rng: ChaCha8Rng) -> Result<EpisodeOutput> {
+        self.check_set(set)?;
+        let picks: Vec<(usize, usize)> = (0..self.config.batch_size)
+            .map(|_| {
+                let class = rng.random_range(0..set.classes.len());
+                (class, rng.random_range(0..set.num_images(class)))
+            })
+            .collect();
+        self.picks_loss(set, &picks)
+    }
+
+    /// The pretraining mini-batch of training step `step` of a run seeded `seed`:
+    /// [`Baseline::epoch_batch`] with [`BaselineConfig::epoch_sampling`], else
+    /// [`Baseline::batch_loss`] with the step's random stream.
+    pub fn step_loss(&mut self, set: &ImageSet, seed: u64, step: u64) -> Result<EpisodeOutput> {
+        if !self.config.epoch_sampling {
+            return self.batch_loss(set, episode::episode_rng(seed, step));
+        }
+        self.check_set(set)?;
+        let picks = epoch_batch(set, self.config.batch_size, seed, step);
+        self.picks_loss(set, &picks)
+    }
+
+    fn check_set(&self, set: &ImageSet) -> Result<()> {
         if set.classes.len() != self.config.classes {
             candle_core::bail!(
                 "baseline: the head has {} classes but the training set {} has {}; train with the set the run was started on",
@@ -302,21 +442,24 @@ impl Baseline {
                 set.classes.len()
             );
         }
-        let picks: Vec<(usize, usize)> = (0..self.config.batch_size)
-            .map(|_| {
-                let class = rng.random_range(0..set.classes.len());
-                (class, rng.random_range(0..set.num_images(class)))
-            })
-            .collect();
+        Ok(())
+    }
+
+    /// The cross-entropy of the images `picks` ((class, image) pairs); folds the batch statistics
+    /// into the running averages.
+    fn picks_loss(&mut self, set: &ImageSet, picks: &[(usize, usize)]) -> Result<EpisodeOutput> {
         let device = Device::Cpu;
-        let images = episode::images_tensor(set, &picks, &device)?;
+        let images = episode::images_tensor(set, picks, &device)?;
         let labels: Vec<u32> = picks.iter().map(|&(c, _)| c as u32).collect();
         let labels = Tensor::new(labels.as_slice(), &device)?;
         let params = self.state.params.values();
         let bn = BnMode::Batch(Some(&mut self.state.running));
         let feats = self.backbone.forward(&params, &images, bn)?;
-        let bias =
-            if self.head == Head::Linear { Some(params.get("head.bias")?.clone()) } else { None };
+        let bias = match self.head {
+            Head::Linear => Some(params.get("head.bias")?.clone()),
+            Head::Cosine if self.config.weight_norm => Some(params.get("head.g")?.clone()),
+            Head::Cosine => None,
+        };
         let logits = self.head_logits(&feats, params.get("head.weight")?, bias.as_ref())?;
         let loss = ops::cross_entropy(&logits, &labels)?;
         let accuracy = ops::accuracy(&logits, &labels)?;
@@ -342,15 +485,16 @@ impl Learner for Baseline {
         let device = support.device();
         let weight = Tensor::from_vec(w, (ways, self.dim), device)?;
         let bias = match self.head {
-            Head::Linear => Some(Tensor::from_vec(b, ways, device)?),
-            Head::Cosine => None,
+            Head::Cosine if !self.config.weight_norm => None,
+            // b, or g for the weight-normalised cosine head.
+            _ => Some(Tensor::from_vec(b, ways, device)?),
         };
         Ok(Box::new(FineTuned { net: self, params, weight, bias }))
     }
 
     /// Mini-batches of the base classes, not episodes.
     fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
-        let out = self.batch_loss(ctx.training_set(), ctx.rng())?;
+        let out = self.step_loss(ctx.training_set(), ctx.seed, ctx.step)?;
         ctx.minimise(out)
     }
 
@@ -425,27 +569,145 @@ impl Method for BaselineConfig {
     }
 
     fn step_unit(&self, _protocol: &Protocol) -> String {
-        format!("training mini-batches of {} images", self.batch_size)
+        let how = if self.epoch_sampling {
+            "epochs of the training images, shuffled without replacement"
+        } else {
+            "drawn with replacement"
+        };
+        format!("training mini-batches of {} images ({how})", self.batch_size)
     }
 
     fn presets() -> Vec<Preset> {
         vec![
             Preset {
                 name: "baseline-omniglot",
-                summary: "Chen et al. 2019 Baseline: Conv4 + linear head over all 4112 Vinyals training classes, mini-batches of 64, Adam 1e-3; test: fine-tune a new head on the support set (100 epochs, batch 4, SGD 0.01)",
+                summary: "Chen et al. 2019 Baseline, Omniglot as CloserLookFewShot's code: Conv4 (He-normal convs) + linear head (zero bias) over all 4112 Vinyals training classes, 5 epochs of mini-batches of 16 over the 82 240 training images, shuffled each epoch (25 700 steps), Adam 1e-3, no validation; pixels: bilinear resize to 32, centre-crop 28, not inverted; test: 600 tasks of 5-way 1-shot 15 queries, BN running statistics, fine-tune a new head on the support set (100 epochs, batch 4, SGD 0.01, momentum 0.9, dampening 0.9, wd 0.001). Departs: no ImageNet Normalize, rotation after the resize, conv bias absent, 1-shot test (the code's default is 5)",
                 build: || omniglot(Head::Linear),
             },
             Preset {
                 name: "baseline++-omniglot",
-                summary: "Chen et al. 2019 Baseline++: as baseline-omniglot with a cosine head (scale 10 in pretraining, 2 when fine-tuning)",
+                summary: "Chen et al. 2019 Baseline++: as baseline-omniglot with CloserLook's distLinear head, s·g_c·cos(x, v_c) with a learned per-class norm g (WeightNorm) in pretraining and fine-tuning, scale 10 in pretraining (4112 classes) and 2 when fine-tuning. Departs as baseline-omniglot",
                 build: || omniglot(Head::Cosine),
             },
         ]
     }
 }
 
+/// CloserLook's Omniglot steps: 5 epochs of batch 16 over the Vinyals training images (4112
+/// classes × 20 drawers = 82 240 images, 5140 batches an epoch).
+pub const OMNIGLOT_STEPS: u64 = 5 * (4112 * 20_u64).div_ceil(16);
+
 fn omniglot(head: Head) -> (Protocol, MethodConfig) {
     let mut p = Protocol::omniglot(1);
     p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
+    p.episodes = OMNIGLOT_STEPS;
+    // CloserLook's transform: bilinear to 32, centre-crop 28, the PNG's white background.
+    p.data.resize = crate::data::omniglot::Resize::BilinearCrop;
+    p.data.invert = false;
+    p.validation = None;
+    p.test_episodes = 600;
     (p, MethodConfig::Baseline(BaselineConfig { head, ..BaselineConfig::default() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Conv4Config;
+
+    fn tiny(config: BaselineConfig) -> Baseline {
+        let backbone = BackboneConfig::Conv4(Conv4Config { hidden: 3, blocks: 1, ..Conv4Config::new(1) });
+        let config = BaselineConfig { classes: 4, ..config };
+        Baseline::new(config, &backbone, 4, &mut ChaCha8Rng::seed_from_u64(1), &Device::Cpu).unwrap()
+    }
+
+    /// Mean cross-entropy over `batch` with the fine-tuning head (v, g) of the weight-normalised
+    /// cosine, in f64, as the definition says: z_c = s·g_c·x·v_c/‖v_c‖ (x already unit-length).
+    fn wn_loss(x: &[f64], labels: &[u32], batch: &[usize], v: &[f64], g: &[f64], d: usize, s: f64) -> f64 {
+        let ways = g.len();
+        let mut total = 0.0;
+        for &i in batch {
+            let xi = &x[i * d..(i + 1) * d];
+            let z: Vec<f64> = (0..ways)
+                .map(|c| {
+                    let vc = &v[c * d..(c + 1) * d];
+                    let n = vc.iter().map(|a| a * a).sum::<f64>().sqrt();
+                    s * g[c] * vc.iter().zip(xi).map(|(a, b)| a * b).sum::<f64>() / n
+                })
+                .collect();
+            let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+            total += lse - z[labels[i] as usize];
+        }
+        total / batch.len() as f64
+    }
+
+    /// The hand-written gradient of the weight-normalised cosine head with respect to v and g
+    /// equals central finite differences of the f64 loss.
+    #[test]
+    fn weight_norm_head_gradient_matches_finite_differences() {
+        let net = tiny(BaselineConfig::named("baseline++"));
+        assert!(net.weight_normed());
+        let d = net.dim;
+        let ways = 3;
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let x: Vec<f32> = (0..5 * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = x
+            .chunks(d)
+            .flat_map(|r| {
+                let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+                r.iter().map(move |v| v / n).collect::<Vec<_>>()
+            })
+            .collect();
+        let labels = [0u32, 1, 2, 1, 0];
+        let batch = [0usize, 2, 3, 4];
+        let v: Vec<f32> = (0..ways * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let g: Vec<f32> = vec![0.7, 1.3, 2.0];
+        let scale = 2.0f32;
+        let (gv, gg) = net.head_gradient(&x, &labels, &batch, &v, &g, ways, scale);
+        let f64s = |a: &[f32]| a.iter().map(|&t| t as f64).collect::<Vec<f64>>();
+        let (x64, v64, g64) = (f64s(&x), f64s(&v), f64s(&g));
+        let h = 1e-6;
+        for k in 0..v.len() {
+            let (mut up, mut down) = (v64.clone(), v64.clone());
+            up[k] += h;
+            down[k] -= h;
+            let num = (wn_loss(&x64, &labels, &batch, &up, &g64, d, 2.0)
+                - wn_loss(&x64, &labels, &batch, &down, &g64, d, 2.0))
+                / (2.0 * h);
+            assert!((num - gv[k] as f64).abs() < 1e-4, "d/dv[{k}]: {} vs {num}", gv[k]);
+        }
+        for c in 0..ways {
+            let (mut up, mut down) = (g64.clone(), g64.clone());
+            up[c] += h;
+            down[c] -= h;
+            let num = (wn_loss(&x64, &labels, &batch, &v64, &up, d, 2.0)
+                - wn_loss(&x64, &labels, &batch, &v64, &down, d, 2.0))
+                / (2.0 * h);
+            assert!((num - gg[c] as f64).abs() < 1e-4, "d/dg[{c}]: {} vs {num}", gg[c]);
+        }
+    }
+
+    /// Pretraining's weight-normalised head starts with g = ‖v_c‖, Chen's init is He-normal
+    /// convolutions with a zero linear bias, and older configs keep the old head and init.
+    #[test]
+    fn closer_look_initialisation() {
+        let wn = tiny(BaselineConfig::named("baseline++"));
+        let p = wn.state.params.detached_values();
+        let v = p.get("head.weight").unwrap().to_vec2::<f32>().unwrap();
+        let g = p.get("head.g").unwrap().to_vec1::<f32>().unwrap();
+        for (row, gc) in v.iter().zip(&g) {
+            let n = row.iter().map(|a| a * a).sum::<f32>().sqrt();
+            assert!((n - gc).abs() < 1e-6, "g {gc} vs ‖v‖ {n}");
+        }
+        let lin = tiny(BaselineConfig::named("baseline"));
+        let p = lin.state.params.detached_values();
+        assert!(p.get("head.bias").unwrap().to_vec1::<f32>().unwrap().iter().all(|&b| b == 0.0));
+        let old = tiny(BaselineConfig {
+            head: Head::Cosine,
+            weight_norm: false,
+            closer_look_init: false,
+            ..BaselineConfig::default()
+        });
+        assert!(old.state.params.get("head.g").is_none());
+    }
 }

@@ -470,22 +470,22 @@ impl Method for MamlConfig {
         vec![
             Preset {
                 name: "maml-omniglot-5w1s",
-                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 5-way 1-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1); 1 inner step α=0.4 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 1 query per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
+                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 5-way 1-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1), Pillow-nearest pixels, inverted; 1 inner step α=0.4 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 1 query per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
                 build: || omniglot(5, 1),
             },
             Preset {
                 name: "maml-omniglot-5w5s",
-                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 5-way 5-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1); 1 inner step α=0.4 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
+                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 5-way 5-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1), Pillow-nearest pixels, inverted; 1 inner step α=0.4 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 32, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
                 build: || omniglot(5, 5),
             },
             Preset {
                 name: "maml-omniglot-20w1s",
-                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 20-way 1-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1); 5 inner steps α=0.1 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 1 query per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
+                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 20-way 1-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1), Pillow-nearest pixels, inverted; 5 inner steps α=0.1 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 1 query per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
                 build: || omniglot(20, 1),
             },
             Preset {
                 name: "maml-omniglot-20w5s",
-                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 20-way 5-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1); 5 inner steps α=0.1 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
+                summary: "Finn et al. 2017 / cbfinn/maml, Omniglot 20-way 5-shot: strided Conv4 (stride-2 SAME conv + bias, BN offset only, ε 1e-3, spatial mean), head N(0,1), Pillow-nearest pixels, inverted; 5 inner steps α=0.1 on Σ CE/K (= 2 on the mean), BN not adapted; meta-batch 16, Adam 1e-3, 60 000 meta-iterations, 5 queries per class; test: 600 tasks, 10 inner steps (eval --each-inner-step reports each). Classes: the paper's 1200 training characters × 4 rotations (Vinyals trainval); --split maml gives the code's shuffled 1100/100/423 with a random rotation per class per task",
                 build: || omniglot(20, 5),
             },
             Preset {
@@ -510,6 +510,8 @@ impl Method for MamlConfig {
 fn omniglot(ways: usize, shots: usize) -> (Protocol, MethodConfig) {
     let mut p = Protocol::omniglot(shots);
     p.data.train_subset = "trainval".into();
+    // `Image.resize(…, LANCZOS)` on the 1-bit PNGs is Pillow's NEAREST; then `1.0 - image`.
+    p.data.resize = crate::data::omniglot::Resize::Nearest;
     p.backbone = BackboneConfig::Conv4Strided(StridedConv4Config::maml_omniglot(1));
     p.train = EpisodeSpec::new(ways, shots, shots);
     p.meta_batch = if ways == 5 { 32 } else { 16 };

@@ -14,8 +14,17 @@
 //! **First order, as in the paper**: the learner's loss L_t and gradient ∇_t enter the meta-learner
 //! as inputs with no gradient path back to c_{t−1} (the second-derivative terms are dropped); the
 //! meta-gradient flows through c_{t−1} → c_t (the forget term, the gates' dependence on c_{t−1}) and
-//! into W, b and c_0. Batch norm uses the statistics of the current batch (support at each inner
-//! step, the query batch when scoring).
+//! into W, b and c_0. Batch norm uses the statistics of the current batch at each inner step and
+//! for the training queries; test queries are scored with running statistics gathered over the
+//! support steps, as the official code's `evaluate` mode does ([`TestBn::SupportRunning`]; the
+//! older transductive scoring is [`TestBn::Batch`]). The learner's gradient enters the
+//! meta-learner as ∇(mean CE)/B, as in the official code ([`MetaLstmConfig::grad_over_batch`]).
+//!
+//! Known departures from the official code (twitter/meta-learning-lstm) that the fused kernel
+//! fixes: the gates see [h_t, x_t, c_{t−1}, gate_{t−1}] (the official gates see [h_t, c_{t−1},
+//! gate_{t−1}], without the preprocessed x_t), and the previous gate is fed back after the
+//! sigmoid (the official code feeds back the pre-sigmoid value). The learner's convolutions have
+//! no bias (the official ones do; their gradient is zero in front of batch norm).
 //!
 //! The meta-learner runs in a fused kernel ([`kernels::meta_lstm_unroll`]) with an explicit
 //! backward pass; the learner's gradients come from its backbone's explicit backward pass when it
@@ -59,6 +68,34 @@ pub struct MetaLstmConfig {
     /// setting existed trained without clipping and read as 0.
     #[serde(default)]
     pub grad_clip: f64,
+    /// Batch-norm statistics of the learner when a test task's queries are scored. Configs written
+    /// before this setting existed scored with the queries' batch statistics and read as `batch`.
+    #[serde(default)]
+    pub test_bn: TestBn,
+    /// Divide the learner's gradient fed to the meta-learner by the support-batch size, as the
+    /// official code does (`gradParameters:div(inputs:size(1))` after the mean CE's backward:
+    /// ∇(mean CE)/B). Older configs read as false (∇ mean CE).
+    #[serde(default)]
+    pub grad_over_batch: bool,
+    /// The official code's initialisation: layer 1 U(±0.01), forget-gate bias U(4, 5), the
+    /// learner's batch-norm scale U(0, 1). False (older configs): layer 1 U(±1/√H), forget-gate
+    /// bias U(4, 6), batch-norm scale 1.
+    #[serde(default)]
+    pub official_init: bool,
+}
+
+/// Where the learner's batch norm takes its statistics when a test task's queries are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TestBn {
+    /// The query batch's own statistics (transductive: a query's score depends on the others).
+    #[default]
+    Batch,
+    /// The official code's `evaluate` mode: running averages reset to (0, 1) at each task and
+    /// updated by each of the T support steps' forward passes (with the backbone's momentum, the
+    /// newest batch weighted by it), then fixed for the queries: a query's score does not depend
+    /// on the other queries.
+    SupportRunning,
 }
 
 impl Default for MetaLstmConfig {
@@ -70,6 +107,9 @@ impl Default for MetaLstmConfig {
             hidden: 20,
             preprocess_p: 10.0,
             grad_clip: 0.25,
+            test_bn: TestBn::SupportRunning,
+            grad_over_batch: true,
+            official_init: true,
         }
     }
 }
@@ -173,11 +213,21 @@ impl MetaLstm {
         let mut learner = Vec::new();
         for (name, var) in learner_init.iter() {
             learner.push((name.to_string(), var.dims().to_vec()));
-            params.push(format!("learner.{name}"), var.as_tensor().detach())?;
+            // Torch's BatchNormalization init draws its scale from U(0, 1) (bias 0).
+            let t = if config.official_init && name.starts_with("bn") && name.ends_with(".weight")
+            {
+                let n = var.elem_count();
+                let v: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
+                Tensor::from_vec(v, var.dims(), device)?
+            } else {
+                var.as_tensor().detach()
+            };
+            params.push(format!("learner.{name}"), t)?;
         }
         let h = config.hidden;
-        // Layer 1: PyTorch's LSTM initialisation U(−1/√H, 1/√H); gate order i, f, g, o.
-        let bound = 1.0 / (h as f64).sqrt();
+        // Layer 1, gate order i, f, g, o: the official U(±0.01) for every meta-parameter
+        // (meta-learner-lstm.lua:120-124), or PyTorch's LSTM initialisation U(−1/√H, 1/√H).
+        let bound = if config.official_init { 0.01 } else { 1.0 / (h as f64).sqrt() };
         params.push("lstm.w_ih", init::uniform(rng, &[4, 4 * h], bound, device)?)?;
         params.push("lstm.w_hh", init::uniform(rng, &[h, 4 * h], bound, device)?)?;
         params.push("lstm.bias", init::uniform(rng, &[4 * h], bound, device)?)?;
@@ -187,7 +237,8 @@ impl MetaLstm {
         params.push("gate_i.weight", init::uniform(rng, &[n, 1], 0.01, device)?)?;
         params.push("gate_f.weight", init::uniform(rng, &[n, 1], 0.01, device)?)?;
         let bi: f32 = rng.random_range(-5.0..-4.0);
-        let bf: f32 = rng.random_range(4.0..6.0);
+        let bf_max = if config.official_init { 5.0 } else { 6.0 };
+        let bf: f32 = rng.random_range(4.0..bf_max);
         params.push("gate_i.bias", Tensor::new(&[bi], device)?)?;
         params.push("gate_f.bias", Tensor::new(&[bf], device)?)?;
         let state = State::new(params, RunningStats::empty());
@@ -228,8 +279,31 @@ impl MetaLstm {
 
     /// [B, ways] logits of the learner with weights `c`, batch statistics of `x`.
     pub fn logits(&self, c: &Tensor, x: &Tensor) -> Result<Tensor> {
+        self.logits_with(c, x, BnMode::Batch(None))
+    }
+
+    /// [B, ways] logits of the learner with weights `c`, batch norm as `bn` says.
+    pub fn logits_with(&self, c: &Tensor, x: &Tensor, bn: BnMode) -> Result<Tensor> {
         let params = self.learner_params(c)?;
-        head::linear_logits(self.backbone.as_ref(), &params, x, BnMode::Batch(None))
+        head::linear_logits(self.backbone.as_ref(), &params, x, bn)
+    }
+
+    /// The learner's gradient as the meta-learner sees it: ∇(mean CE), divided by the support
+    /// batch size `batch` when [`MetaLstmConfig::grad_over_batch`] is set.
+    fn meta_input_grad(&self, grad: Tensor, batch: usize) -> Result<Tensor> {
+        if self.config.grad_over_batch {
+            grad / batch.max(1) as f64
+        } else {
+            Ok(grad)
+        }
+    }
+
+    /// Folds the batch statistics of the learner at `c` on `images` into `running` (a
+    /// training-mode forward pass, as the official code's gradient net makes at every step).
+    fn gather_stats(&self, c: &Tensor, images: &Tensor, running: &mut RunningStats) -> Result<()> {
+        let params = self.learner_params(&c.detach())?;
+        self.backbone.forward(&params, images, BnMode::Batch(Some(running)))?;
+        Ok(())
     }
 
     /// The learner's loss at `c` (detached from anything before it), its gradient with respect to
@@ -273,6 +347,8 @@ impl MetaLstm {
     /// The meta-learner after `steps` updates of the learner from c_0 on the support set, and the
     /// inputs it saw at each step. With `frozen`, those inputs are replayed instead of computed (to
     /// check that the meta-gradient ignores them). With `keep_tape` it can be differentiated.
+    /// With `running`, each step's support batch statistics are folded into it.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         meta: &Params,
@@ -281,6 +357,7 @@ impl MetaLstm {
         steps: usize,
         frozen: Option<&[StepInputs]>,
         keep_tape: bool,
+        mut running: Option<&mut RunningStats>,
     ) -> Result<(MetaLstmUnroll, Vec<StepInputs>)> {
         let c0 = self.initial_cell(meta)?.detach();
         let mut unroll = kernels::meta_lstm_unroll(
@@ -296,7 +373,12 @@ impl MetaLstm {
                     candle_core::Error::Msg(format!("no frozen inputs for step {t}"))
                 })?,
                 None => {
-                    let (loss, grad, _) = self.loss_and_grad(&unroll.cell()?, support, labels)?;
+                    let c = unroll.cell()?;
+                    if let Some(r) = running.as_deref_mut() {
+                        self.gather_stats(&c, support, r)?;
+                    }
+                    let (loss, grad, _) = self.loss_and_grad(&c, support, labels)?;
+                    let grad = self.meta_input_grad(grad, support.dim(0)?)?;
                     StepInputs { grad, loss }
                 }
             };
@@ -316,7 +398,7 @@ impl MetaLstm {
         steps: usize,
         frozen: Option<&[StepInputs]>,
     ) -> Result<(Tensor, Vec<StepInputs>)> {
-        let (unroll, seen) = self.run(meta, support, labels, steps, frozen, false)?;
+        let (unroll, seen) = self.run(meta, support, labels, steps, frozen, false, None)?;
         Ok((unroll.cell()?, seen))
     }
 
@@ -329,7 +411,8 @@ impl MetaLstm {
         steps: usize,
     ) -> Result<MetaGradient> {
         let support_labels = episode.support_labels_tensor()?;
-        let (unroll, _) = self.run(meta, &episode.support, &support_labels, steps, None, true)?;
+        let (unroll, _) =
+            self.run(meta, &episode.support, &support_labels, steps, None, true, None)?;
         let query_labels = episode.query_labels_tensor()?;
         let (query_loss, d_cell, logits) =
             self.loss_and_grad(&unroll.cell()?, &episode.query, &query_labels)?;
@@ -390,6 +473,7 @@ impl MetaLstm {
                 })?,
                 None => {
                     let (loss, grad, _) = self.graph_loss_and_grad(&c, support, labels)?;
+                    let grad = self.meta_input_grad(grad, support.dim(0)?)?;
                     StepInputs { grad, loss }
                 }
             };
@@ -468,11 +552,16 @@ fn clip_norm(grads: Params, max_norm: f64) -> Result<Params> {
 struct Adapted<'a> {
     net: &'a MetaLstm,
     c: Tensor,
+    /// The running statistics gathered over the support steps ([`TestBn::SupportRunning`]).
+    running: Option<RunningStats>,
 }
 
 impl Classifier for Adapted<'_> {
     fn logits(&self, query: &Tensor) -> Result<Tensor> {
-        self.net.logits(&self.c, query)
+        match &self.running {
+            Some(r) => self.net.logits_with(&self.c, query, BnMode::Running(r)),
+            None => self.net.logits(&self.c, query),
+        }
     }
 }
 
@@ -522,8 +611,14 @@ impl Learner for MetaLstm {
         super::ensure_ways("Meta-LSTM", self.config.ways, ways)?;
         let labels = Tensor::new(labels, support.device())?;
         let meta = self.state.params.detached_values();
-        let (c, _) = self.unroll(&meta, support, &labels, self.config.inner_steps_test, None)?;
-        Ok(Box::new(Adapted { net: self, c }))
+        let steps = self.config.inner_steps_test;
+        let mut running = match self.config.test_bn {
+            TestBn::Batch => None,
+            TestBn::SupportRunning => Some(self.backbone.running_stats()),
+        };
+        let (unroll, _) =
+            self.run(&meta, support, &labels, steps, None, false, running.as_mut())?;
+        Ok(Box::new(Adapted { net: self, c: unroll.cell()?, running }))
     }
 
     fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
@@ -584,38 +679,50 @@ impl Method for MetaLstmConfig {
         vec![
             Preset {
                 name: "meta-lstm-miniimagenet-5w1s",
-                summary: "Ravi & Larochelle 2017, miniImageNet 5-way 1-shot (Ravi split): Conv4 learner with 32 filters, 84×84, T=12 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
+                summary: "Ravi & Larochelle 2017, miniImageNet 5-way 1-shot (Ravi split), as the official code's config: Conv4 learner with 32 filters (BN eps 1e-3, momentum 0.9), 84×84, T=12 updates on the whole support set (batch 5), learner gradient ∇mean/B into the meta-learner, 15 queries per class, LSTM 20 hidden (U(±0.01) init, bF∈U(4,5), BN scale U(0,1)), Adam 1e-3, clip 0.25, 75 000 episodes; test: BN running statistics gathered over the support steps, 600 tasks. Departs: gates also see the preprocessed gradient/loss and the post-sigmoid previous gate (fused kernel), no conv bias",
                 build: || mini_imagenet(1),
             },
             Preset {
                 name: "meta-lstm-miniimagenet-5w5s",
-                summary: "Ravi & Larochelle 2017, miniImageNet 5-way 5-shot (Ravi split): Conv4 learner with 32 filters, 84×84, T=5 updates on the whole support set, 15 queries per class, meta-learner LSTM 20 hidden, Adam 1e-3; 600 test tasks",
+                summary: "Ravi & Larochelle 2017, miniImageNet 5-way 5-shot (Ravi split), as the official code's config: Conv4 learner with 32 filters (BN eps 1e-3, momentum 0.95), 84×84, T=8 updates on the whole support set (batch 25), learner gradient ∇mean/B, 15 queries per class, LSTM 20 hidden (official init), Adam 1e-3, clip 0.25, 50 000 episodes; test: BN running statistics over the support steps, 600 tasks. Departs: gate inputs (fused kernel), no conv bias",
                 build: || mini_imagenet(5),
             },
             Preset {
                 name: "meta-lstm-omniglot-5w1s",
-                summary: "Meta-LSTM on Omniglot 5-way 1-shot with the paper's 1-shot miniImageNet settings (not a protocol of the paper): Conv4 learner with 32 filters, T=12, 15 queries per class, LSTM 20 hidden, Adam 1e-3, 20 000 episodes; 600 test tasks",
+                summary: "Meta-LSTM on Omniglot 5-way 1-shot (Vinyals trainval) with the official code's 1-shot miniImageNet settings (not a protocol of the paper): Conv4 learner with 32 filters (BN eps 1e-3, momentum 0.9), T=12, ∇mean/B, 15 queries per class, LSTM 20 hidden (official init), Adam 1e-3, clip 0.25, 75 000 episodes; test: BN running statistics over the support steps, 600 tasks. Departs: gate inputs (fused kernel), no conv bias",
                 build: omniglot,
             },
         ]
     }
 }
 
-/// Meta-LSTM as in Ravi & Larochelle 2017: a 32-filter Conv4 learner, 15 queries per class, T = 12
-/// updates for 1-shot and 5 for 5-shot, each on the whole support set (their batch sizes 5 / 25).
+/// The official code's learner: Conv4 with 32 filters, Torch batch norm with ε 1e-3 and momentum
+/// 0.9 (1-shot config) or 0.95 (5-shot config) for the running statistics of the test scoring.
+fn learner_backbone(in_channels: usize, shots: usize) -> BackboneConfig {
+    BackboneConfig::Conv4(Conv4Config {
+        hidden: 32,
+        bn_eps: 1e-3,
+        bn_momentum: if shots == 1 { 0.9 } else { 0.95 },
+        ..Conv4Config::new(in_channels)
+    })
+}
+
+/// Meta-LSTM as in Ravi & Larochelle's code (config/lstm/train-imagenet-{1,5}shot.lua): a 32-filter
+/// Conv4 learner, 15 queries per class, T = 12 updates for 1-shot (75 000 episodes) and 8 for
+/// 5-shot (50 000 episodes), each on the whole support set (their batch sizes 5 / 25).
 fn mini_imagenet(shots: usize) -> (Protocol, MethodConfig) {
     let mut p = Protocol::omniglot(shots);
     p.data = DataConfig::mini_imagenet();
-    p.backbone = BackboneConfig::Conv4(Conv4Config { hidden: 32, ..Conv4Config::new(3) });
+    p.backbone = learner_backbone(3, shots);
     p.train = EpisodeSpec::new(5, shots, 15);
-    let steps = if shots == 1 { 12 } else { 5 };
+    let steps = if shots == 1 { 12 } else { 8 };
     let m = MetaLstmConfig {
         ways: 5,
         inner_steps: steps,
         inner_steps_test: steps,
         ..MetaLstmConfig::default()
     };
-    p.episodes = 50_000;
+    p.episodes = if shots == 1 { 75_000 } else { 50_000 };
     p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
     p.validation = Some(Validation::new(EpisodeSpec::new(5, shots, 15), 100, 1000));
     p.test = EpisodeSpec::new(5, shots, 15);
@@ -628,9 +735,9 @@ fn mini_imagenet(shots: usize) -> (Protocol, MethodConfig) {
 fn omniglot() -> (Protocol, MethodConfig) {
     let mut p = Protocol::omniglot(1);
     p.data.train_subset = "trainval".into();
-    p.backbone = BackboneConfig::Conv4(Conv4Config { hidden: 32, ..Conv4Config::new(1) });
+    p.backbone = learner_backbone(1, 1);
     p.train = EpisodeSpec::new(5, 1, 15);
-    p.episodes = 20_000;
+    p.episodes = 75_000;
     p.schedule = StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
     p.validation = None;
     p.test = EpisodeSpec::new(5, 1, 15);

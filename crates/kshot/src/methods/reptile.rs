@@ -485,22 +485,22 @@ impl Method for ReptileConfig {
         vec![
             Preset {
                 name: "reptile-omniglot-5w1s",
-                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Omniglot 5-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 linearly over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive (--transductive for the transductive numbers)",
+                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Pillow-nearest pixels not inverted, Omniglot 5-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 linearly over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive (--transductive for the transductive numbers)",
                 build: || omniglot(5, 1),
             },
             Preset {
                 name: "reptile-omniglot-5w5s",
-                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Omniglot 5-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive",
+                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Pillow-nearest pixels not inverted, Omniglot 5-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 1e-3, 5 inner steps of batch 10, meta-batch 5, outer step 1→0 over 100 000 meta-iterations; test: 50 steps of batch 5, 1 query per class, 10 000 tasks; non-transductive",
                 build: || omniglot(5, 5),
             },
             Preset {
                 name: "reptile-omniglot-20w1s",
-                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Omniglot 20-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
+                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Pillow-nearest pixels not inverted, Omniglot 20-way 1-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
                 build: || omniglot(20, 1),
             },
             Preset {
                 name: "reptile-omniglot-20w5s",
-                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Omniglot 20-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
+                summary: "Nichol et al. 2018 / openai/supervised-reptile README, run_omniglot.py's split (1200 characters × 4 rotations to train, 423 unrotated to test), OmniglotModel (strided Conv4, 256-d), Pillow-nearest pixels not inverted, Omniglot 20-way 5-shot: 10 train shots per class, inner Adam (β1=0) lr 5e-4, 10 inner steps of batch 20, meta-batch 5, outer step 1→0 over 200 000 meta-iterations; test: 50 steps of batch 10, 1 query per class, 10 000 tasks; non-transductive",
                 build: || omniglot(20, 5),
             },
         ]
@@ -517,6 +517,9 @@ fn omniglot(ways: usize, shots: usize) -> (Protocol, MethodConfig) {
     let mut p = Protocol::omniglot(shots);
     p.data.split = "reptile".into();
     p.data.train_subset = "train".into();
+    // `Image.open(f).resize((28, 28))` on the 1-bit PNGs (Pillow's NEAREST), not inverted.
+    p.data.resize = crate::data::omniglot::Resize::Nearest;
+    p.data.invert = false;
     p.backbone = BackboneConfig::Conv4Strided(StridedConv4Config::reptile_omniglot(1));
     p.train = EpisodeSpec::new(ways, 10, 0);
     p.meta_batch = 5;

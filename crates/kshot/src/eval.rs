@@ -37,25 +37,37 @@ pub struct EvalReport {
 }
 
 /// Scores `learner` on episodes 0..`episodes` of `sampler` under `seed`; `on_episode` is called
-/// after each with the number done.
+/// after each with the number done. Episodes are scored two at a time on separate threads (each
+/// is a function of its index alone, so the result is the same as one after another): the small
+/// tensors of a few-shot task leave a second core idle otherwise.
 pub fn evaluate(
     learner: &dyn Learner,
     sampler: &EpisodeSampler,
     episodes: usize,
     seed: u64,
-    mut on_episode: impl FnMut(usize),
+    on_episode: impl FnMut(usize) + Send,
 ) -> Result<EvalReport> {
+    use rayon::prelude::*;
     crate::autograd::init();
     let start = std::time::Instant::now();
     let device = Device::Cpu;
-    let mut per_episode = Vec::with_capacity(episodes);
-    for i in 0..episodes {
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let progress = std::sync::Mutex::new(on_episode);
+    let score = |i: usize| -> Result<f64> {
         let ep = sampler.episode(seed, i as u64, &device)?;
         let classifier = learner.adapt(&ep.support, &ep.support_labels, ep.spec.ways)?;
         let logits = classifier.logits(&ep.query)?;
-        per_episode.push(ops::accuracy(&logits, &ep.query_labels_tensor()?)?);
-        on_episode(i + 1);
-    }
+        let accuracy = ops::accuracy(&logits, &ep.query_labels_tensor()?)?;
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        (progress.lock().unwrap_or_else(|e| e.into_inner()))(n);
+        Ok(accuracy)
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .map_err(|e| candle_core::Error::Msg(format!("could not start evaluation threads: {e}")))?;
+    let per_episode: Vec<f64> =
+        pool.install(|| (0..episodes).into_par_iter().map(score).collect::<Result<_>>())?;
     let (accuracy, ci95) = mean_ci95(&per_episode);
     Ok(EvalReport {
         spec: sampler.spec(),

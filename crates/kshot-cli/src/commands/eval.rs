@@ -156,7 +156,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 "method": method, "dataset": d.dataset, "split": d.split, "subset": subset,
                 "task_rotations": d.task_rotations, "ways": spec.ways, "shots": spec.shots,
                 "queries": spec.queries, "episodes": episodes, "seed": a.seed,
-                "each_inner_step": rows, "run": a.run.display().to_string(),
+                "each_inner_step": rows, "run": a.run.display().to_string(), "model": model_name,
                 "kshot_version": kshot::VERSION,
             });
             println!("{json}");
@@ -248,7 +248,6 @@ fn run_lake(
             "accuracy": report.accuracy / 100.0,
             "contaminated": contaminated.is_some(),
             "run": a.run.display().to_string(),
-            "model": model_name,
             "model": model_name,
             "kshot_version": kshot::VERSION,
         });

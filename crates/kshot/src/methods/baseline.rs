@@ -104,9 +104,13 @@ impl Default for BaselineConfig {
 
 /// Chen's `distLinear` scores: scale·g_c·(x/(‖x‖ + 1e-5))·(v_c/‖v_c‖), for features `x` [B, D],
 /// directions `v` [C, D] and norms `g` [C].
+///
+/// The norms are √(Σ x² + 1e-24): the same value to 1e-12, but a finite gradient at x = 0, where
+/// √ has none (PyTorch's `norm` returns 0 there; candle's √ would give ∞·0 = NaN, and a ReLU
+/// feature vector can be exactly zero).
 pub fn weight_norm_logits(x: &Tensor, v: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
-    let x_hat = x.broadcast_div(&(x.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-5)?)?;
-    let v_hat = v.broadcast_div(&v.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let x_hat = x.broadcast_div(&((x.sqr()?.sum_keepdim(1)? + 1e-24)?.sqrt()? + 1e-5)?)?;
+    let v_hat = v.broadcast_div(&(v.sqr()?.sum_keepdim(1)? + 1e-24)?.sqrt()?)?;
     x_hat.matmul(&v_hat.t()?)?.broadcast_mul(&g.unsqueeze(0)?)? * scale
 }
 
@@ -639,6 +643,32 @@ mod tests {
             total += lse - z[labels[i] as usize];
         }
         total / batch.len() as f64
+    }
+
+    /// A ReLU feature vector can be exactly zero; the pretraining head's gradient must stay finite
+    /// there (√ at 0 has an infinite derivative: without care it is ∞·0 = NaN, which ended a
+    /// Baseline++ pretraining run at step 840).
+    #[test]
+    fn weight_norm_logits_have_finite_gradients_at_zero_features() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(
+            &Tensor::new(&[[0.0f32, 0.0, 0.0], [0.5, 0.0, 2.0]], &dev).unwrap(),
+        )
+        .unwrap();
+        let v = candle_core::Var::from_tensor(
+            &Tensor::new(&[[1.0f32, 2.0, 0.5], [-1.0, 0.3, 0.2]], &dev).unwrap(),
+        )
+        .unwrap();
+        let g = candle_core::Var::from_tensor(&Tensor::new(&[0.6f32, 0.9], &dev).unwrap()).unwrap();
+        let z = weight_norm_logits(x.as_tensor(), v.as_tensor(), g.as_tensor(), 10.0).unwrap();
+        let grads = z.sum_all().unwrap().backward().unwrap();
+        for var in [&x, &v, &g] {
+            let gr = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+            let vals = gr.to_vec1::<f32>().unwrap();
+            assert!(vals.iter().all(|t| t.is_finite()), "non-finite gradient {vals:?}");
+        }
+        let zero_row = z.get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(zero_row, vec![0.0, 0.0], "a zero feature vector scores 0 for every class");
     }
 
     /// The hand-written gradient of the weight-normalised cosine head with respect to v and g

@@ -33,7 +33,7 @@ pub trait Classifier {
     fn logits(&self, query: &Tensor) -> Result<Tensor>;
 }
 
-pub trait Learner: Send {
+pub trait Learner: Send + Sync {
     /// f_θ(S) = m_ψ, in inference mode. `labels` are in 0..ways.
     fn adapt(
         &self,

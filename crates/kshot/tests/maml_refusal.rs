@@ -18,8 +18,8 @@ const REPORT: &str = "KSHOT_MAML_REPORT";
 fn composite_config() -> kshot::config::RunConfig {
     let mut c = kshot::presets::config("maml-omniglot-5w1s").unwrap();
     c.data.image_size = 12;
-    let conv4 = common::conv4(&mut c);
-    (conv4.hidden, conv4.blocks, conv4.fast_kernels) = (4, 2, false);
+    let net = common::strided(&mut c);
+    (net.hidden, net.blocks, net.fast_kernels) = (4, 2, false);
     c
 }
 

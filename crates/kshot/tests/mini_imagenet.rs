@@ -215,7 +215,7 @@ fn presets_point_at_mini_imagenet() {
     use kshot::presets::find;
     for (name, method, train_ways, shots, meta_batch, hidden) in [
         ("maml-miniimagenet-5w1s", "maml", 5, 1, 4, 32),
-        ("maml-miniimagenet-5w5s", "maml", 5, 5, 2, 32),
+        ("maml-miniimagenet-5w5s", "maml", 5, 5, 4, 32),
         ("protonet-miniimagenet-1shot", "protonet", 30, 1, 1, 64),
         ("protonet-miniimagenet-5shot", "protonet", 20, 5, 1, 64),
         ("meta-lstm-miniimagenet-5w1s", "meta-lstm", 5, 1, 1, 32),
@@ -239,7 +239,9 @@ fn presets_point_at_mini_imagenet() {
         let conv4 = *common::conv4(&mut c);
         assert_eq!((conv4.in_channels, conv4.hidden), (3, hidden), "{name}");
         assert_eq!(c.train, EpisodeSpec::new(train_ways, shots, 15), "{name}");
-        assert_eq!(c.test, EpisodeSpec::new(5, shots, 15), "{name}");
+        // cbfinn/maml tests with K queries per class (main.py: `update_batch_size*2` images).
+        let test_queries = if method == "maml" { shots } else { 15 };
+        assert_eq!(c.test, EpisodeSpec::new(5, shots, test_queries), "{name}");
         assert_eq!((c.meta_batch, c.test_episodes), (meta_batch, 600), "{name}");
         if method == "maml" {
             let m = *settings!(c, Maml);
@@ -248,6 +250,9 @@ fn presets_point_at_mini_imagenet() {
                 (5, 5, 10, 0.01, false)
             );
             assert_eq!((c.episodes, c.schedule.lr, c.schedule.step), (60_000, 1e-3, 0));
+            assert_eq!(m.inner_loss, kshot::methods::maml::InnerLoss::SumOverShots);
+            assert!(!m.adapt_batch_norm && m.clip_official == Some(10.0));
+            assert!(!conv4.bn_scale && conv4.bn_eps == 1e-3);
         }
         if method == "protonet" {
             assert_eq!((c.schedule.lr, c.schedule.step, c.schedule.gamma), (1e-3, 2000, 0.5));

@@ -92,8 +92,8 @@ fn small_config(episodes: u64) -> kshot::config::RunConfig {
     c.meta_batch = 2;
     c.seed = 3;
     c.checkpoint_every = 2;
-    common::conv4(&mut c).hidden = 8;
-    common::conv4(&mut c).blocks = 2;
+    common::strided(&mut c).hidden = 8;
+    common::strided(&mut c).blocks = 2;
     c.method = kshot::methods::MethodConfig::Reptile(ReptileConfig {
         ways: 5,
         inner_steps: 4,

@@ -112,6 +112,15 @@ pub fn conv4(config: &mut kshot::config::RunConfig) -> &mut kshot::nn::Conv4Conf
     config.backbone.conv4_mut().expect("a conv4 backbone")
 }
 
+/// The strided Conv4 settings of a run config (MAML's and Reptile's Omniglot presets).
+#[allow(dead_code)]
+pub fn strided(config: &mut kshot::config::RunConfig) -> &mut kshot::nn::StridedConv4Config {
+    match &mut config.backbone {
+        kshot::nn::BackboneConfig::Conv4Strided(c) => c,
+        other => panic!("not a strided Conv4 backbone: {other:?}"),
+    }
+}
+
 /// Switches a run config to method `name` with that method's default settings.
 pub fn set_method(config: &mut kshot::config::RunConfig, name: &str) {
     config.method = kshot::methods::MethodConfig::named(name).unwrap();

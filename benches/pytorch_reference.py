@@ -5,6 +5,7 @@ Every workload is a full training step on random normal inputs: forward, backwar
 (lr 1e-3) of Conv4 (64 channels, 3x3 convolutions without bias, batch norm with batch statistics,
 ReLU, 2x2 max-pool), or in resnet12-step-84 of ResNet-12 (crates/kshot/src/nn/resnet12.rs: widths
 64-160-320-640, batch statistics, LeakyReLU 0.1, 1x1 shortcut, global average pool, no DropBlock).
+The predict-* workloads are inference instead: `kshot predict`'s ProtoNet path without decoding.
 Prints one JSON line: {"workload", "samples_ms", "torch", "threads"}.
 
     python benches/pytorch_reference.py --workload conv4-step-28 --reps 20 --threads 2
@@ -162,12 +163,39 @@ def protonet_step(ways=60, shots=1, queries=5):
     return step
 
 
+def predict(queries, ways=5, batch=256):
+    # kshot predict's model path: BN with running statistics (inference), prototypes of the
+    # support embeddings, squared distances of each batch of queries; no gradients.
+    params = conv4_params(1)
+    running = {i: (torch.zeros(64), torch.ones(64)) for i in range(4)}
+    xs, xq = torch.randn(ways, 1, 28, 28), torch.randn(queries, 1, 28, 28)
+
+    def embed(x):
+        for i in range(4):
+            x = F.conv2d(x, params[f"conv{i}.weight"], padding=1)
+            mean, var = running[i]
+            x = F.batch_norm(x, mean, var, params[f"bn{i}.weight"], params[f"bn{i}.bias"],
+                             training=False)
+            x = F.max_pool2d(F.relu(x), 2)
+        return x.flatten(1)
+
+    def step():
+        with torch.no_grad():
+            prototypes = embed(xs)
+            for start in range(0, queries, batch):
+                (-torch.cdist(embed(xq[start:start + batch]), prototypes).pow(2)).tolist()
+
+    return step
+
+
 WORKLOADS = {
     "conv4-step-28": lambda: classifier_step(1, 28),
     "conv4-step-84": lambda: classifier_step(3, 84),
     "resnet12-step-84": resnet12_step,
     "maml2-step": maml_step,
     "protonet-60w1s5q": protonet_step,
+    "predict-5w1s-1q": lambda: predict(1),
+    "predict-5w1s-1000q": lambda: predict(1000),
 }
 
 

@@ -13,7 +13,7 @@ const REFERENCE_SCRIPT: &str = include_str!("../../../benches/pytorch_reference.
 #[derive(Args)]
 pub struct BenchArgs {
     /// Workloads to run (default: all): conv4-step-28, conv4-step-84, resnet12-step-84,
-    /// maml2-step, protonet-60w1s5q.
+    /// maml2-step, protonet-60w1s5q, predict-5w1s-1q, predict-5w1s-1000q.
     #[arg(long = "workload", value_name = "NAME")]
     workloads: Vec<String>,
     /// Timed repetitions per workload (the median is reported).

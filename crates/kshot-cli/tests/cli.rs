@@ -1,32 +1,11 @@
 //! The `kshot` binary end to end on real Omniglot (../shared/data or $KSHOT_DATA): flags that would
 //! be silently ignored are refused, and a run killed mid-training resumes to the same model.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn data_root() -> PathBuf {
-    match std::env::var_os("KSHOT_DATA") {
-        Some(p) => p.into(),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
-    }
-}
+use std::path::Path;
 
-/// `kshot ARGS` with the data root and the tests' shared decoded-image cache.
-fn kshot(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kshot"));
-    cmd.args(args)
-        .env("KSHOT_DATA", data_root())
-        .env("KSHOT_CACHE", Path::new(env!("CARGO_TARGET_TMPDIR")).join("kshot-data-cache"));
-    cmd
-}
-
-fn run(args: &[&str]) -> Output {
-    kshot(args).output().expect("kshot runs")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{kshot, run, stderr};
 
 /// A small, fast ProtoNet run on Omniglot.
 const SMALL: &[&str] = &[

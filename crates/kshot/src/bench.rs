@@ -33,15 +33,22 @@ pub enum Workload {
     MamlSecondOrder,
     /// One ProtoNet episode: 60-way 1-shot 5-query on 28×28.
     ProtoNet60Way,
+    /// `kshot predict`'s model path: a ProtoNet adapted to a 5-way 1-shot support set (28×28)
+    /// scoring one query, in inference mode.
+    Predict1Query,
+    /// The same with 1000 queries scored in batches of 256 (predict's batch).
+    Predict1000Queries,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Conv4Omniglot,
         Workload::Conv4MiniImageNet,
         Workload::ResNet12MiniImageNet,
         Workload::MamlSecondOrder,
         Workload::ProtoNet60Way,
+        Workload::Predict1Query,
+        Workload::Predict1000Queries,
     ];
 
     /// The name both benchmarks use.
@@ -52,6 +59,8 @@ impl Workload {
             Workload::ResNet12MiniImageNet => "resnet12-step-84",
             Workload::MamlSecondOrder => "maml2-step",
             Workload::ProtoNet60Way => "protonet-60w1s5q",
+            Workload::Predict1Query => "predict-5w1s-1q",
+            Workload::Predict1000Queries => "predict-5w1s-1000q",
         }
     }
 
@@ -62,6 +71,8 @@ impl Workload {
             Workload::ResNet12MiniImageNet => "ResNet-12 training step, 20 × 3×84×84",
             Workload::MamlSecondOrder => "2nd-order MAML meta-step, 5w1s 15q, 5 inner steps",
             Workload::ProtoNet60Way => "ProtoNet episode, 60-way 1-shot 5-query, 28×28",
+            Workload::Predict1Query => "predict: adapt to 5-way 1-shot + 1 query, 28×28",
+            Workload::Predict1000Queries => "predict: adapt to 5-way 1-shot + 1000 queries, 28×28",
         }
     }
 
@@ -154,6 +165,24 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
             let ep = episode(&mut rng, EpisodeSpec::new(60, 1, 5), 28)?;
             let params = net.params().clone();
             learner_step(&params, adam_config, move || net.episode_loss(&ep))?
+        }
+        Workload::Predict1Query | Workload::Predict1000Queries => {
+            let queries = if workload == Workload::Predict1Query { 1 } else { 1000 };
+            let backbone =
+                BackboneConfig::Conv4(Conv4Config { fast_kernels, ..Conv4Config::new(1) });
+            let net = ProtoNet::new(ProtoNetConfig::default(), &backbone, &mut rng, &Device::Cpu)?;
+            let support = normal(&mut rng, &[5, 1, 28, 28])?;
+            let query = normal(&mut rng, &[queries, 1, 28, 28])?;
+            let support_labels = labels(5, 1);
+            Box::new(move || {
+                use crate::methods::Learner;
+                let classifier = net.adapt(&support, &support_labels, 5)?;
+                for start in (0..queries).step_by(256) {
+                    let n = 256.min(queries - start);
+                    classifier.logits(&query.narrow(0, start, n)?)?.to_vec2::<f32>()?;
+                }
+                Ok(())
+            })
         }
     };
     Ok(Prepared { step })

@@ -153,6 +153,16 @@ fn hash_views<'a, 'b: 'a>(views: impl Iterator<Item = (&'a str, &'a TensorView<'
     crate::data::cache::hex(&h.finalize())
 }
 
+/// The name of the file that `name`, one of [`write_atomic`]'s temporary files (left by a crash
+/// mid-write), was to become; `None` for any other name.
+pub fn temp_target(name: &str) -> Option<&str> {
+    let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = inner.rsplitn(3, '.');
+    let (n, pid, target) = (parts.next()?, parts.next()?, parts.next()?);
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (number(n) && number(pid) && !target.is_empty()).then_some(target)
+}
+
 /// `.NAME.PID.N.tmp` beside `path`: same filesystem, so the final rename is atomic; `N` keeps
 /// concurrent writes of one target within a process apart.
 fn temp_path(path: &Path) -> PathBuf {
@@ -172,6 +182,11 @@ pub fn load_tensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
         }
         Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
     };
+    tensors_from_bytes(&bytes, path)
+}
+
+/// [`load_tensors`] of bytes already in memory (an embedded model); `path` names them in errors.
+pub fn tensors_from_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     let unreadable = |e: &dyn std::fmt::Display| {
         let e = e.to_string();
         anyhow::anyhow!(
@@ -180,9 +195,8 @@ pub fn load_tensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
             e.lines().next().unwrap_or_default()
         )
     };
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| unreadable(&e))?;
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| unreadable(&e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| unreadable(&e))?;
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| unreadable(&e))?;
     let views = file.tensors();
     if let Some(stored) = header.metadata().as_ref().and_then(|m| m.get(HASH_KEY)) {
         let actual = hash_views(views.iter().map(|(n, v)| (n.as_str(), v)));

@@ -1,18 +1,23 @@
 //! kshot: few-shot learning in Rust.
 //!
 //! Data flows one way: [`data`] (datasets, episodes) → [`nn`] (functional backbones over explicit
-//! parameters, built on [`kernels`]) → [`methods`] (one file per learner) → [`train`] / [`eval`].
+//! parameters, built on [`kernels`]) → [`methods`] (one file per learner) → [`train`] / [`eval`]
+//! / [`predict`]. [`models`] holds the built-in trained models.
 
 pub mod autograd;
 pub mod bench;
+pub mod calibration;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod eval;
 pub mod kernels;
 pub mod methods;
+pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod plot;
+pub mod predict;
 pub mod presets;
 pub mod protocol;
 pub mod train;

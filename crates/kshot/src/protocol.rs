@@ -33,6 +33,12 @@ pub struct DataConfig {
     /// white background (`--invert false`).
     #[serde(default = "yes")]
     pub invert: bool,
+    /// Folder datasets: how gray levels are read (`--polarity`).
+    #[serde(default)]
+    pub polarity: crate::data::images::Polarity,
+    /// Folder datasets: how image shapes become the square input (`--fit`).
+    #[serde(default)]
+    pub fit: crate::data::images::Fit,
 }
 
 fn yes() -> bool {
@@ -60,6 +66,8 @@ impl DataConfig {
             data_dir: None,
             resize: Default::default(),
             invert: true,
+            polarity: Default::default(),
+            fit: Default::default(),
         }
     }
 
@@ -76,6 +84,8 @@ impl DataConfig {
             data_dir: None,
             resize: Default::default(),
             invert: true,
+            polarity: Default::default(),
+            fit: Default::default(),
         }
     }
 }

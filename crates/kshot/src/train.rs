@@ -234,6 +234,7 @@ pub fn train(
     let early = config.validation.and_then(|v| v.early_stopping);
     let mut selection = Selection::default();
     if resume {
+        check_resumable(run_dir)?;
         let tensors = load_tensors(&checkpoint_path)?;
         let buffers = strip_prefix(&tensors, "buffer.");
         learner.state_mut().load(&tensors, "param.", &buffers, "", &checkpoint_path)?;
@@ -244,12 +245,8 @@ pub fn train(
         }
         truncate_metrics(&run_dir.join(METRICS_FILE), done)?;
     } else {
-        if run_dir.join(CONFIG_FILE).exists() {
-            bail!(
-                "{} already holds a run; continue it with `kshot train --resume {}` or choose another --out",
-                run_dir.display(),
-                run_dir.display()
-            );
+        if check_new_run_dir(run_dir)? == NewRunDir::FailedStart {
+            remove_failed_start(run_dir)?;
         }
         config.save(&run_dir.join(CONFIG_FILE))?;
         write_atomic(&run_dir.join(METRICS_FILE), format!("{METRICS_HEADER}\n").as_bytes())?;
@@ -361,6 +358,102 @@ pub fn train(
         stopped_early: selection.stopped,
         best: selection.best,
     })
+}
+
+/// What a directory given for a new run holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewRunDir {
+    /// Absent or empty.
+    Fresh,
+    /// A run whose start stopped before its first checkpoint: only what [`train`] writes before
+    /// it (the config, a metrics file with only its header, best-model files, temporary files).
+    /// Starting again replaces them.
+    FailedStart,
+}
+
+/// Whether a new run may be written into `run_dir`: it must be absent, empty, or hold only what a
+/// failed start left behind ([`NewRunDir::FailedStart`]); a run with a checkpoint (resume it) or
+/// any other file is refused, so a run never overwrites files that are not its own.
+pub fn check_new_run_dir(run_dir: &Path) -> anyhow::Result<NewRunDir> {
+    let d = run_dir.display();
+    let entries = match std::fs::read_dir(run_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(NewRunDir::Fresh),
+        Err(_) if run_dir.exists() && !run_dir.is_dir() => {
+            bail!("{d} is a file, not a directory; choose an empty or new --out directory")
+        }
+        Err(e) => bail!("cannot list {d} ({e}); check it is readable or choose another --out"),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {d}; choose another --out"))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    let has = |name: &str| names.iter().any(|n| n == name);
+    if names.is_empty() {
+        return Ok(NewRunDir::Fresh);
+    }
+    if has(CONFIG_FILE) && has(CHECKPOINT_FILE) {
+        bail!("{d} already holds a run; continue it with `kshot train --resume {d}` or choose another --out");
+    }
+    let foreign = names.iter().find(|n| !left_by_failed_start(run_dir, n));
+    match foreign {
+        None if has(CONFIG_FILE) => Ok(NewRunDir::FailedStart),
+        None => bail!(
+            "{d} is not empty and is not a kshot run (found {}); choose an empty or new --out directory",
+            names[0]
+        ),
+        Some(name) => bail!(
+            "{d} is not empty and is not a kshot run (found {name}); choose an empty or new --out directory"
+        ),
+    }
+}
+
+/// Whether the file `name` in `run_dir` is one [`train`] writes before a run's first checkpoint.
+fn left_by_failed_start(run_dir: &Path, name: &str) -> bool {
+    match name {
+        CONFIG_FILE | BEST_MODEL_FILE | BEST_FILE => true,
+        METRICS_FILE => std::fs::read_to_string(run_dir.join(name)).is_ok_and(|text| {
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            matches!(lines.next(), Some(METRICS_HEADER | METRICS_HEADER_V0))
+                && lines.next().is_none()
+        }),
+        _ => crate::checkpoint::temp_target(name).is_some_and(|target| {
+            [CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, MODEL_FILE, BEST_MODEL_FILE, BEST_FILE]
+                .contains(&target)
+        }),
+    }
+}
+
+/// Removes what a failed start left in `run_dir`, so none of it outlives the new start.
+fn remove_failed_start(run_dir: &Path) -> anyhow::Result<()> {
+    for entry in
+        std::fs::read_dir(run_dir).with_context(|| format!("cannot list {}", run_dir.display()))?
+    {
+        let path = entry.with_context(|| format!("cannot list {}", run_dir.display()))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if left_by_failed_start(run_dir, &name) {
+            std::fs::remove_file(&path).with_context(|| {
+                format!(
+                    "cannot remove {} to start the run again; check it is writable",
+                    path.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to resume a run directory whose run never reached its first checkpoint.
+pub fn check_resumable(run_dir: &Path) -> anyhow::Result<()> {
+    if run_dir.join(CONFIG_FILE).is_file() && !run_dir.join(CHECKPOINT_FILE).exists() {
+        bail!(
+            "{}'s run stopped before its first checkpoint; start it again with the same kshot train command (without --resume)",
+            run_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Writes the best model and `best.json`, each atomically (the model first).
@@ -475,14 +568,9 @@ pub fn load_validation_set(root: &Path, config: &RunConfig) -> anyhow::Result<Op
     let d = &config.data;
     match v.set {
         ValSet::Split => match crate::data::split_subsets(&d.dataset, &d.split)?.val {
-            Some(val) => Ok(Some(crate::data::load_with_pixels(
-                root,
-                &d.dataset,
-                &d.split,
-                val,
-                d.image_size,
-                d.pixels(),
-            )?)),
+            Some(val) => {
+                Ok(Some(crate::data::load_data(root, d, val, config.backbone.in_channels())?))
+            }
             None => Ok(None),
         },
         ValSet::LakeUnbenchmarked { drawers } => {

@@ -7,15 +7,16 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kshot::config::RunConfig;
 use kshot::data::{self, EpisodeSampler, EpisodeSpec, Grouping};
+use kshot::models::ModelSource;
 use kshot::{eval, train};
 
 use super::data_root_for;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// The run directory to score.
+    /// The run directory to score (or --model NAME|RUN_DIR).
     #[arg(long, value_name = "RUN_DIR")]
-    run: PathBuf,
+    run: Option<PathBuf>,
     /// Classes per test episode (default: the run's test protocol, as for the next three).
     #[arg(long)]
     ways: Option<usize>,
@@ -62,17 +63,20 @@ pub struct EvalArgs {
     /// --inner-steps-test) and report every step's accuracy, as cbfinn/maml's test does.
     #[arg(long)]
     each_inner_step: bool,
-    /// Which model of the run to score: selected (default: the best validation round's model
-    /// when the run trained with early stopping, else the last), best, or last.
-    #[arg(long, value_enum, default_value = "selected")]
-    model: ModelArg,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ModelArg {
-    Selected,
-    Best,
-    Last,
+    /// A built-in model (omniglot, mini-imagenet; see `kshot models`) or a run directory to
+    /// score; with --run, which of the run's models: selected (default: the best validation
+    /// round's model when the run trained with early stopping, else the last), best, or last.
+    #[arg(long, value_name = "MODEL")]
+    model: Option<String>,
+    /// Score on another dataset than the model's: omniglot, mini-imagenet, or folder (your own
+    /// images: --data-dir DIR with one sub-folder per class, all of them test classes unless
+    /// --split says otherwise), read the way the model reads images.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// With --dataset: its split (folder: all (default), ratio:TRAIN,VAL,TEST[@SEED] or a spec
+    /// file, as `kshot train --split`).
+    #[arg(long)]
+    split: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -81,15 +85,38 @@ enum BenchmarkArg {
     Lake20way,
 }
 
+/// What `--run` / `--model` point at.
+fn model_source(a: &EvalArgs) -> anyhow::Result<ModelSource> {
+    match (&a.run, a.model.as_deref()) {
+        (Some(run), choice) => {
+            let choice = match choice.unwrap_or("selected") {
+                "selected" => train::ModelChoice::Selected,
+                "best" => train::ModelChoice::Best,
+                "last" => train::ModelChoice::Last,
+                other => bail!(
+                    "--model {other} with --run: choose selected, best or last (or drop --run to score a built-in model or another run)"
+                ),
+            };
+            Ok(ModelSource::Run { dir: run.clone(), choice })
+        }
+        (None, Some(spec)) => ModelSource::parse(spec, train::ModelChoice::Selected),
+        (None, None) => bail!(
+            "say what to score: --run RUN_DIR, or --model with a built-in model ({}) or a run directory",
+            kshot::models::all().iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let mut config = RunConfig::load(&a.run.join(train::CONFIG_FILE))?;
+    let source = model_source(&a)?;
+    let label = source.describe();
+    let mut config = source.config()?;
     if let Some(t) = a.transductive {
         let method = config.method.name();
         match config.method.transductive_mut() {
             Some(slot) => *slot = t,
             None => bail!(
-                "--transductive applies to methods whose test queries can share batch statistics (reptile, maml, fomaml); {} is a {method} run",
-                a.run.display()
+                "--transductive applies to methods whose test queries can share batch statistics (reptile, maml, fomaml); {label} is a {method} run"
             ),
         }
     }
@@ -102,26 +129,67 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         (Some(slot), None, _) => Some(*slot),
         (None, None, false) => None,
         (None, _, _) => bail!(
-            "--inner-steps-test and --each-inner-step apply to methods that adapt by inner steps (maml, fomaml); {} is a {method} run",
-            a.run.display()
+            "--inner-steps-test and --each-inner-step apply to methods that adapt by inner steps (maml, fomaml); {label} is a {method} run"
         ),
     };
-    let choice = match a.model {
-        ModelArg::Selected => train::ModelChoice::Selected,
-        ModelArg::Best => train::ModelChoice::Best,
-        ModelArg::Last => train::ModelChoice::Last,
+    let model_name = match &source {
+        ModelSource::Run { dir, choice } => {
+            train::model_path(dir, *choice)?.file_name().map(|n| n.to_string_lossy().to_string())
+        }
+        ModelSource::Builtin(m) => Some(format!("built-in:{}", m.name)),
     };
-    let model_file = train::model_path(&a.run, choice)?;
-    let (config, learner) = train::load_model(&a.run, config, choice)?;
-    let model_name = model_file.file_name().map(|n| n.to_string_lossy().to_string());
-    let root = data_root_for(a.data_dir.as_deref(), &config)?;
-    if let Some(BenchmarkArg::Lake20way) = a.benchmark {
-        return run_lake(&a, &config, learner.as_ref(), &root, model_name.as_deref());
+    let (config, learner) = source.load_with(config)?;
+    let channels = config.backbone.in_channels();
+    // Another dataset than the model's is read the way the model reads images.
+    let data = match &a.dataset {
+        None => config.data.clone(),
+        Some(dataset) => {
+            let mut d = config.data.clone();
+            let defaults = data::dataset_defaults(dataset)?;
+            if *dataset != d.dataset && *dataset != "folder" {
+                d.resize = Default::default();
+                d.invert = true;
+                anyhow::ensure!(
+                    defaults.channels == channels,
+                    "{label} reads {channels}-channel images; {dataset} has {}",
+                    defaults.channels
+                );
+            }
+            d.split = a.split.clone().unwrap_or_else(|| {
+                if *dataset == "folder" {
+                    "all".into()
+                } else {
+                    defaults.split.into()
+                }
+            });
+            d.test_subset = data::split_subsets(dataset, &d.split)?.test.to_string();
+            d.dataset = dataset.clone();
+            d.task_rotations = false;
+            d
+        }
+    };
+    if a.split.is_some() && a.dataset.is_none() {
+        bail!("--split goes with --dataset (the model's own split is {})", config.data.split);
     }
-    let d = &config.data;
+    let root = match (&a.dataset, a.data_dir.as_deref()) {
+        (Some(_), Some(dir)) => dir.to_path_buf(),
+        (Some(_), None) => bail!("--dataset needs --data-dir DIR (or KSHOT_DATA)"),
+        (None, dir) => data_root_for(dir, &config)?,
+    };
+    if let Some(BenchmarkArg::Lake20way) = a.benchmark {
+        return run_lake(&a, &config, learner.as_ref(), &root, model_name.as_deref(), &label);
+    }
+    let d = &data;
     let subset = a.subset.clone().unwrap_or_else(|| d.test_subset.clone());
-    let set =
-        data::load_with_pixels(&root, &d.dataset, &d.split, &subset, d.image_size, d.pixels())?;
+    let set = if d.dataset == "folder" && config.data.dataset != "folder" {
+        // A folder read through the model's own pixel pipeline.
+        let pipeline = data::images::Pipeline::of_run(&config.data, channels)?;
+        data::folder::load(&root, &d.split, &subset, &pipeline)?
+    } else {
+        data::load_data(&root, d, &subset, channels)?
+    };
+    let fingerprint = set.fingerprint();
+    let data_root = std::path::absolute(&root).unwrap_or(root.clone()).display().to_string();
     let spec = EpisodeSpec {
         ways: a.ways.unwrap_or(config.test.ways),
         shots: a.shots.unwrap_or(config.test.shots),
@@ -129,6 +197,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     };
     let episodes = a.episodes.unwrap_or(config.test_episodes);
     let grouping = if a.within_alphabet { Grouping::WithinGroup } else { Grouping::Any };
+    let skipped = skipped_groups(&set, grouping, spec.ways);
+    if let Some(note) = &skipped {
+        eprintln!("note: {note}");
+    }
     let sampler =
         EpisodeSampler::new(&set, spec, grouping)?.with_task_rotations(d.task_rotations)?;
     if a.each_inner_step {
@@ -137,7 +209,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         for steps in 0..=last {
             let mut c = config.clone();
             *c.method.test_steps_mut().expect("checked above") = steps;
-            let (_, learner) = train::load_model(&a.run, c, choice)?;
+            let (_, learner) = source.load_with(c)?;
             let report = score(learner.as_ref(), &sampler, episodes, a.seed)?;
             if !a.json {
                 println!(
@@ -156,7 +228,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 "method": method, "dataset": d.dataset, "split": d.split, "subset": subset,
                 "task_rotations": d.task_rotations, "ways": spec.ways, "shots": spec.shots,
                 "queries": spec.queries, "episodes": episodes, "seed": a.seed,
-                "each_inner_step": rows, "run": a.run.display().to_string(), "model": model_name,
+                "each_inner_step": rows, "run": label, "model": model_name,
+                "data_root": data_root, "data_fingerprint": fingerprint,
                 "kshot_version": kshot::VERSION,
             });
             println!("{json}");
@@ -182,14 +255,17 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             "ci95": report.ci95,
             "seconds": report.seconds,
             "transductive": config.clone().method.transductive_mut().map(|t| *t),
-            "run": a.run.display().to_string(),
+            "run": label,
             "model": model_name,
+            "data_root": data_root,
+            "data_fingerprint": fingerprint,
+            "groups_skipped": skipped,
             "kshot_version": kshot::VERSION,
         });
         println!("{json}");
     } else {
         println!(
-            "{} on {}/{} {subset}, {spec}, {episodes} episodes (seed {}): {:.2}% ± {:.2}%",
+            "{} ({label}) on {}/{} {subset} at {data_root} (data {fingerprint}), {spec}, {episodes} episodes (seed {}): {:.2}% ± {:.2}%",
             config.method.name(),
             d.dataset,
             d.split,
@@ -221,12 +297,34 @@ fn score(
     Ok(report)
 }
 
+/// A note naming the groups that within-group episodes cannot use (fewer classes than ways).
+fn skipped_groups(set: &data::ImageSet, grouping: Grouping, ways: usize) -> Option<String> {
+    if grouping != Grouping::WithinGroup {
+        return None;
+    }
+    let groups = set.groups();
+    let small: Vec<String> = groups
+        .iter()
+        .filter(|(_, c)| c.len() < ways)
+        .map(|(g, c)| format!("{} ({})", if g.is_empty() { "(no group)" } else { g }, c.len()))
+        .collect();
+    (!small.is_empty()).then(|| {
+        format!(
+            "{} of {} groups have fewer than {ways} classes and are skipped by within-group episodes: {}",
+            small.len(),
+            groups.len(),
+            small.join(", ")
+        )
+    })
+}
+
 fn run_lake(
     a: &EvalArgs,
     config: &RunConfig,
     learner: &dyn kshot::methods::Learner,
     root: &Path,
     model_name: Option<&str>,
+    label: &str,
 ) -> anyhow::Result<()> {
     let contaminated = eval::lake_benchmark_ineligibility(config);
     if let Some(why) = &contaminated {
@@ -247,7 +345,7 @@ fn run_lake(
             "error": report.error / 100.0,
             "accuracy": report.accuracy / 100.0,
             "contaminated": contaminated.is_some(),
-            "run": a.run.display().to_string(),
+            "run": label,
             "model": model_name,
             "kshot_version": kshot::VERSION,
         });

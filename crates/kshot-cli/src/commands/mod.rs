@@ -1,7 +1,13 @@
 //! Subcommands, one file each: each parses flags into library types and calls the library.
 
+mod calibrate;
 mod data;
+mod embed;
 mod eval;
+mod models;
+mod plot;
+mod predict;
+mod predict_grid;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +28,15 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Which class is this image? Classify query images against a support folder of labelled
+    /// examples (one sub-folder per class) with a built-in or trained model.
+    Predict(predict::PredictArgs),
+    /// List the built-in models: how each was trained, its preprocessing and its scores.
+    Models(models::ModelsArgs),
+    /// Write a model's embeddings of images (safetensors or .npy, with the file names).
+    Embed(embed::EmbedArgs),
+    /// Fit a run's probability temperature on validation episodes (for predict --reject-below).
+    Calibrate(calibrate::CalibrateArgs),
     /// Meta-train a learner (or continue one with --resume).
     Train(Box<train::TrainArgs>),
     /// Score a trained run on fixed, seeded test episodes: mean accuracy ± 95% CI.
@@ -36,6 +51,8 @@ enum Command {
     /// Time the training workloads (Conv4, ResNet-12, MAML, ProtoNet), side by side with the
     /// PyTorch reference (--pytorch PYTHON).
     Bench(crate::bench::BenchArgs),
+    /// Draw a run's learning curves (metrics.csv) as a PNG.
+    Plot(plot::PlotArgs),
 }
 
 /// Runs the parsed command; `matches` tells which flags were given on the command line.
@@ -46,8 +63,13 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             train::run(*args, given)
         }
         Command::Eval(args) => eval::run(args),
+        Command::Predict(args) => predict::run(args),
+        Command::Models(args) => models::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Data { command } => data::run(command),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Presets => {
             for p in kshot::presets::all() {
                 println!("{:<30} {}", p.name, p.summary);
@@ -73,9 +95,16 @@ fn flag(id: &str) -> String {
     format!("--{}", id.replace('_', "-"))
 }
 
-/// `--data-dir` / `$KSHOT_DATA` if given, else the directory the run was trained from.
+/// `--data-dir` / `$KSHOT_DATA` if given, else the directory the run was trained from. A folder
+/// run reads its own folder: `$KSHOT_DATA` (the Omniglot / miniImageNet root) does not replace it,
+/// only an explicit `--data-dir` does.
 fn data_root_for(flag: Option<&Path>, config: &RunConfig) -> anyhow::Result<PathBuf> {
+    let from_env = flag.is_some()
+        && std::env::var_os(kshot::data::DATA_ENV).map(PathBuf::from).as_deref() == flag;
     match (flag, &config.data.data_dir) {
+        (Some(_), Some(recorded)) if from_env && config.data.dataset == "folder" => {
+            Ok(PathBuf::from(recorded))
+        }
         (Some(p), _) => Ok(p.to_path_buf()),
         (None, Some(recorded)) => Ok(PathBuf::from(recorded)),
         (None, None) => kshot::data::resolve_root(None),

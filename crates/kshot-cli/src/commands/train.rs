@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{ArgMatches, Args};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use kshot::config::{RunConfig, Validation};
 use kshot::data::{self, Grouping};
 use kshot::methods::{MethodConfig, MethodFlags};
@@ -42,15 +42,31 @@ pub struct TrainArgs {
     /// Omniglot net), koch (Koch et al.'s 105x105 twin) or resnet12.
     #[arg(long)]
     backbone: Option<String>,
-    /// omniglot (default) or mini-imagenet; changing it also resets the split, image size and
-    /// input channels to the dataset's defaults (vinyals, 28, 1 / ravi, 84, 3).
+    /// omniglot (default), mini-imagenet, or folder (your own images: --data-dir DIR holds one
+    /// sub-folder per class, or DIR/<group>/<class>/); changing it also resets the split, image
+    /// size and input channels to the dataset's defaults (vinyals, 28, 1 / ravi, 84, 3 /
+    /// ratio:0.6,0.2,0.2, 84, 3).
     #[arg(long)]
     dataset: Option<String>,
     /// omniglot: vinyals, lake, maml (cbfinn/maml's shuffled 1100/100/423 characters, with
     /// per-task rotations) or reptile (run_omniglot.py's 1200 × 4 rotations / 423 unrotated);
-    /// mini-imagenet: ravi.
+    /// mini-imagenet: ravi; folder: ratio:TRAIN,VAL,TEST[@SEED] (classes shuffled by SEED),
+    /// all, a spec file (JSON {"train": [...], "val": [...], "test": [...]} or CSV class,subset)
+    /// or easyfsl's spec ({"class_names": [...], "class_roots": [...]}, or a folder of its
+    /// train/val/test.json).
     #[arg(long)]
     split: Option<String>,
+    /// Folder datasets: read images as 1 (grayscale) or 3 (RGB) channels (default 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3))]
+    channels: Option<u64>,
+    /// Folder datasets: as-is (default) or ink (drawings: background 0, ink 1 whatever their
+    /// polarity or gray levels; grayscale only).
+    #[arg(long, value_name = "POLARITY")]
+    polarity: Option<kshot::data::images::Polarity>,
+    /// Folder datasets: stretch (default: resize every image to --image-size) or exact (every
+    /// image must already be --image-size square).
+    #[arg(long, value_name = "FIT")]
+    fit: Option<kshot::data::images::Fit>,
     /// Rotate each class of every episode by a random multiple of 90° (cbfinn/maml's Omniglot
     /// tasks). Default: on with --split maml, else the preset's.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -164,6 +180,33 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
             c.data.invert = true;
             c.backbone.set_in_channels(defaults.channels);
         }
+    }
+    let folder = c.data.dataset == "folder";
+    for (flag, given) in [
+        ("--channels", a.channels.is_some()),
+        ("--polarity", a.polarity.is_some()),
+        ("--fit", a.fit.is_some()),
+    ] {
+        if given && !folder {
+            bail!("{flag} applies to --dataset folder; this run reads {}", c.data.dataset);
+        }
+    }
+    if let Some(ch) = a.channels {
+        c.backbone.set_in_channels(ch as usize);
+    }
+    if let Some(p) = a.polarity {
+        c.data.polarity = p;
+    }
+    if let Some(f) = a.fit {
+        c.data.fit = f;
+    }
+    if folder {
+        kshot::data::images::Pipeline::folder(
+            c.backbone.in_channels(),
+            c.data.image_size,
+            c.data.polarity,
+            c.data.fit,
+        )?;
     }
     if let Some(kind) = &a.backbone {
         if kind != c.backbone.kind() {
@@ -346,6 +389,17 @@ fn retrain_config(a: &TrainArgs, given: &[String], first: &Path) -> anyhow::Resu
 
 pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let given = given_flags(matches);
+    if let Some(dir) = &a.resume {
+        train::check_resumable(dir)?;
+    } else {
+        let out = a.out.as_deref().context("--out RUN_DIR is required")?;
+        if train::check_new_run_dir(out)? == train::NewRunDir::FailedStart {
+            eprintln!(
+                "note: starting again in {}: its earlier start stopped before the first checkpoint",
+                out.display()
+            );
+        }
+    }
     let (run_dir, config, resume) = match (&a.resume, &a.retrain_trainval) {
         (Some(dir), _) => (dir.clone(), resumed_config(&a, &given, dir)?, true),
         (None, Some(first)) => {
@@ -361,14 +415,7 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     let root = data_root_for(a.data_dir.as_deref(), &config)?;
     let d = &config.data;
     eprintln!("loading {}/{} ({}) from {}", d.dataset, d.split, d.train_subset, root.display());
-    let train_set = data::load_with_pixels(
-        &root,
-        &d.dataset,
-        &d.split,
-        &d.train_subset,
-        d.image_size,
-        d.pixels(),
-    )?;
+    let train_set = data::load_data(&root, d, &d.train_subset, config.backbone.in_channels())?;
     let val_set = train::load_validation_set(&root, &config)?;
     eprintln!(
         "{} {}: {} classes, {} {}; run directory {}",
@@ -381,6 +428,7 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
+    let out_of_time = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
         ctrlc::set_handler(move || {
@@ -394,23 +442,21 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         .context("cannot install the Ctrl-C handler")?;
     }
     if let Some(minutes) = a.max_minutes {
-        let stop = stop.clone();
+        let (stop, out_of_time) = (stop.clone(), out_of_time.clone());
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_secs_f64(minutes * 60.0));
+            out_of_time.store(true, Ordering::SeqCst);
             stop.store(true, Ordering::SeqCst);
         });
     }
 
-    let bar = ProgressBar::new(config.episodes);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} episodes ({eta} left) {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    // Dropped unfinished (an error), the bar stays where training stopped instead of jumping to
+    // its length.
+    let bar = ProgressBar::new(config.episodes).with_finish(ProgressFinish::Abandon);
+    bar.set_style(bar_style(" ({eta} left) {msg}"));
     let (mut avg_loss, mut avg_acc) = (None::<f64>, None::<f64>);
     let mut last_val = String::new();
+    let mut first = true;
     let summary =
         train::train(&run_dir, &config, &train_set, val_set.as_ref(), resume, &stop, |s| {
             let ema =
@@ -425,6 +471,11 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
                     100.0 * acc,
                     100.0 * ci
                 ));
+            }
+            if std::mem::take(&mut first) {
+                // Rate and ETA count from where the run stands (a resumed run is past 0).
+                bar.set_position(s.episode - 1);
+                bar.reset_eta();
             }
             bar.set_position(s.episode);
             if bar.is_hidden() && (s.episode % 100 == 0 || s.episode == s.total) {
@@ -446,8 +497,27 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
                 s.lr
             ));
         })?;
+    let stopped = if summary.stopped_early {
+        Some(Stopped::EarlyStopping)
+    } else if summary.interrupted && out_of_time.load(Ordering::SeqCst) {
+        Some(Stopped::MaxMinutes(a.max_minutes.unwrap_or_default()))
+    } else if summary.interrupted {
+        Some(Stopped::Interrupted)
+    } else {
+        None
+    };
+    match stopped {
+        Some(why) => {
+            let message = why.message(&run_dir);
+            if bar.is_hidden() {
+                eprintln!("episode {}/{}, {message}", summary.episodes_done, config.episodes);
+            }
+            bar.set_style(bar_style(", {msg}"));
+            bar.abandon_with_message(message);
+        }
+        None => bar.finish(),
+    }
     if summary.stopped_early {
-        bar.abandon();
         let es = config.validation.and_then(|v| v.early_stopping);
         let (metric, patience) =
             es.map_or(("?".into(), 0), |e| (format!("{:?}", e.metric), e.patience));
@@ -462,10 +532,6 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
             ),
             None => println!("early stopping after episode {}", summary.episodes_done),
         }
-    } else if summary.interrupted {
-        bar.abandon();
-    } else {
-        bar.finish();
     }
     let per_episode = if summary.episodes_done > 0 {
         summary.seconds / summary.episodes_done as f64
@@ -481,5 +547,58 @@ pub fn run(a: TrainArgs, matches: &ArgMatches) -> anyhow::Result<()> {
         per_episode,
         run_dir.join(train::MODEL_FILE).display()
     );
+    eprintln!("plot the learning curves: kshot plot {}", run_dir.display());
     Ok(())
+}
+
+/// The bar's template with `tail` right after `N/M episodes`.
+fn bar_style(tail: &str) -> ProgressStyle {
+    let template = format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} episodes{tail}");
+    ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> ")
+}
+
+/// Why training stopped before its last episode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stopped {
+    /// `--max-minutes` ran out (its value).
+    MaxMinutes(f64),
+    /// Ctrl-C.
+    Interrupted,
+    /// Validation stopped improving (`--patience`).
+    EarlyStopping,
+}
+
+impl Stopped {
+    /// What the progress bar says after the count of episodes done.
+    fn message(self, run_dir: &Path) -> String {
+        let resume = format!("resume with kshot train --resume {}", run_dir.display());
+        match self {
+            Stopped::MaxMinutes(m) => format!("stopped (--max-minutes {m}); {resume}"),
+            Stopped::Interrupted => format!("stopped (Ctrl-C); {resume}"),
+            Stopped::EarlyStopping => "stopped early: validation stopped improving".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_final_bar_message_says_why_and_how_to_resume() {
+        let dir = Path::new("runs/a");
+        assert_eq!(
+            Stopped::MaxMinutes(40.0).message(dir),
+            "stopped (--max-minutes 40); resume with kshot train --resume runs/a"
+        );
+        assert_eq!(
+            Stopped::MaxMinutes(0.5).message(dir),
+            "stopped (--max-minutes 0.5); resume with kshot train --resume runs/a"
+        );
+        assert_eq!(
+            Stopped::Interrupted.message(dir),
+            "stopped (Ctrl-C); resume with kshot train --resume runs/a"
+        );
+        assert!(!Stopped::EarlyStopping.message(dir).contains("--resume"));
+    }
 }

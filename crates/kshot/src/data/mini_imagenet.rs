@@ -610,11 +610,6 @@ fn read_entry(zip: Option<&mut zip::ZipArchive<Cursor<&[u8]>>>, entry: &Entry) -
 /// decoder's own), and writes it to `out` as [3, size, size] (channel planes R, G, B).
 /// A non-square image is stretched to the square, as Ravi & Larochelle's preprocessing does.
 pub fn preprocess(bytes: &[u8], size: usize, out: &mut [u8]) -> Result<()> {
-    let plane = size * size;
-    if out.len() != 3 * plane {
-        bail!("internal error: output buffer is not 3x{size}x{size}");
-    }
-    let side = u32::try_from(size).map_err(|_| anyhow!("image size {size} is too large"))?;
     let mut reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| anyhow!("could not read the image ({})", one_line(&e.to_string())))?;
@@ -628,10 +623,23 @@ pub fn preprocess(bytes: &[u8], size: usize, out: &mut [u8]) -> Result<()> {
     let img = reader
         .decode()
         .map_err(|e| anyhow!("could not decode the image ({})", one_line(&e.to_string())))?;
+    write_rgb(&img, size, out)
+}
+
+/// A decoded image as miniImageNet's pixels: 8-bit RGB (grayscale replicated, alpha dropped),
+/// stretched to `size`×`size` with Lanczos-3 when its shape differs, written to `out` as
+/// [3, size, size] channel planes. The one pipeline of miniImageNet, a folder of RGB images and
+/// `kshot predict` with a miniImageNet model.
+pub fn write_rgb(img: &image::DynamicImage, size: usize, out: &mut [u8]) -> Result<()> {
+    let plane = size * size;
+    if out.len() != 3 * plane {
+        bail!("internal error: output buffer is not 3x{size}x{size}");
+    }
+    let side = u32::try_from(size).map_err(|_| anyhow!("image size {size} is too large"))?;
     if img.width() == 0 || img.height() == 0 {
         bail!("empty image");
     }
-    let mut rgb = img.into_rgb8();
+    let mut rgb = img.to_rgb8();
     if rgb.dimensions() != (side, side) {
         rgb = image::imageops::resize(&rgb, side, side, FilterType::Lanczos3);
     }

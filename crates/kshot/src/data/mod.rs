@@ -4,6 +4,8 @@ pub mod augment;
 pub mod cache;
 pub mod download;
 pub mod episode;
+pub mod folder;
+pub mod images;
 pub mod lake_runs;
 pub mod mini_imagenet;
 pub mod omniglot;
@@ -58,6 +60,23 @@ impl ImageSet {
     }
 
     /// Class indices by group, groups in sorted order.
+    /// 16 hex digits of a SHA-256 over the classes' names and pixels: two sets print the same
+    /// fingerprint only if they hold the same images under the same names.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for n in [self.channels, self.height, self.width, self.classes.len()] {
+            h.update((n as u64).to_le_bytes());
+        }
+        for c in &self.classes {
+            for field in [c.name.as_bytes(), c.group.as_bytes(), &c.pixels] {
+                h.update((field.len() as u64).to_le_bytes());
+                h.update(field);
+            }
+        }
+        cache::hex(&h.finalize()[..8])
+    }
+
     pub fn groups(&self) -> BTreeMap<&str, Vec<usize>> {
         let mut g: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, c) in self.classes.iter().enumerate() {
@@ -81,7 +100,7 @@ pub fn resolve_root(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// The datasets `--dataset` accepts.
-pub const DATASETS: &[&str] = &["omniglot", "mini-imagenet"];
+pub const DATASETS: &[&str] = &["omniglot", "mini-imagenet", "folder"];
 
 /// What a dataset is loaded as unless told otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +117,12 @@ pub fn dataset_defaults(dataset: &str) -> anyhow::Result<DatasetDefaults> {
         "omniglot" => Ok(DatasetDefaults { split: "vinyals", image_size: 28, channels: 1 }),
         "mini-imagenet" => Ok(DatasetDefaults {
             split: "ravi",
+            image_size: mini_imagenet::NATIVE_SIZE,
+            channels: 3,
+        }),
+        // A folder of photos, read like miniImageNet (`--channels 1` for drawings).
+        "folder" => Ok(DatasetDefaults {
+            split: folder::DEFAULT_TRAIN_SPLIT,
             image_size: mini_imagenet::NATIVE_SIZE,
             channels: 3,
         }),
@@ -129,6 +154,17 @@ pub fn split_subsets(dataset: &str, split: &str) -> anyhow::Result<SplitSubsets>
         ("mini-imagenet", "ravi") => {
             Ok(SplitSubsets { train: "train", val: Some("val"), test: "test" })
         }
+        ("folder", "all") => Ok(SplitSubsets { train: "all", val: None, test: "all" }),
+        ("folder", split) => {
+            let has_val = match split.parse::<folder::ClassSplit>()? {
+                folder::ClassSplit::All => false,
+                folder::ClassSplit::Ratio { val, .. } => val > 0.0,
+                folder::ClassSplit::Spec { subsets, .. } => subsets.values().any(|s| s == "val"),
+                folder::ClassSplit::Easyfsl { per_subset, .. } => per_subset.contains_key("val"),
+            };
+            let val = has_val.then_some("val");
+            Ok(SplitSubsets { train: "train", val, test: "test" })
+        }
         ("mini-imagenet", other) => {
             anyhow::bail!("unknown miniImageNet split `{other}`; choose ravi")
         }
@@ -136,6 +172,22 @@ pub fn split_subsets(dataset: &str, split: &str) -> anyhow::Result<SplitSubsets>
             anyhow::bail!("unknown dataset `{other}`; choose one of: {}", DATASETS.join(", "))
         }
     }
+}
+
+/// Loads the `subset` classes of a run's data: Omniglot and miniImageNet from the data root
+/// `root`, a folder dataset from `root` itself (the folder of class folders), with `channels`
+/// the backbone's input channels (folders are read as grayscale or RGB accordingly).
+pub fn load_data(
+    root: &Path,
+    data: &crate::protocol::DataConfig,
+    subset: &str,
+    channels: usize,
+) -> anyhow::Result<ImageSet> {
+    if data.dataset == "folder" {
+        let pipeline = images::Pipeline::of_run(data, channels)?;
+        return folder::load(root, &data.split, subset, &pipeline);
+    }
+    load_with_pixels(root, &data.dataset, &data.split, subset, data.image_size, data.pixels())
 }
 
 /// Loads the `subset` classes of `dataset`/`split` at `image_size`×`image_size`.

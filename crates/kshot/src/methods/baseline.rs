@@ -472,6 +472,11 @@ impl Baseline {
 }
 
 impl Learner for Baseline {
+    fn embed(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let params = self.state.params.detached_values();
+        Ok(self.backbone.forward(&params, images, BnMode::Running(&self.state.running))?)
+    }
+
     fn adapt(
         &self,
         support: &Tensor,

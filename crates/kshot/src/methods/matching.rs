@@ -180,6 +180,11 @@ impl MatchingNet {
 }
 
 impl Learner for MatchingNet {
+    fn embed(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let params = self.state.params.detached_values();
+        Ok(self.backbone.forward(&params, images, BnMode::Running(&self.state.running))?)
+    }
+
     fn adapt(
         &self,
         support: &Tensor,

@@ -60,6 +60,15 @@ pub trait Learner: Send + Sync {
     fn params(&self) -> &ParamSet {
         &self.state().params
     }
+
+    /// [n, C, H, W] → [n, D] task-independent features of images, in inference mode: the
+    /// embedding the learner's classifiers are built on (`kshot embed`). Learners that adapt
+    /// their whole network to each task have none.
+    fn embed(&self, _images: &Tensor) -> anyhow::Result<Tensor> {
+        anyhow::bail!(
+            "this method adapts its whole network to each task, so it has no task-independent embedding; embed with a protonet, matching, baseline or baseline++ model"
+        )
+    }
 }
 
 /// A learner's whole state between training steps.

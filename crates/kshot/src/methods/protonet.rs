@@ -127,6 +127,11 @@ impl Classifier for Prototypes<'_> {
 }
 
 impl Learner for ProtoNet {
+    fn embed(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let params = self.state.params.detached_values();
+        Ok(self.backbone.forward(&params, images, BnMode::Running(&self.state.running))?)
+    }
+
     fn adapt(
         &self,
         support: &Tensor,

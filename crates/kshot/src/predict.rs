@@ -9,7 +9,8 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::calibration;
-use crate::data::images::{self, Pipeline};
+use crate::data::folder;
+use crate::data::images::Pipeline;
 use crate::methods::Learner;
 
 /// The labelled images of a prediction task, as the model sees them.
@@ -25,7 +26,8 @@ pub struct Support {
 }
 
 impl Support {
-    /// `dir` holds one sub-folder per class with one or more images each.
+    /// `dir` holds one sub-folder per class with one or more images each (or, as a folder
+    /// dataset, groups of class folders).
     pub fn load(dir: &Path, pipeline: &Pipeline) -> Result<Self> {
         if !dir.is_dir() {
             bail!(
@@ -33,45 +35,23 @@ impl Support {
                 dir.display()
             );
         }
-        let mut classes = Vec::new();
-        let mut files = Vec::new();
-        for entry in images::sorted_entries(dir)? {
-            if !entry.is_dir() || images::is_hidden(&entry) {
-                continue;
-            }
-            let name =
-                entry.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let list: Vec<PathBuf> = images::sorted_entries(&entry)?
-                .into_iter()
-                .filter(|p| p.is_file() && images::is_image(p) && !images::is_hidden(p))
-                .collect();
-            if list.is_empty() {
-                bail!(
-                    "{} holds no images ({}); give class `{name}` at least one labelled image or remove the folder",
-                    entry.display(),
-                    images::EXTENSIONS.join(", ")
-                );
-            }
-            classes.push(name);
-            files.push(list);
-        }
+        let classes = folder::scan(dir)?;
         if classes.len() < 2 {
             bail!(
-                "--support {} has {} class folder{}; a prediction needs at least 2 classes, one sub-folder of images each",
-                dir.display(),
-                classes.len(),
-                if classes.len() == 1 { "" } else { "s" }
+                "--support {} has 1 class folder; a prediction needs at least 2 classes, one sub-folder of images each",
+                dir.display()
             );
         }
-        let flat: Vec<(PathBuf, u32)> = files
-            .iter()
-            .enumerate()
-            .flat_map(|(l, list)| list.iter().map(move |f| (f.clone(), l as u32)))
+        let set = folder::decode(&dir.display().to_string(), &classes, pipeline)?;
+        let labels = (0..set.classes.len())
+            .flat_map(|l| std::iter::repeat_n(l as u32, set.num_images(l)))
             .collect();
-        let decoded: Vec<Vec<u8>> =
-            flat.par_iter().map(|(f, _)| pipeline.load(f)).collect::<Result<_>>()?;
-        let labels = flat.iter().map(|&(_, l)| l).collect();
-        Ok(Support { classes, files, pixels: decoded.concat(), labels })
+        Ok(Support {
+            pixels: set.classes.iter().flat_map(|c| c.pixels.iter().copied()).collect(),
+            labels,
+            classes: classes.iter().map(|c| c.name.clone()).collect(),
+            files: classes.into_iter().map(|c| c.files).collect(),
+        })
     }
 
     pub fn ways(&self) -> usize {
@@ -99,8 +79,14 @@ pub fn tensor(pixels: &[u8], pipeline: &Pipeline) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (n, pipeline.channels, pipeline.size, pipeline.size), &Device::Cpu)?)
 }
 
-/// Queries scored in one forward pass at most.
-const QUERY_BATCH: usize = 256;
+/// Images decoded and scored in one forward pass at most.
+pub const BATCH: usize = 256;
+
+/// Decodes `files` in parallel through `pipeline` into one [n, C, H, W] tensor.
+pub fn load_batch(files: &[PathBuf], pipeline: &Pipeline) -> Result<Tensor> {
+    let pixels: Vec<Vec<u8>> = files.par_iter().map(|f| pipeline.load(f)).collect::<Result<_>>()?;
+    tensor(&pixels.concat(), pipeline)
+}
 
 /// Adapts `learner` to `support` once and scores every query file: probabilities are
 /// softmax(logits / `temperature`); a query whose top probability is below `reject_below` is
@@ -117,10 +103,8 @@ pub fn predict(
     let classifier =
         learner.adapt(&tensor(&support.pixels, pipeline)?, &support.labels, support.ways())?;
     let mut out = Vec::with_capacity(queries.len());
-    for chunk in queries.chunks(QUERY_BATCH) {
-        let pixels: Vec<Vec<u8>> =
-            chunk.par_iter().map(|f| pipeline.load(f)).collect::<Result<_>>()?;
-        let logits = classifier.logits(&tensor(&pixels.concat(), pipeline)?)?.to_vec2::<f32>()?;
+    for chunk in queries.chunks(BATCH) {
+        let logits = classifier.logits(&load_batch(chunk, pipeline)?)?.to_vec2::<f32>()?;
         for (query, row) in chunk.iter().zip(logits) {
             let probabilities = calibration::softmax(&row, temperature);
             let best = probabilities

@@ -23,9 +23,6 @@ pub struct EmbedArgs {
     out: PathBuf,
 }
 
-/// Images embedded in one forward pass at most.
-const BATCH: usize = 256;
-
 pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
     if ext != "safetensors" && ext != "npy" {
@@ -38,11 +35,8 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     kshot::autograd::init();
     let mut rows: Vec<f32> = Vec::new();
     let mut dim = 0;
-    for chunk in files.chunks(BATCH) {
-        use rayon::prelude::*;
-        let pixels: Vec<Vec<u8>> =
-            chunk.par_iter().map(|f| pipeline.load(f)).collect::<anyhow::Result<_>>()?;
-        let x = kshot::predict::tensor(&pixels.concat(), &pipeline)?;
+    for chunk in files.chunks(kshot::predict::BATCH) {
+        let x = kshot::predict::load_batch(chunk, &pipeline)?;
         let e = learner.embed(&x).with_context(|| format!("{} cannot embed", source.describe()))?;
         let e = e.flatten_from(1)?;
         dim = e.dim(1)?;

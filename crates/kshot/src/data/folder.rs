@@ -388,10 +388,14 @@ pub fn decode(name: &str, classes: &[ClassDir], pipeline: &Pipeline) -> Result<I
     let decoded: Vec<Class> = classes
         .par_iter()
         .map(|c| {
-            let images: Vec<Vec<u8>> =
-                c.files.par_iter().map(|f| pipeline.load(f)).collect::<Result<_>>()?;
+            // Decoded in parallel, errors reported in file order (the first bad file).
+            let decoded: Vec<Result<Vec<u8>>> =
+                c.files.par_iter().map(|f| pipeline.load(f)).collect();
+            let images: Vec<Vec<u8>> = decoded.into_iter().collect::<Result<_>>()?;
             Ok(Class { name: c.name.clone(), group: c.group.clone(), pixels: images.concat() })
         })
+        .collect::<Vec<Result<Class>>>()
+        .into_iter()
         .collect::<Result<_>>()?;
     Ok(ImageSet {
         name: name.to_string(),

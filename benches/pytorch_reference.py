@@ -6,6 +6,7 @@ Every workload is a full training step on random normal inputs: forward, backwar
 ReLU, 2x2 max-pool), or in resnet12-step-84 of ResNet-12 (crates/kshot/src/nn/resnet12.rs: widths
 64-160-320-640, batch statistics, LeakyReLU 0.1, 1x1 shortcut, global average pool, no DropBlock).
 The predict-* workloads are inference instead: `kshot predict`'s ProtoNet path without decoding.
+gnn-5w1s-100graphs is a Garcia & Bruna GNN training batch written as the official modules.
 Prints one JSON line: {"workload", "samples_ms", "torch", "threads"}.
 
     python benches/pytorch_reference.py --workload conv4-step-28 --reps 20 --threads 2
@@ -188,6 +189,102 @@ def predict(queries, ways=5, batch=256):
     return step
 
 
+class _EmbeddingOmniglot(torch.nn.Module):
+    # few-shot-gnn models/models.py EmbeddingOmniglot, as kshot's gnn-omniglot backbone.
+    def __init__(self, emb=64, nef=64):
+        super().__init__()
+        nn = torch.nn
+        self.convs = nn.ModuleList([nn.Conv2d(1 if i == 0 else nef, nef, 3, padding=1 if i < 2 else 0,
+                                              bias=False) for i in range(4)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(nef) for _ in range(4)])
+        self.fc = nn.Linear(3 * 3 * nef, emb, bias=False)
+        self.bn_fc = nn.BatchNorm1d(emb)
+
+    def forward(self, x):
+        for i in range(4):
+            x = self.bns[i](self.convs[i](x))
+            if i < 2:
+                x = F.max_pool2d(x, 2)
+            x = F.leaky_relu(x, 0.1)
+        return F.leaky_relu(self.bn_fc(self.fc(x.flatten(1))))
+
+
+class _Adjacency(torch.nn.Module):
+    # few-shot-gnn models/gnn_iclr.py Wcompute (J2 operator, softmax), 1x1 convolutions as linears.
+    def __init__(self, cin, nf, ratios=(2, 1.5, 1, 1), drop=0.0):
+        super().__init__()
+        nn = torch.nn
+        widths = [int(nf * r) for r in ratios]
+        self.fcs = nn.ModuleList([nn.Linear(a, b) for a, b in zip([cin] + widths[:-1], widths)])
+        self.bns = nn.ModuleList([nn.BatchNorm1d(w) for w in widths])
+        self.out = nn.Linear(widths[-1], 1)
+        self.drop = drop
+
+    def forward(self, x):
+        b, n, f = x.shape
+        h = (x.unsqueeze(2) - x.unsqueeze(1)).abs().reshape(b * n * n, f)
+        for k, (fc, bn) in enumerate(zip(self.fcs, self.bns)):
+            h = F.leaky_relu(bn(fc(h)))
+            if k == 0 and self.drop > 0:
+                h = F.dropout(h, self.drop, self.training)
+        scores = self.out(h).reshape(b, n, n) - torch.eye(n) * 1e8
+        return F.softmax(scores, dim=2)
+
+
+class _GraphConv(torch.nn.Module):
+    # few-shot-gnn Gconv over {I, A}.
+    def __init__(self, cin, cout, bn=True):
+        super().__init__()
+        self.fc = torch.nn.Linear(2 * cin, cout)
+        self.bn = torch.nn.BatchNorm1d(cout) if bn else None
+
+    def forward(self, a, x):
+        b, n, f = x.shape
+        h = self.fc(torch.cat([x, torch.bmm(a, x)], 2).reshape(b * n, 2 * f))
+        if self.bn is not None:
+            h = self.bn(h)
+        return h.reshape(b, n, -1)
+
+
+class _GnnOmniglot(torch.nn.Module):
+    # few-shot-gnn GNN_nl_omniglot (nf = 96, 2 layers).
+    def __init__(self, features, ways, growth=48, layers=2):
+        super().__init__()
+        nn = torch.nn
+        self.adj = nn.ModuleList([_Adjacency(features + growth * i, features + growth * i)
+                                  for i in range(layers)])
+        self.conv = nn.ModuleList([_GraphConv(features + growth * i, growth) for i in range(layers)])
+        last = features + growth * layers
+        self.adj_out = _Adjacency(last, features + growth * (layers - 1), drop=0.3)
+        self.conv_out = _GraphConv(last, ways)
+
+    def forward(self, x):
+        for adj, conv in zip(self.adj, self.conv):
+            x = torch.cat([x, F.leaky_relu(conv(adj(x), x))], 2)
+        return self.conv_out(self.adj_out(x), x)[:, 0, :]
+
+
+def gnn_step(graphs=100, ways=5, shots=1):
+    # A GNN training batch: `graphs` graphs of one query and ways*shots support images, all images
+    # embedded in one batch, node features [embedding | one-hot label (zeros for the query)].
+    enc, gnn = _EmbeddingOmniglot(), _GnnOmniglot(64 + ways, ways)
+    opt = torch.optim.Adam(list(enc.parameters()) + list(gnn.parameters()), lr=1e-3)
+    n = ways * shots
+    xq, xs = torch.randn(graphs, 1, 28, 28), torch.randn(graphs * n, 1, 28, 28)
+    onehot = F.one_hot(labels(ways, shots), ways).float().expand(graphs, n, ways)
+    yq = torch.randint(0, ways, (graphs,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        emb = enc(torch.cat([xq, xs]))
+        q = torch.cat([emb[:graphs], torch.zeros(graphs, ways)], 1).unsqueeze(1)
+        s = torch.cat([emb[graphs:].reshape(graphs, n, -1), onehot], 2)
+        F.cross_entropy(gnn(torch.cat([q, s], 1)), yq).backward()
+        opt.step()
+
+    return step
+
+
 WORKLOADS = {
     "conv4-step-28": lambda: classifier_step(1, 28),
     "conv4-step-84": lambda: classifier_step(3, 84),
@@ -196,6 +293,7 @@ WORKLOADS = {
     "protonet-60w1s5q": protonet_step,
     "predict-5w1s-1q": lambda: predict(1),
     "predict-5w1s-1000q": lambda: predict(1000),
+    "gnn-5w1s-100graphs": gnn_step,
 }
 
 

@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
                 support_labels: (0..5).collect(),
                 query: kshot::Tensor::randn(0f32, 1., (5 * queries, 1, 28, 28), &cpu)?,
                 query_labels: (0..5 * queries as u32).map(|i| i / queries as u32).collect(),
+                unlabelled: None,
             })
         })
         .collect::<Result<Vec<_>, candle_core::Error>>()?;

@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         support_labels: (0..ways as u32).collect(),
         query: Tensor::rand(0f32, 1., (ways * queries, 1, size, size), &cpu)?,
         query_labels: (0..(ways * queries) as u32).map(|i| i / queries as u32).collect(),
+        unlabelled: None,
     };
     println!("P = {} learner coordinates, T = {steps}", net.learner_size());
     let (labels, query_labels) = (episode.support_labels_tensor()?, episode.query_labels_tensor()?);

@@ -38,10 +38,13 @@ pub enum Workload {
     Predict1Query,
     /// The same with 1000 queries scored in batches of 256 (predict's batch).
     Predict1000Queries,
+    /// A GNN training batch (Garcia & Bruna, Omniglot net): 100 graphs of 5-way 1-shot plus one
+    /// query each, forward, backward and Adam.
+    GnnBatch,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Conv4Omniglot,
         Workload::Conv4MiniImageNet,
         Workload::ResNet12MiniImageNet,
@@ -49,6 +52,7 @@ impl Workload {
         Workload::ProtoNet60Way,
         Workload::Predict1Query,
         Workload::Predict1000Queries,
+        Workload::GnnBatch,
     ];
 
     /// The name both benchmarks use.
@@ -61,6 +65,7 @@ impl Workload {
             Workload::ProtoNet60Way => "protonet-60w1s5q",
             Workload::Predict1Query => "predict-5w1s-1q",
             Workload::Predict1000Queries => "predict-5w1s-1000q",
+            Workload::GnnBatch => "gnn-5w1s-100graphs",
         }
     }
 
@@ -73,6 +78,7 @@ impl Workload {
             Workload::ProtoNet60Way => "ProtoNet episode, 60-way 1-shot 5-query, 28×28",
             Workload::Predict1Query => "predict: adapt to 5-way 1-shot + 1 query, 28×28",
             Workload::Predict1000Queries => "predict: adapt to 5-way 1-shot + 1000 queries, 28×28",
+            Workload::GnnBatch => "GNN training batch, 100 graphs of 5-way 1-shot + 1 query, 28×28",
         }
     }
 
@@ -101,6 +107,7 @@ fn episode(rng: &mut ChaCha8Rng, spec: EpisodeSpec, size: usize) -> Result<Episo
         support_labels: labels(spec.ways, spec.shots),
         query: normal(rng, &[spec.ways * spec.queries, 1, size, size])?,
         query_labels: labels(spec.ways, spec.queries),
+        unlabelled: None,
     })
 }
 
@@ -165,6 +172,17 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
             let ep = episode(&mut rng, EpisodeSpec::new(60, 1, 5), 28)?;
             let params = net.params().clone();
             learner_step(&params, adam_config, move || net.episode_loss(&ep))?
+        }
+        Workload::GnnBatch => {
+            let backbone = BackboneConfig::GnnOmniglot(crate::nn::GnnEmbeddingConfig::omniglot(1));
+            let config = crate::methods::GnnConfig::omniglot(5);
+            let mut net = crate::methods::Gnn::new(config, &backbone, 28, &mut rng, &Device::Cpu)?;
+            let episodes = (0..100)
+                .map(|_| episode(&mut rng, EpisodeSpec::new(5, 1, 1), 28))
+                .collect::<Result<Vec<_>>>()?;
+            let params = net.params().clone();
+            let mut draw = ChaCha8Rng::seed_from_u64(1);
+            learner_step(&params, adam_config, move || net.batch_loss(&episodes, &mut draw))?
         }
         Workload::Predict1Query | Workload::Predict1000Queries => {
             let queries = if workload == Workload::Predict1Query { 1 } else { 1000 };

@@ -32,8 +32,18 @@ pub struct EvalReport {
     /// 95% confidence half-width of `accuracy`, a fraction.
     pub ci95: f64,
     pub seconds: f64,
+    /// With unlabelled support images: the same episodes scored from their labelled images alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labelled_only: Option<LabelledOnly>,
     #[serde(skip)]
     pub per_episode: Vec<f64>,
+}
+
+/// Accuracy on semi-supervised episodes with their unlabelled support images left out.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LabelledOnly {
+    pub accuracy: f64,
+    pub ci95: f64,
 }
 
 /// Scores `learner` on episodes 0..`episodes` of `sampler` under `seed`; `on_episode` is called
@@ -53,28 +63,49 @@ pub fn evaluate(
     let device = Device::Cpu;
     let done = std::sync::atomic::AtomicUsize::new(0);
     let progress = std::sync::Mutex::new(on_episode);
-    let score = |i: usize| -> Result<f64> {
+    if sampler.spec().unlabelled > 0 && !learner.uses_unlabelled() {
+        candle_core::bail!(
+            "this method does not read unlabelled support images; evaluate it with --unlabelled 0"
+        )
+    }
+    let score = |i: usize| -> Result<(f64, Option<f64>)> {
         let ep = sampler.episode(seed, i as u64, &device)?;
-        let classifier = learner.adapt(&ep.support, &ep.support_labels, ep.spec.ways)?;
-        let logits = classifier.logits(&ep.query)?;
-        let accuracy = ops::accuracy(&logits, &ep.query_labels_tensor()?)?;
+        let labels = ep.query_labels_tensor()?;
+        let accuracy_with = |support: &candle_core::Tensor| -> Result<f64> {
+            let classifier = learner.adapt(support, &ep.support_labels, ep.spec.ways)?;
+            ops::accuracy(&classifier.logits(&ep.query)?, &labels)
+        };
+        let scores = match &ep.unlabelled {
+            None => (accuracy_with(&ep.support)?, None),
+            Some(u) => (
+                accuracy_with(&candle_core::Tensor::cat(&[&ep.support, u], 0)?)?,
+                Some(accuracy_with(&ep.support)?),
+            ),
+        };
         let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         (progress.lock().unwrap_or_else(|e| e.into_inner()))(n);
-        Ok(accuracy)
+        Ok(scores)
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
         .map_err(|e| candle_core::Error::Msg(format!("could not start evaluation threads: {e}")))?;
-    let per_episode: Vec<f64> =
+    let scores: Vec<(f64, Option<f64>)> =
         pool.install(|| (0..episodes).into_par_iter().map(score).collect::<Result<_>>())?;
+    let per_episode: Vec<f64> = scores.iter().map(|s| s.0).collect();
     let (accuracy, ci95) = mean_ci95(&per_episode);
+    let labelled: Vec<f64> = scores.iter().filter_map(|s| s.1).collect();
+    let labelled_only = (!labelled.is_empty()).then(|| {
+        let (accuracy, ci95) = mean_ci95(&labelled);
+        LabelledOnly { accuracy, ci95 }
+    });
     Ok(EvalReport {
         spec: sampler.spec(),
         episodes,
         accuracy,
         ci95,
         seconds: start.elapsed().as_secs_f64(),
+        labelled_only,
         per_episode,
     })
 }

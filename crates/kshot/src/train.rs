@@ -180,7 +180,14 @@ pub fn new_learner(config: &RunConfig) -> anyhow::Result<Box<dyn Learner>> {
     crate::autograd::init();
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     rng.set_stream(INIT_STREAM);
-    config.method.build(&config.protocol, &mut rng, &Device::Cpu)
+    let learner = config.method.build(&config.protocol, &mut rng, &Device::Cpu)?;
+    let p = &config.protocol;
+    anyhow::ensure!(
+        learner.uses_unlabelled() || (p.train.unlabelled == 0 && p.test.unlabelled == 0),
+        "{} does not read unlabelled support images; drop --unlabelled (the gnn method does)",
+        config.method.name()
+    );
+    Ok(learner)
 }
 
 /// Loads the trained learner of a run directory: its best model when it selected one, else the
@@ -622,6 +629,7 @@ pub fn lake_unbenchmarked(mut set: ImageSet, drawers: usize) -> anyhow::Result<O
 pub fn fit_to_training_set(config: &RunConfig, train_set: &ImageSet) -> anyhow::Result<RunConfig> {
     let mut c = config.clone();
     c.backbone.set_in_channels(train_set.channels);
+    c.backbone.set_image_size(train_set.height);
     c.method.fit(train_set)?;
     Ok(c)
 }

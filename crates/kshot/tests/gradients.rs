@@ -257,6 +257,7 @@ fn protonet_explicit_backward_gives_the_composite_gradient() {
         support_labels: (0..(ways * shots) as u32).map(|i| i / shots as u32).collect(),
         query: images(&mut rng, ways * queries),
         query_labels: (0..(ways * queries) as u32).map(|i| i / queries as u32).collect(),
+        unlabelled: None,
     };
     let run = |fast_kernels: bool| {
         let backbone = Conv4Config { hidden: 6, blocks: 3, fast_kernels, ..Conv4Config::new(1) };

@@ -26,6 +26,7 @@ fn task(rng: &mut ChaCha8Rng) -> Result<Episode> {
         support_labels: vec![0, 1, 2],
         query: normal(rng, &[6, 1, 31, 31])?,
         query_labels: vec![0, 0, 1, 1, 2, 2],
+        unlabelled: None,
     })
 }
 

@@ -30,6 +30,7 @@ fn task(rng: &mut ChaCha8Rng, size: usize) -> Result<Episode> {
         support_labels: vec![0, 0, 1, 1, 2, 2],
         query: normal(rng, &[6, 1, size, size])?,
         query_labels: vec![0, 0, 1, 1, 2, 2],
+        unlabelled: None,
     })
 }
 

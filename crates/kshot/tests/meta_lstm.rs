@@ -101,6 +101,7 @@ fn tiny() -> Result<(MetaLstm, Params, Episode)> {
         support_labels: vec![0, 0, 1, 1],
         query: normal(&mut rng, &[4, 1, 6, 6])?,
         query_labels: vec![0, 0, 1, 1],
+        unlabelled: None,
     };
     Ok((net, meta, ep))
 }
@@ -310,6 +311,7 @@ fn two_chunks() -> Result<(MetaLstm, [(Params, Episode); 2])> {
             support_labels: vec![0, 1, 0, 1],
             query: query.to_dtype(dtype)?,
             query_labels: vec![1, 0, 0, 1],
+            unlabelled: None,
         };
         Ok((meta, ep))
     };

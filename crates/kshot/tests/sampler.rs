@@ -129,6 +129,7 @@ fn golden_episodes_are_pinned() {
         EpisodeDraw {
             classes: classes.to_vec(),
             support: support.to_vec(),
+            unlabelled: vec![],
             query: query.to_vec(),
             rotations: vec![],
         }
@@ -158,6 +159,7 @@ fn golden_episodes_are_pinned() {
     let want = EpisodeDraw {
         classes: vec![22, 7, 16],
         support: vec![(22, 7), (7, 10), (16, 9)],
+        unlabelled: vec![],
         query: vec![(22, 4), (7, 0), (16, 3)],
         rotations: vec![],
     };

@@ -23,6 +23,9 @@ pub struct EvalArgs {
     /// Labelled examples per class in each test support set.
     #[arg(long)]
     shots: Option<usize>,
+    /// Unlabelled support images per class beside the labelled ones (gnn; default: the run's).
+    #[arg(long, value_name = "K'")]
+    unlabelled: Option<usize>,
     /// Query images per class in each test episode.
     #[arg(long)]
     queries: Option<usize>,
@@ -194,6 +197,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         ways: a.ways.unwrap_or(config.test.ways),
         shots: a.shots.unwrap_or(config.test.shots),
         queries: a.queries.unwrap_or(config.test.queries),
+        unlabelled: a.unlabelled.unwrap_or(config.test.unlabelled),
     };
     let episodes = a.episodes.unwrap_or(config.test_episodes);
     let grouping = if a.within_alphabet { Grouping::WithinGroup } else { Grouping::Any };
@@ -253,6 +257,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             "seed": a.seed,
             "accuracy": report.accuracy,
             "ci95": report.ci95,
+            "unlabelled": spec.unlabelled,
+            "labelled_only": report.labelled_only,
             "seconds": report.seconds,
             "transductive": config.clone().method.transductive_mut().map(|t| *t),
             "run": label,
@@ -273,6 +279,14 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             100.0 * report.accuracy,
             100.0 * report.ci95
         );
+        if let Some(l) = report.labelled_only {
+            println!(
+                "  the same episodes without their unlabelled images ({}-shot labelled only): {:.2}% ± {:.2}%",
+                spec.shots,
+                100.0 * l.accuracy,
+                100.0 * l.ci95
+            );
+        }
     }
     Ok(())
 }

@@ -101,6 +101,10 @@ pub struct TrainArgs {
     /// Images per class in training episodes when it differs from --shots (Reptile's train shots).
     #[arg(long)]
     train_shots: Option<usize>,
+    /// Semi-supervised episodes (gnn): unlabelled support images per class beside the --shots
+    /// labelled ones, in training, validation and test.
+    #[arg(long, value_name = "K'")]
+    unlabelled: Option<usize>,
     /// Query images per class in training episodes.
     #[arg(long)]
     queries: Option<usize>,
@@ -267,6 +271,13 @@ fn new_config(a: &TrainArgs, given: &[String], data_root: &Path) -> anyhow::Resu
     }
     if let Some(k) = a.train_shots {
         c.train.shots = k;
+    }
+    if let Some(u) = a.unlabelled {
+        c.train.unlabelled = u;
+        c.test.unlabelled = u;
+        if let Some(v) = &mut c.validation {
+            v.spec.unlabelled = u;
+        }
     }
     if let Some(q) = a.queries {
         c.train.queries = q;

@@ -10,23 +10,41 @@ use serde::{Deserialize, Serialize};
 
 use super::ImageSet;
 
-/// Ways, shots and queries of an episode.
+/// Ways, shots and queries of an episode, and the unlabelled support images of the
+/// semi-supervised setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpisodeSpec {
     pub ways: usize,
     pub shots: usize,
     pub queries: usize,
+    /// Extra support images per class whose labels the episode withholds (Garcia & Bruna's
+    /// semi-supervised episodes); 0 in the supervised setting.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unlabelled: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl EpisodeSpec {
     pub fn new(ways: usize, shots: usize, queries: usize) -> Self {
-        Self { ways, shots, queries }
+        Self { ways, shots, queries, unlabelled: 0 }
+    }
+
+    /// The same spec with `unlabelled` unlabelled support images per class.
+    pub fn with_unlabelled(self, unlabelled: usize) -> Self {
+        Self { unlabelled, ..self }
     }
 }
 
 impl std::fmt::Display for EpisodeSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-way {}-shot {}-query", self.ways, self.shots, self.queries)
+        write!(f, "{}-way {}-shot {}-query", self.ways, self.shots, self.queries)?;
+        if self.unlabelled > 0 {
+            write!(f, " (+{} unlabelled)", self.unlabelled)?;
+        }
+        Ok(())
     }
 }
 
@@ -47,6 +65,8 @@ pub enum Grouping {
 pub struct EpisodeDraw {
     pub classes: Vec<usize>,
     pub support: Vec<(usize, usize)>,
+    /// The unlabelled support images, label-major like `support` (empty when the spec has none).
+    pub unlabelled: Vec<(usize, usize)>,
     pub query: Vec<(usize, usize)>,
     /// Counter-clockwise quarter turns of each label's images (support and query alike), with
     /// [`EpisodeSampler::with_task_rotations`]; empty without.
@@ -67,6 +87,9 @@ pub struct Episode {
     /// [N·M, C, H, W]
     pub query: Tensor,
     pub query_labels: Vec<u32>,
+    /// [N·K', C, H, W] support images without labels (semi-supervised episodes); the episode
+    /// does not carry their classes, so a learner cannot read them.
+    pub unlabelled: Option<Tensor>,
 }
 
 impl Episode {
@@ -104,7 +127,7 @@ impl<'a> EpisodeSampler<'a> {
             spec.ways >= 1 && spec.shots >= 1,
             "an episode needs at least 1 way and 1 shot (got {spec})"
         );
-        let per_class = spec.shots + spec.queries;
+        let per_class = spec.shots + spec.unlabelled + spec.queries;
         for (i, class) in set.classes.iter().enumerate() {
             let n = set.num_images(i);
             if n < per_class {
@@ -175,20 +198,23 @@ impl<'a> EpisodeSampler<'a> {
             .map(|i| pool[i])
             .collect();
         classes.shuffle(&mut rng);
-        let per_class = self.spec.shots + self.spec.queries;
-        let mut support = Vec::with_capacity(self.spec.ways * self.spec.shots);
+        let (shots, unlabelled) = (self.spec.shots, self.spec.unlabelled);
+        let per_class = shots + unlabelled + self.spec.queries;
+        let mut support = Vec::with_capacity(self.spec.ways * shots);
+        let mut unlabelled_picks = Vec::with_capacity(self.spec.ways * unlabelled);
         let mut query = Vec::with_capacity(self.spec.ways * self.spec.queries);
         for &class in &classes {
             let picks = index::sample(&mut rng, self.set.num_images(class), per_class).into_vec();
-            support.extend(picks[..self.spec.shots].iter().map(|&i| (class, i)));
-            query.extend(picks[self.spec.shots..].iter().map(|&i| (class, i)));
+            support.extend(picks[..shots].iter().map(|&i| (class, i)));
+            unlabelled_picks.extend(picks[shots..shots + unlabelled].iter().map(|&i| (class, i)));
+            query.extend(picks[shots + unlabelled..].iter().map(|&i| (class, i)));
         }
         let rotations = if self.task_rotations {
             (0..self.spec.ways).map(|_| rng.random_range(0..4u32)).collect()
         } else {
             Vec::new()
         };
-        EpisodeDraw { classes, support, query, rotations }
+        EpisodeDraw { classes, support, unlabelled: unlabelled_picks, query, rotations }
     }
 
     /// Draws and materialises episode `index`.
@@ -206,6 +232,10 @@ impl<'a> EpisodeSampler<'a> {
             query: rotated_images(self.set, &draw.query, &draw.rotations, spec.queries, device)?,
             support_labels: labels(spec.shots),
             query_labels: labels(spec.queries),
+            unlabelled: match spec.unlabelled {
+                0 => None,
+                k => Some(rotated_images(self.set, &draw.unlabelled, &draw.rotations, k, device)?),
+            },
             classes: draw.classes,
         })
     }

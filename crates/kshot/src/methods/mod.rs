@@ -20,6 +20,7 @@ use crate::optim::{Adam, AdamConfig};
 use crate::protocol::Protocol;
 
 pub use baseline::{Baseline, BaselineConfig, Head};
+pub use gnn::{Gnn, GnnConfig, GraphNet, UnknownLabel};
 pub use maml::{Maml, MamlConfig};
 pub use matching::{MatchingConfig, MatchingNet};
 pub use meta_lstm::{MetaLstm, MetaLstmConfig};
@@ -34,7 +35,9 @@ pub trait Classifier {
 }
 
 pub trait Learner: Send + Sync {
-    /// f_θ(S) = m_ψ, in inference mode. `labels` are in 0..ways.
+    /// f_θ(S) = m_ψ, in inference mode. `labels` are in 0..ways and label the first
+    /// `labels.len()` support images; any after them are unlabelled (only for a learner that
+    /// [`Learner::uses_unlabelled`]).
     fn adapt(
         &self,
         support: &Tensor,
@@ -54,6 +57,12 @@ pub trait Learner: Send + Sync {
     /// A learner that updates its parameters itself (Reptile) registers none.
     fn optimisers(&self) -> Vec<OptimiserSpec> {
         vec![OptimiserSpec::all("adam")]
+    }
+
+    /// Whether the learner reads unlabelled support images (semi-supervised episodes); a learner
+    /// that does not is never given any.
+    fn uses_unlabelled(&self) -> bool {
+        false
     }
 
     /// The meta-parameters θ.
@@ -663,4 +672,5 @@ methods! {
     Baseline(BaselineConfig) = "baseline" in baseline,
     Reptile(ReptileConfig) = "reptile" in reptile,
     MetaLstm(MetaLstmConfig) = "meta-lstm" in meta_lstm,
+    Gnn(GnnConfig) = "gnn" in gnn,
 }

@@ -8,8 +8,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BnMode, Conv4, Conv4Config, KochConfig, KochNet, ParamSet, Params, ResNet12, ResNet12Config,
-    RunningStats, StridedConv4, StridedConv4Config,
+    BnMode, Conv4, Conv4Config, GnnEmbedding, GnnEmbeddingConfig, KochConfig, KochNet, ParamSet,
+    Params, ResNet12, ResNet12Config, RunningStats, StridedConv4, StridedConv4Config,
 };
 
 pub trait Backbone: std::fmt::Debug + Send + Sync {
@@ -32,6 +32,18 @@ pub trait Backbone: std::fmt::Debug + Send + Sync {
     /// gradients can be differentiated again).
     fn explicit_backward(&self) -> Option<&dyn ExplicitBackward> {
         None
+    }
+
+    /// The training-mode forward pass (batch statistics, folded into `running` when given) with
+    /// the backbone's dropout drawn from `rng`; the same as [`Backbone::forward`] without dropout.
+    fn forward_train(
+        &self,
+        params: &Params,
+        x: &Tensor,
+        running: Option<&mut RunningStats>,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor> {
+        self.forward(params, x, BnMode::Batch(running))
     }
 }
 
@@ -71,10 +83,15 @@ pub enum BackboneConfig {
     Conv4Strided(StridedConv4Config),
     /// ResNet-12 (MetaOptNet, Tian et al. 2020), without DropBlock; 640-d embeddings.
     Resnet12(ResNet12Config),
+    /// Garcia & Bruna's Omniglot embedding network (64-d).
+    GnnOmniglot(GnnEmbeddingConfig),
+    /// Garcia & Bruna's miniImageNet embedding network (64-96-128-256, dropout, 128-d).
+    GnnMiniimagenet(GnnEmbeddingConfig),
 }
 
 /// The names `--backbone` accepts.
-pub const BACKBONES: &[&str] = &["conv4", "koch", "conv4-strided", "resnet12"];
+pub const BACKBONES: &[&str] =
+    &["conv4", "koch", "conv4-strided", "resnet12", "gnn-omniglot", "gnn-miniimagenet"];
 
 impl BackboneConfig {
     pub fn build(&self) -> Box<dyn Backbone> {
@@ -83,6 +100,9 @@ impl BackboneConfig {
             Self::Koch(c) => Box::new(KochNet::new(*c)),
             Self::Conv4Strided(c) => Box::new(StridedConv4::new(*c)),
             Self::Resnet12(c) => Box::new(ResNet12::new(*c)),
+            Self::GnnOmniglot(c) | Self::GnnMiniimagenet(c) => {
+                Box::new(GnnEmbedding::new(c.clone(), self.kind()))
+            }
         }
     }
 
@@ -95,6 +115,10 @@ impl BackboneConfig {
                 Ok(Self::Conv4Strided(StridedConv4Config::maml_omniglot(in_channels)))
             }
             "resnet12" => Ok(Self::Resnet12(ResNet12Config::new(in_channels))),
+            "gnn-omniglot" => Ok(Self::GnnOmniglot(GnnEmbeddingConfig::omniglot(in_channels))),
+            "gnn-miniimagenet" => {
+                Ok(Self::GnnMiniimagenet(GnnEmbeddingConfig::mini_imagenet(in_channels)))
+            }
             other => {
                 anyhow::bail!("unknown backbone `{other}`; choose one of: {}", BACKBONES.join(", "))
             }
@@ -107,6 +131,8 @@ impl BackboneConfig {
             Self::Koch(_) => "koch",
             Self::Conv4Strided(_) => "conv4-strided",
             Self::Resnet12(_) => "resnet12",
+            Self::GnnOmniglot(_) => "gnn-omniglot",
+            Self::GnnMiniimagenet(_) => "gnn-miniimagenet",
         }
     }
 
@@ -116,6 +142,7 @@ impl BackboneConfig {
             Self::Koch(c) => c.in_channels,
             Self::Conv4Strided(c) => c.in_channels,
             Self::Resnet12(c) => c.in_channels,
+            Self::GnnOmniglot(c) | Self::GnnMiniimagenet(c) => c.in_channels,
         }
     }
 
@@ -125,6 +152,15 @@ impl BackboneConfig {
             Self::Koch(c) => c.in_channels = channels,
             Self::Conv4Strided(c) => c.in_channels = channels,
             Self::Resnet12(c) => c.in_channels = channels,
+            Self::GnnOmniglot(c) | Self::GnnMiniimagenet(c) => c.in_channels = channels,
+        }
+    }
+
+    /// Records the side of the square inputs, for backbones whose size depends on it (the GNN
+    /// embeddings' linear layer).
+    pub fn set_image_size(&mut self, size: usize) {
+        if let Self::GnnOmniglot(c) | Self::GnnMiniimagenet(c) = self {
+            c.image_size = size;
         }
     }
 
@@ -135,7 +171,7 @@ impl BackboneConfig {
             Self::Conv4(c) => c.fast_kernels = fast,
             Self::Conv4Strided(c) => c.fast_kernels = fast,
             Self::Resnet12(c) => c.fast_kernels = fast,
-            Self::Koch(_) => return false,
+            Self::Koch(_) | Self::GnnOmniglot(_) | Self::GnnMiniimagenet(_) => return false,
         }
         true
     }

@@ -2,6 +2,7 @@
 
 pub mod backbone;
 pub mod conv4;
+pub mod gnn_embedding;
 pub mod head;
 pub mod init;
 pub mod koch;
@@ -14,6 +15,7 @@ pub mod strided_conv4;
 
 pub use backbone::{Backbone, BackboneConfig, ExplicitBackward, Tape, BACKBONES};
 pub use conv4::{Conv4, Conv4Config, Conv4Tape, ConvInit};
+pub use gnn_embedding::{GnnConvBlock, GnnEmbedding, GnnEmbeddingConfig};
 pub use head::{Graph, LossAndGrad};
 pub use koch::{KochConfig, KochNet};
 pub use lstm::LstmCell;

@@ -168,6 +168,8 @@ impl Layout {
 pub struct GraphNet {
     pub config: GnnConfig,
     layout: Layout,
+    /// The GNN's batch-norm layers (name, width), in running-statistics order.
+    batch_norms: Vec<(String, usize)>,
     /// Index of the first GNN batch norm in the learner's running statistics.
     bn_offset: usize,
 }
@@ -182,11 +184,13 @@ pub struct GraphMode<'a> {
 impl GraphNet {
     /// The network for node features of width `input` (embedding + ways).
     pub fn new(config: GnnConfig, input: usize, bn_offset: usize) -> Self {
-        Self { config, layout: Layout::new(&config, input), bn_offset }
+        let layout = Layout::new(&config, input);
+        let batch_norms = layout.batch_norms(&config);
+        Self { config, layout, batch_norms, bn_offset }
     }
 
     pub fn batch_norm_layers(&self) -> Vec<(String, usize)> {
-        self.layout.batch_norms(&self.config)
+        self.batch_norms.clone()
     }
 
     /// Appends the GNN's parameters to `p`: PyTorch's defaults (U(±1/√fan_in) weights and biases
@@ -231,7 +235,7 @@ impl GraphNet {
         let (rows, width) = x.dims2()?;
         let layer = self.bn_offset
             + self
-                .batch_norm_layers()
+                .batch_norms
                 .iter()
                 .position(|(n, _)| n == name)
                 .ok_or_else(|| candle_core::Error::Msg(format!("no batch norm `{name}`")))?;

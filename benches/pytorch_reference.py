@@ -7,6 +7,7 @@ ReLU, 2x2 max-pool), or in resnet12-step-84 of ResNet-12 (crates/kshot/src/nn/re
 64-160-320-640, batch statistics, LeakyReLU 0.1, 1x1 shortcut, global average pool, no DropBlock).
 The predict-* workloads are inference instead: `kshot predict`'s ProtoNet path without decoding.
 gnn-5w1s-100graphs is a Garcia & Bruna GNN training batch written as the official modules.
+mann-16x50-steps is a MANN training batch (Santoro et al. 2016) as crates/kshot/src/methods/mann.rs.
 Prints one JSON line: {"workload", "samples_ms", "torch", "threads"}.
 
     python benches/pytorch_reference.py --workload conv4-step-28 --reps 20 --threads 2
@@ -285,6 +286,58 @@ def gnn_step(graphs=100, ways=5, shots=1):
     return step
 
 
+class _Mann(torch.nn.Module):
+    # kshot's methods/mann.rs: LSTM controller over [x | label(y_{t-1}) | r_{t-1}], LRUA memory.
+    def __init__(self, pixels=400, labels=5, hidden=200, slots=128, size=40, heads=4, gamma=0.95):
+        super().__init__()
+        self.cell = torch.nn.LSTMCell(pixels + labels + heads * size, hidden)
+        self.key = torch.nn.Linear(hidden, heads * size)
+        self.gate = torch.nn.Linear(hidden, heads)
+        self.out = torch.nn.Linear(hidden + heads * size, labels)
+        self.slots, self.size, self.heads, self.gamma = slots, size, heads, gamma
+
+    def forward(self, x):  # x: [B, T, pixels + labels]
+        b, t, _ = x.shape
+        h = c = x.new_zeros(b, self.cell.hidden_size)
+        r = x.new_zeros(b, self.heads * self.size)
+        mem = x.new_full((b, self.slots, self.size), 1e-6)
+        w_r = x.new_zeros(b, self.heads, self.slots)
+        usage = x.new_zeros(b, self.slots)
+        outs = []
+        for step in range(t):
+            h, c = self.cell(torch.cat([x[:, step], r], 1), (h, c))
+            k = torch.tanh(self.key(h)).view(b, self.heads, self.size)
+            alpha = torch.sigmoid(self.gate(h)).unsqueeze(2)
+            order = usage.argsort(dim=1, stable=True)[:, : self.heads]
+            w_lu = F.one_hot(order, self.slots).to(x.dtype)
+            keep = 1 - F.one_hot(order[:, 0], self.slots).to(x.dtype).unsqueeze(2)
+            w_w = alpha * w_r + (1 - alpha) * w_lu
+            mem = mem * keep + w_w.transpose(1, 2) @ k
+            cos = (k @ mem.transpose(1, 2)) / (k.norm(dim=2, keepdim=True) @ mem.norm(dim=2, keepdim=True).transpose(1, 2) + 1e-8)
+            w_r = cos.softmax(2)
+            r = (w_r @ mem).reshape(b, -1)
+            usage = (self.gamma * usage + w_r.sum(1) + w_w.sum(1)).detach()
+            outs.append(torch.cat([h, r], 1))
+        return self.out(torch.stack(outs, 1))
+
+
+def mann_step(batch=16, ways=5, instances=10):
+    net = _Mann()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    steps = ways * instances
+    y = torch.stack([labels(ways, instances)[torch.randperm(steps)] for _ in range(batch)])
+    prev = torch.cat([torch.zeros(batch, 1, ways), F.one_hot(y[:, :-1], ways).float()], 1)
+    x = torch.cat([torch.randn(batch, steps, 400), prev], 2)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = net(x)
+        F.cross_entropy(logits.reshape(-1, ways), y.reshape(-1)).backward()
+        opt.step()
+
+    return step
+
+
 WORKLOADS = {
     "conv4-step-28": lambda: classifier_step(1, 28),
     "conv4-step-84": lambda: classifier_step(3, 84),
@@ -294,6 +347,7 @@ WORKLOADS = {
     "predict-5w1s-1q": lambda: predict(1),
     "predict-5w1s-1000q": lambda: predict(1000),
     "gnn-5w1s-100graphs": gnn_step,
+    "mann-16x50-steps": mann_step,
 }
 
 

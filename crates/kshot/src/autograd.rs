@@ -20,15 +20,25 @@ pub const KEEP_GRAPH_VAR: &str = "CANDLE_GRAD_DO_NOT_DETACH";
 
 static INIT: Once = Once::new();
 
+/// How long candle's element-wise worker threads spin before they sleep (`candle_core::utils`,
+/// default 25 000 spins). Between the small ops of a few-shot step the default keeps a worker
+/// spinning most of the time, which on a 2-core machine takes a core from the matrix products.
+const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+const SPIN_LIMIT: &str = "1000";
+
 /// Sets [`KEEP_GRAPH_VAR`] to `1` for this process when it is absent. A value the user set,
 /// including `0` or the empty string (which make candle detach), is left as it is. Call before
 /// any backward pass in any thread; every entry point of the library (trainers, evaluation,
-/// learners) calls it.
+/// learners) calls it. Also sets candle's worker spin limit ([`SPIN_LIMIT_VAR`]) unless the user did.
 pub fn init() {
     INIT.call_once(|| {
         if std::env::var_os(KEEP_GRAPH_VAR).is_none() {
             // SAFETY: called once, before the library starts any thread of its own.
             unsafe { std::env::set_var(KEEP_GRAPH_VAR, "1") };
+        }
+        if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
+            // SAFETY: as above.
+            unsafe { std::env::set_var(SPIN_LIMIT_VAR, SPIN_LIMIT) };
         }
     });
 }

@@ -41,10 +41,11 @@ pub enum Workload {
     /// A GNN training batch (Garcia & Bruna, Omniglot net): 100 graphs of 5-way 1-shot plus one
     /// query each, forward, backward and Adam.
     GnnBatch,
+    MannBatch,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Conv4Omniglot,
         Workload::Conv4MiniImageNet,
         Workload::ResNet12MiniImageNet,
@@ -53,6 +54,7 @@ impl Workload {
         Workload::Predict1Query,
         Workload::Predict1000Queries,
         Workload::GnnBatch,
+        Workload::MannBatch,
     ];
 
     /// The name both benchmarks use.
@@ -66,6 +68,7 @@ impl Workload {
             Workload::Predict1Query => "predict-5w1s-1q",
             Workload::Predict1000Queries => "predict-5w1s-1000q",
             Workload::GnnBatch => "gnn-5w1s-100graphs",
+            Workload::MannBatch => "mann-16x50-steps",
         }
     }
 
@@ -79,6 +82,9 @@ impl Workload {
             Workload::Predict1Query => "predict: adapt to 5-way 1-shot + 1 query, 28×28",
             Workload::Predict1000Queries => "predict: adapt to 5-way 1-shot + 1000 queries, 28×28",
             Workload::GnnBatch => "GNN training batch, 100 graphs of 5-way 1-shot + 1 query, 28×28",
+            Workload::MannBatch => {
+                "MANN training batch, 16 sequences of 5 classes × 10 instances (50 steps), 20×20"
+            }
         }
     }
 
@@ -183,6 +189,20 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
             let params = net.params().clone();
             let mut draw = ChaCha8Rng::seed_from_u64(1);
             learner_step(&params, adam_config, move || net.batch_loss(&episodes, &mut draw))?
+        }
+        Workload::MannBatch => {
+            use crate::methods::mann::{LabelCode, Mann, MannConfig, Sequence};
+            let net = Mann::new(MannConfig::default(), 400, &mut rng, &Device::Cpu)?;
+            let sequences = (0..16)
+                .map(|_| {
+                    let images = normal(&mut rng, &[50, 1, 20, 20])?;
+                    Sequence::shuffled(&images, &labels(5, 10), 5, LabelCode::OneHot, &mut rng)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let params = net.params().clone();
+            learner_step(&params, adam_config, move || {
+                net.batch_loss(&net.params().values(), &sequences)
+            })?
         }
         Workload::Predict1Query | Workload::Predict1000Queries => {
             let queries = if workload == Workload::Predict1Query { 1 } else { 1000 };

@@ -35,6 +35,9 @@ pub struct EvalReport {
     /// With unlabelled support images: the same episodes scored from their labelled images alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labelled_only: Option<LabelledOnly>,
+    /// For learners with an online mode (MANN): accuracy at each presentation of a class.
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub per_instance: Option<PerInstance>,
     #[serde(skip)]
     pub per_episode: Vec<f64>,
 }
@@ -44,6 +47,54 @@ pub struct EvalReport {
 pub struct LabelledOnly {
     pub accuracy: f64,
     pub ci95: f64,
+}
+
+/// Online accuracy by presentation: entry k is the accuracy on the (k+1)-th image of a class in a
+/// sequence, averaged over the classes of an episode, then over episodes (mean ± 95% CI).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PerInstance {
+    pub per_instance_accuracy: Vec<f64>,
+    pub per_instance_ci95: Vec<f64>,
+}
+
+/// The RNG stream of an evaluation episode's presentation order, apart from its drawing stream.
+const ONLINE_STREAM: u64 = 0x6f6e_6c69_6e65;
+
+/// For each presentation k of a class (0-based), the fraction of the `ways` classes whose k-th
+/// image was predicted right; `labels[t]` is the class of step t. Presentations that not every
+/// class reaches are left out.
+pub fn per_instance_accuracy(labels: &[u32], correct: &[bool], ways: usize) -> Vec<f64> {
+    let mut seen = vec![0usize; ways];
+    let mut right: Vec<Vec<bool>> = vec![Vec::new(); ways];
+    for (&l, &c) in labels.iter().zip(correct) {
+        seen[l as usize] += 1;
+        right[l as usize].push(c);
+    }
+    let instances = seen.iter().copied().min().unwrap_or(0);
+    (0..instances).map(|k| right.iter().filter(|r| r[k]).count() as f64 / ways as f64).collect()
+}
+
+/// One episode's support and query images as a sequence shuffled by (seed, index), scored online.
+fn online_scores(
+    learner: &dyn Learner,
+    ep: &crate::data::Episode,
+    seed: u64,
+) -> Option<Result<Vec<f64>>> {
+    use rand::seq::SliceRandom;
+    let labels: Vec<u32> = ep.support_labels.iter().chain(&ep.query_labels).copied().collect();
+    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
+    order.shuffle(&mut crate::data::episode::episode_rng(seed ^ ONLINE_STREAM, ep.index));
+    let images = (|| {
+        let all = candle_core::Tensor::cat(&[&ep.support, &ep.query], 0)?;
+        all.index_select(&candle_core::Tensor::new(order.as_slice(), all.device())?, 0)
+    })();
+    let images = match images {
+        Ok(i) => i,
+        Err(e) => return Some(Err(e)),
+    };
+    let labels: Vec<u32> = order.iter().map(|&i| labels[i as usize]).collect();
+    let correct = learner.online_correct(&images, &labels, ep.spec.ways, seed ^ ep.index)?;
+    Some(correct.map(|c| per_instance_accuracy(&labels, &c, ep.spec.ways)))
 }
 
 /// Scores `learner` on episodes 0..`episodes` of `sampler` under `seed`; `on_episode` is called
@@ -68,18 +119,21 @@ pub fn evaluate(
             "this method does not read unlabelled support images; evaluate it with --unlabelled 0"
         )
     }
-    let score = |i: usize| -> Result<(f64, Option<f64>)> {
+    type Scores = (f64, Option<f64>, Option<Vec<f64>>);
+    let score = |i: usize| -> Result<Scores> {
         let ep = sampler.episode(seed, i as u64, &device)?;
         let labels = ep.query_labels_tensor()?;
         let accuracy_with = |support: &candle_core::Tensor| -> Result<f64> {
             let classifier = learner.adapt(support, &ep.support_labels, ep.spec.ways)?;
             ops::accuracy(&classifier.logits(&ep.query)?, &labels)
         };
+        let online = online_scores(learner, &ep, seed).transpose()?;
         let scores = match &ep.unlabelled {
-            None => (accuracy_with(&ep.support)?, None),
+            None => (accuracy_with(&ep.support)?, None, online),
             Some(u) => (
                 accuracy_with(&candle_core::Tensor::cat(&[&ep.support, u], 0)?)?,
                 Some(accuracy_with(&ep.support)?),
+                online,
             ),
         };
         let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
@@ -90,7 +144,7 @@ pub fn evaluate(
         .num_threads(2)
         .build()
         .map_err(|e| candle_core::Error::Msg(format!("could not start evaluation threads: {e}")))?;
-    let scores: Vec<(f64, Option<f64>)> =
+    let scores: Vec<Scores> =
         pool.install(|| (0..episodes).into_par_iter().map(score).collect::<Result<_>>())?;
     let per_episode: Vec<f64> = scores.iter().map(|s| s.0).collect();
     let (accuracy, ci95) = mean_ci95(&per_episode);
@@ -99,6 +153,14 @@ pub fn evaluate(
         let (accuracy, ci95) = mean_ci95(&labelled);
         LabelledOnly { accuracy, ci95 }
     });
+    let online: Vec<&Vec<f64>> = scores.iter().filter_map(|s| s.2.as_ref()).collect();
+    let per_instance = (!online.is_empty()).then(|| {
+        let instances = online.iter().map(|o| o.len()).min().unwrap_or(0);
+        let (per_instance_accuracy, per_instance_ci95) = (0..instances)
+            .map(|k| mean_ci95(&online.iter().map(|o| o[k]).collect::<Vec<_>>()))
+            .unzip();
+        PerInstance { per_instance_accuracy, per_instance_ci95 }
+    });
     Ok(EvalReport {
         spec: sampler.spec(),
         episodes,
@@ -106,6 +168,7 @@ pub fn evaluate(
         ci95,
         seconds: start.elapsed().as_secs_f64(),
         labelled_only,
+        per_instance,
         per_episode,
     })
 }

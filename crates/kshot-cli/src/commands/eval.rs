@@ -242,7 +242,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
     let report = score(learner.as_ref(), &sampler, episodes, a.seed)?;
     if a.json {
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "method": config.method.name(),
             "dataset": d.dataset,
             "split": d.split,
@@ -259,6 +259,8 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             "ci95": report.ci95,
             "unlabelled": spec.unlabelled,
             "labelled_only": report.labelled_only,
+            "per_instance_accuracy": report.per_instance.as_ref().map(|p| &p.per_instance_accuracy),
+            "per_instance_ci95": report.per_instance.as_ref().map(|p| &p.per_instance_ci95),
             "seconds": report.seconds,
             "transductive": config.clone().method.transductive_mut().map(|t| *t),
             "run": label,
@@ -268,6 +270,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             "groups_skipped": skipped,
             "kshot_version": kshot::VERSION,
         });
+        if report.per_instance.is_none() {
+            if let Some(o) = json.as_object_mut() {
+                o.remove("per_instance_accuracy");
+                o.remove("per_instance_ci95");
+            }
+        }
         println!("{json}");
     } else {
         println!(
@@ -286,6 +294,16 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 100.0 * l.accuracy,
                 100.0 * l.ci95
             );
+        }
+        if let Some(p) = &report.per_instance {
+            let cells: Vec<String> = p
+                .per_instance_accuracy
+                .iter()
+                .zip(&p.per_instance_ci95)
+                .enumerate()
+                .map(|(k, (a, c))| format!("{}: {:.1} ± {:.1}", k + 1, 100.0 * a, 100.0 * c))
+                .collect();
+            println!("  online, by presentation of a class (%): {}", cells.join(", "));
         }
     }
     Ok(())

@@ -22,6 +22,7 @@ use crate::protocol::Protocol;
 pub use baseline::{Baseline, BaselineConfig, Head};
 pub use gnn::{Gnn, GnnConfig, GraphNet, UnknownLabel};
 pub use maml::{Maml, MamlConfig};
+pub use mann::{LabelCode, Mann, MannConfig};
 pub use matching::{MatchingConfig, MatchingNet};
 pub use meta_lstm::{MetaLstm, MetaLstmConfig};
 pub use protonet::{Distance, ProtoNet, ProtoNetConfig};
@@ -63,6 +64,20 @@ pub trait Learner: Send + Sync {
     /// that does not is never given any.
     fn uses_unlabelled(&self) -> bool {
         false
+    }
+
+    /// Online scoring (MANN's protocol): `images` [T, C, H, W] are shown in order with the label
+    /// of each step revealed at the next; whether each step's prediction was right (by the
+    /// method's own rule). `seed` fixes any per-sequence randomness (e.g. label codes). `None`:
+    /// the learner has no online mode.
+    fn online_correct(
+        &self,
+        _images: &Tensor,
+        _labels: &[u32],
+        _ways: usize,
+        _seed: u64,
+    ) -> Option<Result<Vec<bool>>> {
+        None
     }
 
     /// The meta-parameters θ.
@@ -673,4 +688,5 @@ methods! {
     Reptile(ReptileConfig) = "reptile" in reptile,
     MetaLstm(MetaLstmConfig) = "meta-lstm" in meta_lstm,
     Gnn(GnnConfig) = "gnn" in gnn,
+    Mann(MannConfig) = "mann" in mann,
 }

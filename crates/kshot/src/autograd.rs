@@ -26,10 +26,16 @@ static INIT: Once = Once::new();
 const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 const SPIN_LIMIT: &str = "1000";
 
+/// The thread count candle gives its matrix products. Unset, candle asks `num_cpus` for the
+/// physical cores on every matrix product, which re-reads and parses /proc/cpuinfo each time
+/// (several percent of a MANN step); set once here to the same count.
+const THREADS_VAR: &str = "RAYON_NUM_THREADS";
+
 /// Sets [`KEEP_GRAPH_VAR`] to `1` for this process when it is absent. A value the user set,
 /// including `0` or the empty string (which make candle detach), is left as it is. Call before
 /// any backward pass in any thread; every entry point of the library (trainers, evaluation,
-/// learners) calls it. Also sets candle's worker spin limit ([`SPIN_LIMIT_VAR`]) unless the user did.
+/// learners) calls it. Also sets candle's worker spin limit ([`SPIN_LIMIT_VAR`]) and thread count
+/// ([`THREADS_VAR`]) unless the user did.
 pub fn init() {
     INIT.call_once(|| {
         if std::env::var_os(KEEP_GRAPH_VAR).is_none() {
@@ -39,6 +45,10 @@ pub fn init() {
         if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
             // SAFETY: as above.
             unsafe { std::env::set_var(SPIN_LIMIT_VAR, SPIN_LIMIT) };
+        }
+        if std::env::var_os(THREADS_VAR).is_none() {
+            // SAFETY: as above.
+            unsafe { std::env::set_var(THREADS_VAR, num_cpus::get_physical().to_string()) };
         }
     });
 }

@@ -218,10 +218,10 @@ impl MannNet {
             let w_r = w_ih.narrow(1, w_ih.dim(1)? - c.read_width(), c.read_width())?;
             gates = (gates + state.reads.matmul(&w_r.t()?)?)?;
         }
-        let i = sigmoid(&gates.narrow(1, 0, n)?)?;
-        let f = sigmoid(&gates.narrow(1, n, n)?)?;
+        // One sigmoid over all four gates (the cell part's is unused): fewer, larger ops.
+        let sig = sigmoid(&gates)?;
+        let (i, f, o) = (sig.narrow(1, 0, n)?, sig.narrow(1, n, n)?, sig.narrow(1, 3 * n, n)?);
         let g = gates.narrow(1, 2 * n, n)?.tanh()?;
-        let o = sigmoid(&gates.narrow(1, 3 * n, n)?)?;
         state.c = ((f * &state.c)? + (i * g)?)?;
         state.h = (o * state.c.tanh()?)?;
         if c.memory {
@@ -242,8 +242,8 @@ impl MannNet {
         let alpha = sigmoid(&linear("gate.weight", "gate.bias")?)?.unsqueeze(2)?;
         let (least_used, keep) = least_used(&state.usage, heads, dtype, &device)?;
         let previous_reads = state.read_weights.as_ref().expect("a memory state has read weights");
-        let write = (previous_reads.broadcast_mul(&alpha)?
-            + least_used.broadcast_mul(&(1.0 - &alpha)?)?)?;
+        // σ(α)·w^r_{t−1} + (1 − σ(α))·w^lu_{t−1}, as w^lu + σ(α)·(w^r − w^lu).
+        let write = (&least_used + (previous_reads - &least_used)?.broadcast_mul(&alpha)?)?;
         let memory = state.memory.as_ref().expect("a memory state has a memory");
         let memory = (memory.broadcast_mul(&keep)? + write.transpose(1, 2)?.matmul(&keys)?)?;
         let mut similarity = cosine_rows(&keys, &memory)?;

@@ -24,6 +24,7 @@ pub use gnn::{Gnn, GnnConfig, GraphNet, UnknownLabel};
 pub use maml::{Maml, MamlConfig};
 pub use matching::{MatchingConfig, MatchingNet};
 pub use meta_lstm::{MetaLstm, MetaLstmConfig};
+pub use metanet::{MetaNet, MetaNetConfig};
 pub use protonet::{Distance, ProtoNet, ProtoNetConfig};
 pub use reptile::{Reptile, ReptileConfig};
 pub use siamese::{Siamese, SiameseConfig};
@@ -673,4 +674,5 @@ methods! {
     Reptile(ReptileConfig) = "reptile" in reptile,
     MetaLstm(MetaLstmConfig) = "meta-lstm" in meta_lstm,
     Gnn(GnnConfig) = "gnn" in gnn,
+    MetaNet(MetaNetConfig) = "metanet" in metanet,
 }

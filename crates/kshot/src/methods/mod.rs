@@ -25,6 +25,7 @@ pub use maml::{Maml, MamlConfig};
 pub use mann::{LabelCode, Mann, MannConfig};
 pub use matching::{MatchingConfig, MatchingNet};
 pub use meta_lstm::{MetaLstm, MetaLstmConfig};
+pub use metanet::{MetaNet, MetaNetConfig};
 pub use protonet::{Distance, ProtoNet, ProtoNetConfig};
 pub use reptile::{Reptile, ReptileConfig};
 pub use siamese::{Siamese, SiameseConfig};
@@ -689,4 +690,5 @@ methods! {
     MetaLstm(MetaLstmConfig) = "meta-lstm" in meta_lstm,
     Gnn(GnnConfig) = "gnn" in gnn,
     Mann(MannConfig) = "mann" in mann,
+    MetaNet(MetaNetConfig) = "metanet" in metanet,
 }

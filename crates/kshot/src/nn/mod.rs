@@ -7,6 +7,7 @@ pub mod head;
 pub mod init;
 pub mod koch;
 pub mod lstm;
+pub mod metanet_nets;
 pub mod ops;
 pub mod params;
 pub mod resnet12;

@@ -4,7 +4,7 @@ use candle_core::{Device, Result};
 use serde::Serialize;
 
 use crate::data::{EpisodeSampler, EpisodeSpec};
-use crate::methods::Learner;
+use crate::methods::{Learner, OnlineScorer};
 use crate::nn::ops;
 
 /// Mean and 95% confidence half-width 1.96 · s / √n, with s the sample standard deviation
@@ -76,25 +76,16 @@ pub fn per_instance_accuracy(labels: &[u32], correct: &[bool], ways: usize) -> V
 
 /// One episode's support and query images as a sequence shuffled by (seed, index), scored online.
 fn online_scores(
-    learner: &dyn Learner,
+    online: &dyn OnlineScorer,
     ep: &crate::data::Episode,
     seed: u64,
-) -> Option<Result<Vec<f64>>> {
-    use rand::seq::SliceRandom;
-    let labels: Vec<u32> = ep.support_labels.iter().chain(&ep.query_labels).copied().collect();
-    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
-    order.shuffle(&mut crate::data::episode::episode_rng(seed ^ ONLINE_STREAM, ep.index));
-    let images = (|| {
-        let all = candle_core::Tensor::cat(&[&ep.support, &ep.query], 0)?;
-        all.index_select(&candle_core::Tensor::new(order.as_slice(), all.device())?, 0)
-    })();
-    let images = match images {
-        Ok(i) => i,
-        Err(e) => return Some(Err(e)),
-    };
-    let labels: Vec<u32> = order.iter().map(|&i| labels[i as usize]).collect();
-    let correct = learner.online_correct(&images, &labels, ep.spec.ways, seed ^ ep.index)?;
-    Some(correct.map(|c| per_instance_accuracy(&labels, &c, ep.spec.ways)))
+) -> Result<Vec<f64>> {
+    use crate::data::episode::{episode_rng, shuffled_sequence};
+    let (images, labels) = ep.all_images()?;
+    let mut rng = episode_rng(seed ^ ONLINE_STREAM, ep.index);
+    let (images, labels) = shuffled_sequence(&images, &labels, &mut rng)?;
+    let correct = online.online_correct(&images, &labels, ep.spec.ways, seed ^ ep.index)?;
+    Ok(per_instance_accuracy(&labels, &correct, ep.spec.ways))
 }
 
 /// Scores `learner` on episodes 0..`episodes` of `sampler` under `seed`; `on_episode` is called
@@ -127,7 +118,7 @@ pub fn evaluate(
             let classifier = learner.adapt(support, &ep.support_labels, ep.spec.ways)?;
             ops::accuracy(&classifier.logits(&ep.query)?, &labels)
         };
-        let online = online_scores(learner, &ep, seed).transpose()?;
+        let online = learner.online().map(|o| online_scores(o, &ep, seed)).transpose()?;
         let scores = match &ep.unlabelled {
             None => (accuracy_with(&ep.support)?, None, online),
             Some(u) => (

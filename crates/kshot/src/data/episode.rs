@@ -93,12 +93,36 @@ pub struct Episode {
 }
 
 impl Episode {
+    /// The support then the query images [N·(K+M), C, H, W], and their labels.
+    pub fn all_images(&self) -> candle_core::Result<(Tensor, Vec<u32>)> {
+        let images = if self.query_labels.is_empty() {
+            self.support.clone()
+        } else {
+            Tensor::cat(&[&self.support, &self.query], 0)?
+        };
+        let labels = self.support_labels.iter().chain(&self.query_labels).copied().collect();
+        Ok((images, labels))
+    }
+
     pub fn support_labels_tensor(&self) -> candle_core::Result<Tensor> {
         Tensor::new(self.support_labels.as_slice(), self.support.device())
     }
     pub fn query_labels_tensor(&self) -> candle_core::Result<Tensor> {
         Tensor::new(self.query_labels.as_slice(), self.query.device())
     }
+}
+
+/// `images` [T, ...] and their `labels` in the order `rng` shuffles them: a sequence for online
+/// learners (MANN), in training and in evaluation alike.
+pub fn shuffled_sequence(
+    images: &Tensor,
+    labels: &[u32],
+    rng: &mut ChaCha8Rng,
+) -> candle_core::Result<(Tensor, Vec<u32>)> {
+    let mut order: Vec<u32> = (0..labels.len() as u32).collect();
+    order.shuffle(rng);
+    let images = images.index_select(&Tensor::new(order.as_slice(), images.device())?, 0)?;
+    Ok((images, order.iter().map(|&i| labels[i as usize]).collect()))
 }
 
 /// The RNG of episode `index` under `seed`: an independent ChaCha stream per episode, so any

@@ -13,7 +13,7 @@
 //! query (one of its classes, drawn uniformly, as the code's `positive_class`), and all images of
 //! the batch go through the embedding network together.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -280,7 +280,7 @@ impl GraphNet {
         let pairs = x.unsqueeze(2)?.broadcast_sub(&x.unsqueeze(1)?)?.abs()?;
         let mut h = pairs.reshape((b * n * n, f))?;
         for k in 0..adjacency_widths(*width, &self.config.adjacency_ratios).len() {
-            h = linear(&h, params, &format!("{prefix}.fc{k}"))?;
+            h = ops::linear(&h, params, &format!("{prefix}.fc{k}"))?;
             h = self.bn_leaky(&h, params, &format!("{prefix}.bn{k}"), mode, self.config.leak)?;
             if k == 0 {
                 if let Some(rng) = mode.dropout.as_deref_mut() {
@@ -288,9 +288,9 @@ impl GraphNet {
                 }
             }
         }
-        let scores = linear(&h, params, &format!("{prefix}.fc_out"))?.reshape((b, n, n))?;
+        let scores = ops::linear(&h, params, &format!("{prefix}.fc_out"))?.reshape((b, n, n))?;
         let mask = (Tensor::eye(n, scores.dtype(), scores.device())? * 1e8)?;
-        softmax_rows(&scores.broadcast_sub(&mask)?)
+        ops::softmax(&scores.broadcast_sub(&mask)?)
     }
 
     /// The graph convolution over {I, A}: linear([x ‖ A·x]) [B, n, out], batch norm when the
@@ -307,7 +307,7 @@ impl GraphNet {
         let (prefix, _, width, has_bn) = &self.layout.convolutions[index];
         let (b, n, f) = x.dims3()?;
         let gathered = Tensor::cat(&[x, &adjacency.matmul(x)?], 2)?.reshape((b * n, 2 * f))?;
-        let h = linear(&gathered, params, &format!("{prefix}.fc"))?;
+        let h = ops::linear(&gathered, params, &format!("{prefix}.fc"))?;
         let h = if *has_bn {
             self.bn_leaky(&h, params, &format!("{prefix}.bn"), mode, leak)?
         } else if leak != 1.0 {
@@ -333,23 +333,11 @@ impl GraphNet {
     }
 }
 
-/// `x` [R, Cin] · Wᵀ + b for parameters `{name}.weight` [Cout, Cin], `{name}.bias` [Cout].
-fn linear(x: &Tensor, params: &Params, name: &str) -> Result<Tensor> {
-    let w = params.get(&format!("{name}.weight"))?;
-    let b = params.get(&format!("{name}.bias"))?;
-    x.matmul(&w.t()?)?.broadcast_add(b)
-}
 
 fn leaky_relu(x: &Tensor, leak: f64) -> Result<Tensor> {
     (x.relu()? * (1.0 - leak))? + (x * leak)?
 }
 
-/// Softmax over the last dimension, shifted by the (constant) row maximum.
-fn softmax_rows(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
 
 /// `Dropout(p)` in training: each element zeroed with probability `p`, the rest scaled by
 /// 1/(1 − p).

@@ -27,16 +27,16 @@
 //! softmaxes; a prediction is right when all 5 characters are.
 
 use candle_core::{DType, Device, Result, Tensor, D};
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Classifier, EpisodeOutput, Learner, Method, MethodConfig, Preset, SharedFlags, State, StepCtx,
-    StepOutput,
+    Classifier, EpisodeOutput, Learner, Method, MethodConfig, OnlineScorer, Preset, SharedFlags,
+    State, StepCtx, StepOutput,
 };
-use crate::data::{episode::episode_rng, Episode, EpisodeSpec};
+use crate::data::episode::{episode_rng, shuffled_sequence};
+use crate::data::{Episode, EpisodeSpec};
 use crate::nn::lstm::{sigmoid, LstmCell};
 use crate::nn::{init, ops, ParamSet, Params, RunningStats};
 use crate::optim::StepDecay;
@@ -158,22 +158,20 @@ impl MannNet {
         let c = &self.config;
         let mut p = ParamSet::new();
         self.cell().init("controller", &mut p, rng, device)?;
+        // PyTorch's default linear layer: weight and bias uniform in ±1/√fan_in.
+        let mut linear = |p: &mut ParamSet, name: &str, cin: usize, cout: usize| -> Result<()> {
+            p.push(format!("{name}.weight"), init::torch_default(rng, &[cout, cin], cin, device)?)?;
+            p.push(format!("{name}.bias"), init::torch_default(rng, &[cout], cin, device)?)
+        };
         let h = c.controller;
         if c.memory {
-            let rd = c.read_width();
-            p.push("key.weight", init::torch_default(rng, &[rd, h], h, device)?)?;
-            p.push("key.bias", init::torch_default(rng, &[rd], h, device)?)?;
-            p.push("gate.weight", init::torch_default(rng, &[c.read_heads, h], h, device)?)?;
-            p.push("gate.bias", init::torch_default(rng, &[c.read_heads], h, device)?)?;
+            linear(&mut p, "key", h, c.read_width())?;
+            linear(&mut p, "gate", h, c.read_heads)?;
             if c.key_strength {
-                p.push("strength.weight", init::torch_default(rng, &[c.read_heads, h], h, device)?)?;
-                p.push("strength.bias", init::torch_default(rng, &[c.read_heads], h, device)?)?;
+                linear(&mut p, "strength", h, c.read_heads)?;
             }
         }
-        let out_in = h + c.read_width();
-        let lw = c.label_width();
-        p.push("output.weight", init::torch_default(rng, &[lw, out_in], out_in, device)?)?;
-        p.push("output.bias", init::torch_default(rng, &[lw], out_in, device)?)?;
+        linear(&mut p, "output", h + c.read_width(), c.label_width())?;
         Ok(p)
     }
 
@@ -233,13 +231,11 @@ impl MannNet {
     /// Least Recently Used Access: zero the least-used slot, write, read, update usage.
     fn memory_step(&self, params: &Params, state: &mut MannState) -> Result<()> {
         let c = &self.config;
-        let (batch, heads, slots) = (state.h.dim(0)?, c.read_heads, c.slots);
+        let (batch, heads) = (state.h.dim(0)?, c.read_heads);
         let (dtype, device) = (state.h.dtype(), state.h.device().clone());
-        let linear = |w: &str, b: &str| -> Result<Tensor> {
-            state.h.matmul(&params.get(w)?.t()?)?.broadcast_add(params.get(b)?)
-        };
-        let keys = linear("key.weight", "key.bias")?.tanh()?.reshape((batch, heads, c.slot_size))?;
-        let alpha = sigmoid(&linear("gate.weight", "gate.bias")?)?.unsqueeze(2)?;
+        let keys = ops::linear(&state.h, params, "key")?.tanh()?;
+        let keys = keys.reshape((batch, heads, c.slot_size))?;
+        let alpha = sigmoid(&ops::linear(&state.h, params, "gate")?)?.unsqueeze(2)?;
         let (least_used, keep) = least_used(&state.usage, heads, dtype, &device)?;
         let previous_reads = state.read_weights.as_ref().expect("a memory state has read weights");
         // σ(α)·w^r_{t−1} + (1 − σ(α))·w^lu_{t−1}, as w^lu + σ(α)·(w^r − w^lu).
@@ -248,12 +244,12 @@ impl MannNet {
         let memory = (memory.broadcast_mul(&keep)? + write.transpose(1, 2)?.matmul(&keys)?)?;
         let mut similarity = cosine_rows(&keys, &memory)?;
         if c.key_strength {
-            let raw = linear("strength.weight", "strength.bias")?;
+            let raw = ops::linear(&state.h, params, "strength")?;
             // 1 + softplus(x), written as 1 + max(x, 0) + log(1 + e^{−|x|}) for stability.
             let softplus = (raw.relu()? + (raw.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
             similarity = similarity.broadcast_mul(&(softplus + 1.0)?.unsqueeze(2)?)?;
         }
-        let read = softmax_last(&similarity)?;
+        let read = ops::softmax(&similarity)?;
         state.reads = read.matmul(&memory)?.reshape((batch, heads * c.slot_size))?;
         let read_host = read.to_dtype(DType::F64)?.sum(1)?.to_vec2::<f64>()?;
         let write_host = write.to_dtype(DType::F64)?.sum(1)?.to_vec2::<f64>()?;
@@ -262,7 +258,6 @@ impl MannNet {
                 *u = c.usage_decay * *u + read_host[b][s] + write_host[b][s];
             }
         }
-        debug_assert_eq!(read_host[0].len(), slots);
         state.memory = Some(memory);
         state.read_weights = Some(read);
         Ok(())
@@ -287,11 +282,9 @@ impl MannNet {
         let dims = features.dims().to_vec();
         let width = *dims.last().expect("features have a last dimension");
         let rows = features.elem_count() / width;
-        let w = params.get("output.weight")?;
-        let y = features.reshape((rows, width))?.matmul(&w.t()?)?;
-        let y = y.broadcast_add(params.get("output.bias")?)?;
+        let y = ops::linear(&features.reshape((rows, width))?, params, "output")?;
         let mut out_dims = dims;
-        *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
+        *out_dims.last_mut().expect("non-empty") = y.dim(1)?;
         y.reshape(out_dims)
     }
 }
@@ -328,12 +321,6 @@ pub fn least_used_slots(usage: &[f64], n: usize) -> Vec<usize> {
     order
 }
 
-/// Softmax over the last dimension, shifted by the (constant) maximum.
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
 /// Cosine similarity of each head's key with each slot: [B, R, D] × [B, S, D] → [B, R, S].
 fn cosine_rows(keys: &Tensor, memory: &Tensor) -> Result<Tensor> {
     let norm = |x: &Tensor| -> Result<Tensor> { (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-16)?.sqrt() };
@@ -362,16 +349,8 @@ impl Sequence {
         code: LabelCode,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
-        let mut order: Vec<usize> = (0..labels.len()).collect();
-        order.shuffle(rng);
-        let index = Tensor::from_vec(
-            order.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            order.len(),
-            images.device(),
-        )?;
-        let images = images.flatten_from(1)?.index_select(&index, 0)?;
-        let labels = order.iter().map(|&i| labels[i]).collect();
-        Ok(Self { images, labels, codes: label_codes(ways, code, rng) })
+        let (images, labels) = shuffled_sequence(images, labels, rng)?;
+        Ok(Self { images: images.flatten_from(1)?, labels, codes: label_codes(ways, code, rng) })
     }
 
     /// `[x_t ‖ code(y_{t−1})]` for every step t: [T, P + L], zeros for the label at t = 0.
@@ -485,13 +464,7 @@ impl Mann {
 
     /// An episode's images (support then query) as one shuffled sequence, from (seed, index).
     pub fn sequence_of(&self, episode: &Episode) -> Result<Sequence> {
-        let images = if episode.query_labels.is_empty() {
-            episode.support.clone()
-        } else {
-            Tensor::cat(&[&episode.support, &episode.query], 0)?
-        };
-        let labels: Vec<u32> =
-            episode.support_labels.iter().chain(&episode.query_labels).copied().collect();
+        let (images, labels) = episode.all_images()?;
         let mut rng = episode_rng(episode.seed ^ SEQUENCE_STREAM, episode.index);
         Sequence::shuffled(&images, &labels, episode.spec.ways, self.config.labels, &mut rng)
     }
@@ -628,6 +601,27 @@ impl MannState {
     }
 }
 
+impl OnlineScorer for Mann {
+    fn online_correct(
+        &self,
+        images: &Tensor,
+        labels: &[u32],
+        ways: usize,
+        seed: u64,
+    ) -> Result<Vec<bool>> {
+        self.check_ways(ways)?;
+        let params = self.state.params.detached_values();
+        let dtype = params.get("output.weight")?.dtype();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ SEQUENCE_STREAM);
+        let codes = label_codes(ways, self.config.labels, &mut rng);
+        let images = images.flatten_from(1)?.to_dtype(dtype)?;
+        let seq = Sequence { images, labels: labels.to_vec(), codes };
+        let inputs = seq.inputs(&self.config)?.unsqueeze(0)?;
+        let logits = self.net.sequence_logits(&params, &inputs)?.squeeze(0)?;
+        Ok(sequence_loss(&logits, &seq, &self.config)?.1)
+    }
+}
+
 impl Learner for Mann {
     /// The support images, shuffled in a fixed order, are the labelled prefix of the sequence;
     /// each query is the step after it (queries never see one another).
@@ -653,24 +647,8 @@ impl Learner for Mann {
         Ok(Box::new(Prefixed { mann: self, params, state, last, codes: seq.codes, ways }))
     }
 
-    fn online_correct(
-        &self,
-        images: &Tensor,
-        labels: &[u32],
-        ways: usize,
-        seed: u64,
-    ) -> Option<Result<Vec<bool>>> {
-        Some((|| {
-            self.check_ways(ways)?;
-            let params = self.state.params.detached_values();
-            let dtype = params.get("output.weight")?.dtype();
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ SEQUENCE_STREAM);
-            let codes = label_codes(ways, self.config.labels, &mut rng);
-            let seq = Sequence { images: images.flatten_from(1)?.to_dtype(dtype)?, labels: labels.to_vec(), codes };
-            let inputs = seq.inputs(&self.config)?.unsqueeze(0)?;
-            let logits = self.net.sequence_logits(&params, &inputs)?.squeeze(0)?;
-            Ok(sequence_loss(&logits, &seq, &self.config)?.1)
-        })())
+    fn online(&self) -> Option<&dyn OnlineScorer> {
+        Some(self)
     }
 
     fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
@@ -751,16 +729,10 @@ impl Method for MannConfig {
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> anyhow::Result<Box<dyn Learner>> {
-        let ways = protocol.train.ways;
         match self.labels {
-            LabelCode::OneHot => anyhow::ensure!(
-                ways == self.classes,
-                "this {} has {} one-hot labels but training episodes are {ways}-way; set --train-ways and --ways alike",
-                self.name(),
-                self.classes
-            ),
+            LabelCode::OneHot => super::ensure_train_ways(self.name(), self.classes, protocol)?,
             LabelCode::String => anyhow::ensure!(
-                ways <= STRING_SYMBOLS.pow(STRING_LENGTH as u32),
+                protocol.train.ways <= STRING_SYMBOLS.pow(STRING_LENGTH as u32),
                 "string labels name at most 3125 classes an episode"
             ),
         }

@@ -45,7 +45,7 @@
 //! one ε = 1e-6 under the square root of the product). The loss reported is the mean over
 //! queries.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -251,14 +251,14 @@ impl MetaNet {
         for x in inputs {
             (hidden, c) = cell.forward(params, &format!("{name}.lstm"), x, &hidden, &c)?;
         }
-        linear(&hidden, params, &format!("{name}.out"))?.squeeze(1)
+        ops::linear(&hidden, params, &format!("{name}.out"))?.squeeze(1)
     }
 
     /// The coordinate-wise MLP `name`: [R, 2] → [R].
     fn meta_mlp(&self, params: &Params, name: &str, x: &Tensor) -> Result<Tensor> {
-        let h = linear(x, params, &format!("{name}.l1"))?.relu()?;
-        let h = linear(&h, params, &format!("{name}.l2"))?.relu()?;
-        linear(&h, params, &format!("{name}.out"))?.squeeze(1)
+        let h = ops::linear(x, params, &format!("{name}.l1"))?.relu()?;
+        let h = ops::linear(&h, params, &format!("{name}.l2"))?.relu()?;
+        ops::linear(&h, params, &format!("{name}.out"))?.squeeze(1)
     }
 
     /// The task's fast weights and memory from its meta information (differentiable with
@@ -290,7 +290,7 @@ impl MetaNet {
     pub fn query_logits(&self, params: &Params, task: &Task, query: &Tensor) -> Result<Tensor> {
         let m = query.dim(0)?;
         let q_keys = self.keys(params, &task.key_fast, query)?;
-        let attention = softmax_rows(&ops::cosine_similarity(&q_keys, &task.keys, 1e-8)?)?;
+        let attention = ops::softmax(&ops::cosine_similarity(&q_keys, &task.keys, 1e-8)?)?;
         let conv = attention.matmul(&task.memory_conv)?;
         let fc = attention.matmul(&task.memory_fc)?;
         let conv_shapes = self.base.conv_shapes();
@@ -443,12 +443,6 @@ fn split(x: &Tensor, shapes: &[Vec<usize>]) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// `x` · Wᵀ + b for `{name}.weight` [out, in] and `{name}.bias` [out].
-fn linear(x: &Tensor, params: &Params, name: &str) -> Result<Tensor> {
-    let w = params.get(&format!("{name}.weight"))?;
-    let b = params.get(&format!("{name}.bias"))?;
-    x.matmul(&w.t()?)?.broadcast_add(b)
-}
 
 fn linear_init(
     p: &mut ParamSet,
@@ -464,11 +458,6 @@ fn linear_init(
     p.push(format!("{name}.bias"), Tensor::zeros(cout, DType::F32, device)?)
 }
 
-fn softmax_rows(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
 
 /// A task's memory, read by each query.
 struct Adapted<'a> {

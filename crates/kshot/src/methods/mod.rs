@@ -67,17 +67,8 @@ pub trait Learner: Send + Sync {
         false
     }
 
-    /// Online scoring (MANN's protocol): `images` [T, C, H, W] are shown in order with the label
-    /// of each step revealed at the next; whether each step's prediction was right (by the
-    /// method's own rule). `seed` fixes any per-sequence randomness (e.g. label codes). `None`:
-    /// the learner has no online mode.
-    fn online_correct(
-        &self,
-        _images: &Tensor,
-        _labels: &[u32],
-        _ways: usize,
-        _seed: u64,
-    ) -> Option<Result<Vec<bool>>> {
+    /// The learner's online mode, when it has one (MANN).
+    fn online(&self) -> Option<&dyn OnlineScorer> {
         None
     }
 
@@ -94,6 +85,20 @@ pub trait Learner: Send + Sync {
             "this method adapts its whole network to each task, so it has no task-independent embedding; embed with a protonet, matching, baseline or baseline++ model"
         )
     }
+}
+
+/// Online scoring, the sequence protocol of memory-augmented networks.
+pub trait OnlineScorer {
+    /// `images` [T, C, H, W] are shown in order with the label of each step revealed at the
+    /// next; whether each step's prediction was right (by the method's own rule). `seed` fixes
+    /// any per-sequence randomness (e.g. label codes).
+    fn online_correct(
+        &self,
+        images: &Tensor,
+        labels: &[u32],
+        ways: usize,
+        seed: u64,
+    ) -> Result<Vec<bool>>;
 }
 
 /// A learner's whole state between training steps.

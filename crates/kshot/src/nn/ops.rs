@@ -101,6 +101,19 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     picked.neg()?.mean_all()
 }
 
+/// Softmax over the last dimension, shifted by the (constant) maximum.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `x` [R, Cin] · Wᵀ + b for parameters `{name}.weight` [Cout, Cin] and `{name}.bias` [Cout].
+pub fn linear(x: &Tensor, params: &crate::nn::Params, name: &str) -> Result<Tensor> {
+    let w = params.get(&format!("{name}.weight"))?;
+    let b = params.get(&format!("{name}.bias"))?;
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
 /// Row-wise log-softmax of [N, C], shifted by the (constant) row maximum for stability.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();

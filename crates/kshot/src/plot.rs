@@ -4,6 +4,7 @@
 //! the same everywhere and needs nothing installed.
 
 mod curves;
+mod faces;
 mod grid;
 
 use std::io::Cursor;
@@ -16,6 +17,7 @@ use plotters::style::FontStyle;
 use crate::checkpoint::write_atomic;
 
 pub use curves::learning_curves;
+pub use faces::{face_grid, FaceRow};
 pub use grid::prediction_grid;
 
 /// One image to draw: u8 pixels (0..=255) laid out `[channels, height, width]` (planar, the layout

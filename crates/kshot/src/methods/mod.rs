@@ -20,6 +20,7 @@ use crate::optim::{Adam, AdamConfig};
 use crate::protocol::Protocol;
 
 pub use baseline::{Baseline, BaselineConfig, Head};
+pub use fewshot_gan::{FewShotGan, FewShotGanConfig};
 pub use gnn::{Gnn, GnnConfig, GraphNet, UnknownLabel};
 pub use maml::{Maml, MamlConfig};
 pub use mann::{LabelCode, Mann, MannConfig};
@@ -72,6 +73,12 @@ pub trait Learner: Send + Sync {
         None
     }
 
+    /// The learner as a few-shot generator, when it is one (the few-shot GAN): its support set
+    /// becomes a generator of new images rather than a classifier.
+    fn generator(&self) -> Option<&dyn FewShotGenerator> {
+        None
+    }
+
     /// The meta-parameters θ.
     fn params(&self) -> &ParamSet {
         &self.state().params
@@ -99,6 +106,18 @@ pub trait OnlineScorer {
         ways: usize,
         seed: u64,
     ) -> Result<Vec<bool>>;
+}
+
+/// Few-shot generation: a support set of one identity becomes a generator of that identity.
+pub trait FewShotGenerator {
+    /// `shots` [T, 2, S, S] (image ‖ landmark image) of one identity and `targets` [M, 1, S, S]
+    /// landmark images → [M, 1, S, S] images of that identity in [0, 1], after fine-tuning on
+    /// the shots for `finetune_steps` steps (0: feed-forward). Deterministic.
+    fn generate(&self, shots: &Tensor, targets: &Tensor, finetune_steps: usize) -> Result<Tensor>;
+    /// S, the side of the images it reads and renders.
+    fn image_size(&self) -> usize;
+    /// The fine-tuning steps of the run's settings.
+    fn default_finetune_steps(&self) -> usize;
 }
 
 /// A learner's whole state between training steps.
@@ -279,6 +298,17 @@ impl<'a> StepCtx<'a> {
 
     /// Backpropagates `out.loss` and steps optimiser `name` at the schedule's learning rate.
     pub fn minimise_with(&mut self, name: &str, out: EpisodeOutput) -> anyhow::Result<StepOutput> {
+        let lr = self.lr;
+        self.minimise_at(name, out, lr)
+    }
+
+    /// [`StepCtx::minimise_with`] at learning rate `lr` (a second network's own rate).
+    pub fn minimise_at(
+        &mut self,
+        name: &str,
+        out: EpisodeOutput,
+        lr: f64,
+    ) -> anyhow::Result<StepOutput> {
         let loss = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !loss.is_finite() {
             anyhow::bail!(
@@ -287,8 +317,8 @@ impl<'a> StepCtx<'a> {
             );
         }
         let grads = out.loss.backward()?;
-        self.optimisers.get_mut(name)?.step(&grads, self.lr)?;
-        Ok(StepOutput { loss, accuracy: out.accuracy, lr: self.lr })
+        self.optimisers.get_mut(name)?.step(&grads, lr)?;
+        Ok(StepOutput { loss, accuracy: out.accuracy, lr })
     }
 
     /// [`StepCtx::minimise_with`] the default optimiser, `adam`.
@@ -696,4 +726,5 @@ methods! {
     Gnn(GnnConfig) = "gnn" in gnn,
     Mann(MannConfig) = "mann" in mann,
     MetaNet(MetaNetConfig) = "metanet" in metanet,
+    FewShotGan(FewShotGanConfig) = "fewshot-gan" in fewshot_gan,
 }

@@ -2,6 +2,7 @@
 
 pub mod backbone;
 pub mod conv4;
+pub mod gan_nets;
 pub mod gnn_embedding;
 pub mod head;
 pub mod init;

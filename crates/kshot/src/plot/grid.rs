@@ -184,7 +184,7 @@ fn draw(
 }
 
 /// Draws `image` scaled up by [`scale`] (nearest) with its top-left corner at `at`.
-fn blit(rgb: &mut [u8], canvas_width: u32, image: &PlotImage, at: (i32, i32)) {
+pub(super) fn blit(rgb: &mut [u8], canvas_width: u32, image: &PlotImage, at: (i32, i32)) {
     let s = scale(image);
     let (h, w, plane) = (image.height, image.width, image.height * image.width);
     for y in 0..h * s {

@@ -4,6 +4,7 @@ mod calibrate;
 mod data;
 mod embed;
 mod eval;
+mod generate;
 mod models;
 mod plot;
 mod predict;
@@ -41,6 +42,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Score a trained run on fixed, seeded test episodes: mean accuracy ± 95% CI.
     Eval(eval::EvalArgs),
+    /// Render a person's face in new poses from a few shots (a few-shot GAN run).
+    Generate(generate::GenerateArgs),
     /// Download and verify datasets.
     Data {
         #[command(subcommand)]
@@ -63,6 +66,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             train::run(*args, given)
         }
         Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Models(args) => models::run(args),
         Command::Embed(args) => embed::run(args),

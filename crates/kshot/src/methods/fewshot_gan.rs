@@ -62,7 +62,7 @@ pub struct FewShotGanConfig {
 impl Default for FewShotGanConfig {
     fn default() -> Self {
         Self {
-            width: 16,
+            width: 8,
             identities: 0,
             d_lr_ratio: 4.0,
             feature_matching: 10.0,
@@ -401,7 +401,7 @@ impl Method for FewShotGanConfig {
     fn presets() -> Vec<Preset> {
         vec![Preset {
             name: "fewshot-gan-orl",
-            summary: "Zakharov et al. 2019 (few-shot adversarial talking heads), sized for a CPU: ORL faces aligned to 64×64 gray with 68-point landmark images, meta-trained on s1–s30 (episodes of 8 source images + 1 target of one person, 4 people a step, 3000 steps, Adam 2e-4 for E and G, 8e-4 for D), fine-tuned on T shots of the held-out s31–s40; pixel L1 and feature matching in place of the VGG losses",
+            summary: "Zakharov et al. 2019 (few-shot adversarial talking heads), sized for a CPU: ORL faces aligned to 64×64 gray with 68-point landmark images, meta-trained on s1–s30 (episodes of 8 source images + 1 target of one person, 2 people a step, 3000 steps, Adam 2e-4 for E and G, 8e-4 for D), fine-tuned on T shots of the held-out s31–s40; pixel L1 and feature matching in place of the VGG losses",
             build: orl,
         }]
     }
@@ -420,7 +420,7 @@ fn orl() -> (Protocol, MethodConfig) {
     p.backbone = crate::nn::BackboneConfig::Conv4(crate::nn::Conv4Config::new(2));
     p.train = EpisodeSpec::new(1, 8, 1);
     p.test = EpisodeSpec::new(1, 8, 1);
-    p.meta_batch = 4;
+    p.meta_batch = 2;
     p.episodes = 3000;
     p.adam = AdamConfig { beta1: 0.5, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     p.schedule = StepDecay { lr: 2e-4, step: 0, gamma: 1.0 };

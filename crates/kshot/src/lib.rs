@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod judges;
 pub mod kernels;
 pub mod methods;
 pub mod models;

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod image_metrics;
 pub mod kernels;
 pub mod methods;
 pub mod models;

@@ -11,6 +11,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod generate;
+pub mod image_metrics;
 pub mod judges;
 pub mod kernels;
 pub mod methods;

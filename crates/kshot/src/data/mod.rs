@@ -9,6 +9,7 @@ pub mod images;
 pub mod lake_runs;
 pub mod mini_imagenet;
 pub mod omniglot;
+pub mod orl;
 pub mod python_random;
 
 pub use episode::{Episode, EpisodeDraw, EpisodeSampler, EpisodeSpec, Grouping};
@@ -100,7 +101,7 @@ pub fn resolve_root(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// The datasets `--dataset` accepts.
-pub const DATASETS: &[&str] = &["omniglot", "mini-imagenet", "folder"];
+pub const DATASETS: &[&str] = &["omniglot", "mini-imagenet", "folder", "orl-faces"];
 
 /// What a dataset is loaded as unless told otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +127,8 @@ pub fn dataset_defaults(dataset: &str) -> anyhow::Result<DatasetDefaults> {
             image_size: mini_imagenet::NATIVE_SIZE,
             channels: 3,
         }),
+        // Faces with their landmark raster as a second channel ([`orl`]).
+        "orl-faces" => Ok(DatasetDefaults { split: "people", image_size: 64, channels: 2 }),
         other => anyhow::bail!("unknown dataset `{other}`; choose one of: {}", DATASETS.join(", ")),
     }
 }
@@ -165,6 +168,8 @@ pub fn split_subsets(dataset: &str, split: &str) -> anyhow::Result<SplitSubsets>
             let val = has_val.then_some("val");
             Ok(SplitSubsets { train: "train", val, test: "test" })
         }
+        ("orl-faces", "people") => Ok(SplitSubsets { train: "train", val: None, test: "test" }),
+        ("orl-faces", other) => anyhow::bail!("unknown ORL faces split `{other}`; choose people"),
         ("mini-imagenet", other) => {
             anyhow::bail!("unknown miniImageNet split `{other}`; choose ravi")
         }
@@ -219,10 +224,27 @@ pub fn load_with_pixels(
         );
         return mini_imagenet::load(root, subset.parse()?, image_size);
     }
+    if dataset == "orl-faces" {
+        anyhow::ensure!(
+            pixels == omniglot::Pixels::default(),
+            "--resize and --invert apply to Omniglot only; drop them for orl-faces"
+        );
+        return load_orl_people(root, subset, image_size);
+    }
     let split = match split {
         "vinyals" => omniglot::Split::Vinyals(subset.parse()?),
         "lake" => omniglot::Split::Lake(subset.parse()?),
         family => format!("{family}/{subset}").parse()?,
     };
     omniglot::load_pixels(root, &split, image_size, pixels)
+}
+
+/// ORL's `people` split: `train` (s1–s30) or `test` (s31–s40) as two-channel face + landmark images.
+fn load_orl_people(root: &Path, subset: &str, image_size: usize) -> anyhow::Result<ImageSet> {
+    let people = match subset {
+        "train" => orl::meta_train_people(),
+        "test" => orl::held_out_people(),
+        other => anyhow::bail!("unknown ORL faces subset `{other}`; choose train or test"),
+    };
+    orl::load_orl(root, image_size)?.to_image_set(&format!("orl-faces/people/{subset}"), &people)
 }

@@ -84,14 +84,21 @@ pub fn render(
     finetune_steps: usize,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let size = generator.image_size();
-    let out = generator.generate(&shot_tensor(shots, size)?, &landmark_tensor(targets, size)?, finetune_steps)?;
+    let out = generator.generate(
+        &shot_tensor(shots, size)?,
+        &landmark_tensor(targets, size)?,
+        finetune_steps,
+    )?;
     let out = out.to_dtype(DType::F32)?.flatten_from(1)?;
     Ok(out.to_vec2::<f32>()?)
 }
 
 /// Mean point distance between two landmark sets.
 fn landmark_distance(a: &Landmarks, b: &Landmarks) -> f32 {
-    a.iter().zip(b).map(|(p, q)| ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)).sqrt()).sum::<f32>()
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| ((p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2)).sqrt())
+        .sum::<f32>()
         / a.len() as f32
 }
 
@@ -100,13 +107,16 @@ fn baselines(shots: &[&Face], target: &Landmarks) -> (Vec<f32>, Vec<f32>) {
     let nearest = shots
         .iter()
         .min_by(|a, b| {
-            landmark_distance(&a.landmarks, target).total_cmp(&landmark_distance(&b.landmarks, target))
+            landmark_distance(&a.landmarks, target)
+                .total_cmp(&landmark_distance(&b.landmarks, target))
         })
         .expect("at least one shot");
     let nearest = nearest.pixels.iter().map(|&p| p as f32 / 255.0).collect();
     let n = shots[0].pixels.len();
     let mean = (0..n)
-        .map(|j| shots.iter().map(|f| f.pixels[j] as f32).sum::<f32>() / (255.0 * shots.len() as f32))
+        .map(|j| {
+            shots.iter().map(|f| f.pixels[j] as f32).sum::<f32>() / (255.0 * shots.len() as f32)
+        })
         .collect();
     (nearest, mean)
 }
@@ -169,14 +179,25 @@ pub fn evaluate(
         "the faces are {size}×{size} but the model renders {0}×{0}",
         generator.image_size()
     );
-    let mut p = Predictions { size, real: vec![], truth: vec![], person: vec![], by_method: Default::default() };
+    let mut p = Predictions {
+        size,
+        real: vec![],
+        truth: vec![],
+        person: vec![],
+        by_method: Default::default(),
+    };
     for (k, person) in people.iter().enumerate() {
         progress(person);
         let own = faces.of_person(person);
         let choice = choose_shots(own.len(), t, seed, k)?;
         let shots: Vec<&Face> = choice.shots.iter().map(|&i| own[i]).collect();
         let targets: Vec<&Face> = choice.targets.iter().map(|&i| own[i]).collect();
-        let rendered = render(generator, &shots, &targets.iter().map(|f| &f.landmarks).collect::<Vec<_>>(), finetune_steps)?;
+        let rendered = render(
+            generator,
+            &shots,
+            &targets.iter().map(|f| &f.landmarks).collect::<Vec<_>>(),
+            finetune_steps,
+        )?;
         for (target, image) in targets.iter().zip(rendered) {
             let (nearest, mean) = baselines(&shots, &target.landmarks);
             p.by_method[0].push(image);
@@ -220,7 +241,12 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// Identity similarity of each predicted image to its own real target, and to other people.
-fn identity(p: &Predictions, predicted: &Tensor, judges: &Judges, self_pairs: bool) -> anyhow::Result<(f64, f64)> {
+fn identity(
+    p: &Predictions,
+    predicted: &Tensor,
+    judges: &Judges,
+    self_pairs: bool,
+) -> anyhow::Result<(f64, f64)> {
     let a = judges.identity.features(predicted)?.to_dtype(DType::F64)?;
     let b = judges.identity.features(&images_tensor(&p.real, p.size)?)?.to_dtype(DType::F64)?;
     let cos: Vec<Vec<f64>> = a.matmul(&b.t()?)?.to_vec2()?;
@@ -229,34 +255,62 @@ fn identity(p: &Predictions, predicted: &Tensor, judges: &Judges, self_pairs: bo
         mean((0..n).map(|i| cos[i][i]))
     } else {
         // Real images against the other real targets of the same person.
-        mean((0..n).flat_map(|i| (0..n).filter(move |&j| j != i && p.person[j] == p.person[i]).map(move |j| (i, j))).map(|(i, j)| cos[i][j]))
+        mean(
+            (0..n)
+                .flat_map(|i| {
+                    (0..n)
+                        .filter(move |&j| j != i && p.person[j] == p.person[i])
+                        .map(move |j| (i, j))
+                })
+                .map(|(i, j)| cos[i][j]),
+        )
     };
-    let other = mean((0..n).flat_map(|i| (0..n).filter(move |&j| p.person[j] != p.person[i]).map(move |j| (i, j))).map(|(i, j)| cos[i][j]));
+    let other = mean(
+        (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| p.person[j] != p.person[i]).map(move |j| (i, j)))
+            .map(|(i, j)| cos[i][j]),
+    );
     Ok((same, other))
 }
 
 fn score(p: &Predictions, predicted: &[Vec<f32>], judges: &Judges) -> anyhow::Result<Scores> {
     let (w, h) = (p.size, p.size);
     let n = predicted.len() as f64;
-    let ssim = predicted.iter().zip(&p.real).map(|(a, b)| image_metrics::ssim(a, b, w, h)).sum::<f64>() / n;
+    let ssim =
+        predicted.iter().zip(&p.real).map(|(a, b)| image_metrics::ssim(a, b, w, h)).sum::<f64>()
+            / n;
     let l1 = predicted.iter().zip(&p.real).map(|(a, b)| image_metrics::l1(a, b)).sum::<f64>() / n;
-    let psnr = predicted.iter().zip(&p.real).map(|(a, b)| image_metrics::psnr(a, b)).sum::<f64>() / n;
+    let psnr =
+        predicted.iter().zip(&p.real).map(|(a, b)| image_metrics::psnr(a, b)).sum::<f64>() / n;
     let images = images_tensor(predicted, p.size)?;
-    let landmark_nme = crate::judges::nme(&judges.landmarks.predict(&images)?, &landmarks_tensor(&p.truth)?)?;
+    let landmark_nme =
+        crate::judges::nme(&judges.landmarks.predict(&images)?, &landmarks_tensor(&p.truth)?)?;
     let (identity_similarity, identity_similarity_other) = identity(p, &images, judges, true)?;
     Ok(Scores { ssim, l1, psnr, landmark_nme, identity_similarity, identity_similarity_other })
 }
 
 fn score_real(p: &Predictions, judges: &Judges) -> anyhow::Result<Scores> {
     let images = images_tensor(&p.real, p.size)?;
-    let landmark_nme = crate::judges::nme(&judges.landmarks.predict(&images)?, &landmarks_tensor(&p.truth)?)?;
+    let landmark_nme =
+        crate::judges::nme(&judges.landmarks.predict(&images)?, &landmarks_tensor(&p.truth)?)?;
     let (identity_similarity, identity_similarity_other) = identity(p, &images, judges, false)?;
-    Ok(Scores { ssim: 1.0, l1: 0.0, psnr: f64::INFINITY, landmark_nme, identity_similarity, identity_similarity_other })
+    Ok(Scores {
+        ssim: 1.0,
+        l1: 0.0,
+        psnr: f64::INFINITY,
+        landmark_nme,
+        identity_similarity,
+        identity_similarity_other,
+    })
 }
 
 /// The judges of a run: loaded from `run_dir/judges.safetensors`, or trained on the real images
 /// of the meta-training people `train` (seed 0) and saved there.
-pub fn judges_for_run(run_dir: &Path, train: &Faces, mut progress: impl FnMut(&str)) -> anyhow::Result<Judges> {
+pub fn judges_for_run(
+    run_dir: &Path,
+    train: &Faces,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<Judges> {
     let path = run_dir.join(JUDGES_FILE);
     if path.exists() {
         return Judges::load(&path);
@@ -270,7 +324,8 @@ pub fn judges_for_run(run_dir: &Path, train: &Faces, mut progress: impl FnMut(&s
 pub fn train_judges(faces: &Faces, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Judges> {
     let people = faces.people();
     let size = faces.size;
-    let images = gray_tensor(&faces.faces.iter().map(|f| f.pixels.as_slice()).collect::<Vec<_>>(), size)?;
+    let images =
+        gray_tensor(&faces.faces.iter().map(|f| f.pixels.as_slice()).collect::<Vec<_>>(), size)?;
     let labels: Vec<u32> = faces
         .faces
         .iter()
@@ -279,9 +334,17 @@ pub fn train_judges(faces: &Faces, progress: &mut dyn FnMut(&str)) -> anyhow::Re
     let marks = landmarks_tensor(&faces.faces.iter().map(|f| f.landmarks).collect::<Vec<_>>())?;
     let config = JudgeConfig::default();
     progress("training the identity CNN on the meta-training people");
-    let identity = crate::judges::IdentityNet::train(&images, &labels, people.len(), &config, JUDGE_SEED, |_, _| {})?;
+    let identity = crate::judges::IdentityNet::train(
+        &images,
+        &labels,
+        people.len(),
+        &config,
+        JUDGE_SEED,
+        |_, _| {},
+    )?;
     progress("training the landmark regressor on the meta-training people");
-    let landmarks = crate::judges::LandmarkNet::train(&images, &marks, &config, JUDGE_SEED, |_, _| {})?;
+    let landmarks =
+        crate::judges::LandmarkNet::train(&images, &marks, &config, JUDGE_SEED, |_, _| {})?;
     Ok(Judges { identity, landmarks })
 }
 
@@ -292,8 +355,15 @@ pub fn to_u8(values: &[f32]) -> Vec<u8> {
 
 /// Writes a size×size gray image as a PNG, atomically.
 pub fn write_gray_png(path: &Path, pixels: &[u8], size: usize) -> anyhow::Result<()> {
-    let png = image::GrayImage::from_raw(size as u32, size as u32, pixels.to_vec())
-        .with_context(|| format!("cannot write {}: {} pixels for a {size}×{size} image", path.display(), pixels.len()))?;
+    let png = image::GrayImage::from_raw(size as u32, size as u32, pixels.to_vec()).with_context(
+        || {
+            format!(
+                "cannot write {}: {} pixels for a {size}×{size} image",
+                path.display(),
+                pixels.len()
+            )
+        },
+    )?;
     let mut bytes = Vec::new();
     png.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
         .with_context(|| format!("cannot encode {} as PNG", path.display()))?;

@@ -30,6 +30,9 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<()> {
     }
     let source = ModelSource::parse(&a.model, ModelChoice::Selected)?;
     let (config, learner) = source.load_with(source.config()?)?;
+    if learner.generator().is_some() {
+        bail!("this model is a few-shot face generator, not a classifier: render faces with `kshot generate --run RUN`");
+    }
     let pipeline = Pipeline::of_run(&config.data, config.backbone.in_channels())?;
     let files = images::collect_files(&a.paths)?;
     kshot::autograd::init();

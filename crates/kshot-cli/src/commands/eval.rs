@@ -420,24 +420,33 @@ fn run_generation(
     use kshot::data::orl;
     let shots = a.shots.unwrap_or(config.test.shots);
     let steps = a.finetune_steps.unwrap_or(generator.default_finetune_steps());
-    let run_dir = a.run.as_deref().ok_or_else(|| anyhow::anyhow!("score a few-shot generator with --run RUN_DIR"))?;
+    let run_dir = a
+        .run
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("score a few-shot generator with --run RUN_DIR"))?;
     let faces = orl::load_orl(root, generator.image_size())?;
     let subset = |people: Vec<String>| orl::Faces {
         size: faces.size,
         faces: faces.faces.iter().filter(|f| people.contains(&f.person)).cloned().collect(),
     };
-    let judges = kshot::generate::judges_for_run(run_dir, &subset(orl::meta_train_people()), |m| eprintln!("{m}"))?;
+    let judges =
+        kshot::generate::judges_for_run(run_dir, &subset(orl::meta_train_people()), |m| {
+            eprintln!("{m}")
+        })?;
     let held_out = subset(orl::held_out_people());
     let bar = ProgressBar::new(held_out.people().len() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} people ({eta} left) {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} people ({eta} left) {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
-    let report = kshot::generate::evaluate(generator, &held_out, &judges, shots, steps, a.seed, |p| {
-        bar.set_message(p.to_string());
-        bar.inc(1);
-    })?;
+    let report =
+        kshot::generate::evaluate(generator, &held_out, &judges, shots, steps, a.seed, |p| {
+            bar.set_message(p.to_string());
+            bar.inc(1);
+        })?;
     bar.finish_and_clear();
     if a.json {
         let mut json = serde_json::to_value(&report)?;
@@ -455,7 +464,10 @@ fn run_generation(
             report.images,
             a.seed
         );
-        println!("  {:<16} {:>7} {:>7} {:>7} {:>13} {:>9} {:>14}", "", "SSIM", "L1", "PSNR", "landmark NME", "identity", "identity other");
+        println!(
+            "  {:<16} {:>7} {:>7} {:>7} {:>13} {:>9} {:>14}",
+            "", "SSIM", "L1", "PSNR", "landmark NME", "identity", "identity other"
+        );
         for (name, s) in [
             ("model", &report.model),
             ("nearest support", &report.nearest_support),
@@ -464,7 +476,12 @@ fn run_generation(
         ] {
             println!(
                 "  {name:<16} {:>7.4} {:>7.4} {:>7.2} {:>13.4} {:>9.4} {:>14.4}",
-                s.ssim, s.l1, s.psnr, s.landmark_nme, s.identity_similarity, s.identity_similarity_other
+                s.ssim,
+                s.l1,
+                s.psnr,
+                s.landmark_nme,
+                s.identity_similarity,
+                s.identity_similarity_other
             );
         }
     }

@@ -112,7 +112,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let grid = if a.person.as_deref() == Some("all") {
         a.out.join("grid.png")
     } else {
-        let person = grid_rows.first().map(|r| r.label.split(' ').next().unwrap_or("").to_string()).unwrap_or_default();
+        let person = grid_rows
+            .first()
+            .map(|r| r.label.split(' ').next().unwrap_or("").to_string())
+            .unwrap_or_default();
         a.out.join(person).join("grid.png")
     };
     kshot::plot::face_grid(&grid_rows, &grid)?;
@@ -136,7 +139,8 @@ fn render_rows(
     let poses: Vec<&Landmarks> = targets.iter().map(|f| &f.landmarks).collect();
     let rendered = generate::render(generator, shots, &poses, steps)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let shot_images: Vec<PlotImage> = shots.iter().map(|f| plot_image(f.pixels.clone(), size)).collect();
+    let shot_images: Vec<PlotImage> =
+        shots.iter().map(|f| plot_image(f.pixels.clone(), size)).collect();
     let mut rows = Vec::new();
     for (target, image) in targets.iter().zip(&rendered) {
         let pixels = generate::to_u8(image);

@@ -57,6 +57,9 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
         *t = false;
     }
     let (config, learner) = source.load_with(config)?;
+    if learner.generator().is_some() {
+        bail!("this model is a few-shot face generator, not a classifier: render faces with `kshot generate --run RUN`");
+    }
     let pipeline = Pipeline::of_run(&config.data, config.backbone.in_channels())?;
     let support = Support::load(&a.support, &pipeline)?;
     let queries = images::collect_files(&a.query)?;

@@ -52,7 +52,7 @@ pub fn face_grid(rows: &[FaceRow], out_png: &Path) -> anyhow::Result<()> {
     let shots_x = MARGIN + label_width;
     let landmarks_x = shots_x + cell(shots) + SECTION;
     let generated_x = landmarks_x + cell(1) + SECTION;
-    let real_x = generated_x + cell(1);
+    let real_x = generated_x + cell(1) + SECTION;
     let width = (real_x + cell(1) + MARGIN) as u32;
     let line = (1.5 * FONT) as i32;
     let height = (MARGIN + line + rows.len() as i32 * (h + GAP) + MARGIN) as u32;

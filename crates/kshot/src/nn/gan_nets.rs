@@ -354,7 +354,7 @@ pub struct GanNets {
 
 impl GanNets {
     pub fn new(config: GanNetsConfig) -> Result<Self> {
-        if config.size % 16 != 0 || config.size == 0 {
+        if !config.size.is_multiple_of(16) || config.size == 0 {
             candle_core::bail!("image size {} must be a positive multiple of 16", config.size)
         }
         Ok(Self {

@@ -54,6 +54,14 @@ pub fn choose_shots(n: usize, t: usize, seed: u64, person: usize) -> anyhow::Res
     Ok(ShotChoice { shots, targets })
 }
 
+impl ShotChoice {
+    /// The shots and the targets among `own`, the person's faces in index order.
+    pub fn pick<'a>(&self, own: &[&'a Face]) -> (Vec<&'a Face>, Vec<&'a Face>) {
+        let take = |positions: &[usize]| positions.iter().map(|&i| own[i]).collect();
+        (take(&self.shots), take(&self.targets))
+    }
+}
+
 /// [n, 1, S, S] in [0, 1] from u8 images.
 fn gray_tensor(images: &[&[u8]], size: usize) -> anyhow::Result<Tensor> {
     let mut v = Vec::with_capacity(images.len() * size * size);
@@ -64,7 +72,7 @@ fn gray_tensor(images: &[&[u8]], size: usize) -> anyhow::Result<Tensor> {
 }
 
 /// The landmark images of `faces`: [n, 1, S, S].
-pub fn landmark_tensor(landmarks: &[&Landmarks], size: usize) -> anyhow::Result<Tensor> {
+pub fn landmark_images(landmarks: &[&Landmarks], size: usize) -> anyhow::Result<Tensor> {
     let rasters: Vec<Vec<u8>> = landmarks.iter().map(|l| orl::rasterise(l, size)).collect();
     gray_tensor(&rasters.iter().map(|r| r.as_slice()).collect::<Vec<_>>(), size)
 }
@@ -72,7 +80,7 @@ pub fn landmark_tensor(landmarks: &[&Landmarks], size: usize) -> anyhow::Result<
 /// The shots as the generator reads them: [T, 2, S, S] (face ‖ landmark image).
 pub fn shot_tensor(shots: &[&Face], size: usize) -> anyhow::Result<Tensor> {
     let faces = gray_tensor(&shots.iter().map(|f| f.pixels.as_slice()).collect::<Vec<_>>(), size)?;
-    let marks = landmark_tensor(&shots.iter().map(|f| &f.landmarks).collect::<Vec<_>>(), size)?;
+    let marks = landmark_images(&shots.iter().map(|f| &f.landmarks).collect::<Vec<_>>(), size)?;
     Ok(Tensor::cat(&[faces, marks], 1)?)
 }
 
@@ -86,7 +94,7 @@ pub fn render(
     let size = generator.image_size();
     let out = generator.generate(
         &shot_tensor(shots, size)?,
-        &landmark_tensor(targets, size)?,
+        &landmark_images(targets, size)?,
         finetune_steps,
     )?;
     let out = out.to_dtype(DType::F32)?.flatten_from(1)?;
@@ -102,8 +110,8 @@ fn landmark_distance(a: &Landmarks, b: &Landmarks) -> f32 {
         / a.len() as f32
 }
 
-/// The two baselines for one target: the nearest shot by landmarks and the shots' pixel mean.
-fn baselines(shots: &[&Face], target: &Landmarks) -> (Vec<f32>, Vec<f32>) {
+/// The first baseline: the shot whose landmarks are nearest the target's.
+fn nearest_shot(shots: &[&Face], target: &Landmarks) -> Vec<f32> {
     let nearest = shots
         .iter()
         .min_by(|a, b| {
@@ -111,14 +119,21 @@ fn baselines(shots: &[&Face], target: &Landmarks) -> (Vec<f32>, Vec<f32>) {
                 .total_cmp(&landmark_distance(&b.landmarks, target))
         })
         .expect("at least one shot");
-    let nearest = nearest.pixels.iter().map(|&p| p as f32 / 255.0).collect();
+    unit_pixels(&nearest.pixels)
+}
+
+/// The second baseline: the shots' pixel mean.
+fn shots_mean(shots: &[&Face]) -> Vec<f32> {
     let n = shots[0].pixels.len();
-    let mean = (0..n)
+    (0..n)
         .map(|j| {
             shots.iter().map(|f| f.pixels[j] as f32).sum::<f32>() / (255.0 * shots.len() as f32)
         })
-        .collect();
-    (nearest, mean)
+        .collect()
+}
+
+fn unit_pixels(pixels: &[u8]) -> Vec<f32> {
+    pixels.iter().map(|&v| v as f32 / 255.0).collect()
 }
 
 /// Mean scores of a set of predicted images.
@@ -189,28 +204,28 @@ pub fn evaluate(
     for (k, person) in people.iter().enumerate() {
         progress(person);
         let own = faces.of_person(person);
-        let choice = choose_shots(own.len(), t, seed, k)?;
-        let shots: Vec<&Face> = choice.shots.iter().map(|&i| own[i]).collect();
-        let targets: Vec<&Face> = choice.targets.iter().map(|&i| own[i]).collect();
+        let (shots, targets) = choose_shots(own.len(), t, seed, k)?.pick(&own);
         let rendered = render(
             generator,
             &shots,
             &targets.iter().map(|f| &f.landmarks).collect::<Vec<_>>(),
             finetune_steps,
         )?;
+        let mean = shots_mean(&shots);
         for (target, image) in targets.iter().zip(rendered) {
-            let (nearest, mean) = baselines(&shots, &target.landmarks);
             p.by_method[0].push(image);
-            p.by_method[1].push(nearest);
-            p.by_method[2].push(mean);
-            p.real.push(target.pixels.iter().map(|&v| v as f32 / 255.0).collect());
+            p.by_method[1].push(nearest_shot(&shots, &target.landmarks));
+            p.by_method[2].push(mean.clone());
+            p.real.push(unit_pixels(&target.pixels));
             p.truth.push(target.landmarks);
             p.person.push(k);
         }
     }
-    let [model, nearest_support, support_mean] =
-        [0, 1, 2].map(|m| score(&p, &p.by_method[m], judges));
-    let real = score_real(&p, judges)?;
+    let real_images = images_tensor(&p.real, size)?;
+    let real_features = judges.identity.features(&real_images)?.to_dtype(DType::F64)?;
+    let judged = Judged { p: &p, judges, real_features, truth: landmark_points(&p.truth)? };
+    let [model, nearest_support, support_mean] = [0, 1, 2].map(|m| judged.score(&p.by_method[m]));
+    let real = judged.score_real(&real_images)?;
     Ok(GenerationReport {
         shots: t,
         finetune_steps,
@@ -230,7 +245,7 @@ fn images_tensor(images: &[Vec<f32>], size: usize) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_vec(flat, (images.len(), 1, size, size), &Device::Cpu)?)
 }
 
-fn landmarks_tensor(landmarks: &[Landmarks]) -> anyhow::Result<Tensor> {
+fn landmark_points(landmarks: &[Landmarks]) -> anyhow::Result<Tensor> {
     let flat: Vec<f32> = landmarks.iter().flatten().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, (landmarks.len(), orl::POINTS, 2), &Device::Cpu)?)
 }
@@ -240,68 +255,71 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     sum / n.max(1) as f64
 }
 
-/// Identity similarity of each predicted image to its own real target, and to other people.
-fn identity(
-    p: &Predictions,
-    predicted: &Tensor,
-    judges: &Judges,
-    self_pairs: bool,
-) -> anyhow::Result<(f64, f64)> {
-    let a = judges.identity.features(predicted)?.to_dtype(DType::F64)?;
-    let b = judges.identity.features(&images_tensor(&p.real, p.size)?)?.to_dtype(DType::F64)?;
-    let cos: Vec<Vec<f64>> = a.matmul(&b.t()?)?.to_vec2()?;
-    let n = p.real.len();
-    let same = if self_pairs {
-        mean((0..n).map(|i| cos[i][i]))
-    } else {
-        // Real images against the other real targets of the same person.
-        mean(
-            (0..n)
-                .flat_map(|i| {
-                    (0..n)
-                        .filter(move |&j| j != i && p.person[j] == p.person[i])
-                        .map(move |j| (i, j))
-                })
-                .map(|(i, j)| cos[i][j]),
-        )
-    };
-    let other = mean(
-        (0..n)
-            .flat_map(|i| (0..n).filter(move |&j| p.person[j] != p.person[i]).map(move |j| (i, j)))
-            .map(|(i, j)| cos[i][j]),
-    );
-    Ok((same, other))
+/// What every method's images are scored against: the real targets' identity features and
+/// landmarks, computed once.
+struct Judged<'a> {
+    p: &'a Predictions,
+    judges: &'a Judges,
+    /// [n, D] identity features of the real targets.
+    real_features: Tensor,
+    /// [n, 68, 2] the targets' landmarks.
+    truth: Tensor,
 }
 
-fn score(p: &Predictions, predicted: &[Vec<f32>], judges: &Judges) -> anyhow::Result<Scores> {
-    let (w, h) = (p.size, p.size);
-    let n = predicted.len() as f64;
-    let ssim =
-        predicted.iter().zip(&p.real).map(|(a, b)| image_metrics::ssim(a, b, w, h)).sum::<f64>()
-            / n;
-    let l1 = predicted.iter().zip(&p.real).map(|(a, b)| image_metrics::l1(a, b)).sum::<f64>() / n;
-    let psnr =
-        predicted.iter().zip(&p.real).map(|(a, b)| image_metrics::psnr(a, b)).sum::<f64>() / n;
-    let images = images_tensor(predicted, p.size)?;
-    let landmark_nme =
-        crate::judges::nme(&judges.landmarks.predict(&images)?, &landmarks_tensor(&p.truth)?)?;
-    let (identity_similarity, identity_similarity_other) = identity(p, &images, judges, true)?;
-    Ok(Scores { ssim, l1, psnr, landmark_nme, identity_similarity, identity_similarity_other })
-}
+impl Judged<'_> {
+    fn landmark_nme(&self, images: &Tensor) -> anyhow::Result<f64> {
+        crate::judges::nme(&self.judges.landmarks.predict(images)?, &self.truth)
+    }
 
-fn score_real(p: &Predictions, judges: &Judges) -> anyhow::Result<Scores> {
-    let images = images_tensor(&p.real, p.size)?;
-    let landmark_nme =
-        crate::judges::nme(&judges.landmarks.predict(&images)?, &landmarks_tensor(&p.truth)?)?;
-    let (identity_similarity, identity_similarity_other) = identity(p, &images, judges, false)?;
-    Ok(Scores {
-        ssim: 1.0,
-        l1: 0.0,
-        psnr: f64::INFINITY,
-        landmark_nme,
-        identity_similarity,
-        identity_similarity_other,
-    })
+    /// Identity similarity of each image to its own real target (`self_pairs`) or, for the
+    /// real images themselves, to the other real targets of the same person; and to other people.
+    fn identity(&self, images: &Tensor, self_pairs: bool) -> anyhow::Result<(f64, f64)> {
+        let p = self.p;
+        let a = self.judges.identity.features(images)?.to_dtype(DType::F64)?;
+        let cos: Vec<Vec<f64>> = a.matmul(&self.real_features.t()?)?.to_vec2()?;
+        let n = p.real.len();
+        let pairs = |keep: &dyn Fn(usize, usize) -> bool| {
+            mean(
+                (0..n)
+                    .flat_map(|i| (0..n).map(move |j| (i, j)))
+                    .filter(|&(i, j)| keep(i, j))
+                    .map(|(i, j)| cos[i][j]),
+            )
+        };
+        let same = if self_pairs {
+            mean((0..n).map(|i| cos[i][i]))
+        } else {
+            pairs(&|i, j| j != i && p.person[j] == p.person[i])
+        };
+        Ok((same, pairs(&|i, j| p.person[j] != p.person[i])))
+    }
+
+    fn score(&self, predicted: &[Vec<f32>]) -> anyhow::Result<Scores> {
+        let (p, size) = (self.p, self.p.size);
+        let n = predicted.len() as f64;
+        let mean_of = |metric: &dyn Fn(&[f32], &[f32]) -> f64| {
+            predicted.iter().zip(&p.real).map(|(a, b)| metric(a, b)).sum::<f64>() / n
+        };
+        let ssim = mean_of(&|a, b| image_metrics::ssim(a, b, size, size));
+        let l1 = mean_of(&|a, b| image_metrics::l1(a, b));
+        let psnr = mean_of(&|a, b| image_metrics::psnr(a, b));
+        let images = images_tensor(predicted, size)?;
+        let landmark_nme = self.landmark_nme(&images)?;
+        let (identity_similarity, identity_similarity_other) = self.identity(&images, true)?;
+        Ok(Scores { ssim, l1, psnr, landmark_nme, identity_similarity, identity_similarity_other })
+    }
+
+    fn score_real(&self, images: &Tensor) -> anyhow::Result<Scores> {
+        let (identity_similarity, identity_similarity_other) = self.identity(images, false)?;
+        Ok(Scores {
+            ssim: 1.0,
+            l1: 0.0,
+            psnr: f64::INFINITY,
+            landmark_nme: self.landmark_nme(images)?,
+            identity_similarity,
+            identity_similarity_other,
+        })
+    }
 }
 
 /// The judges of a run: loaded from `run_dir/judges.safetensors`, or trained on the real images
@@ -331,7 +349,7 @@ pub fn train_judges(faces: &Faces, progress: &mut dyn FnMut(&str)) -> anyhow::Re
         .iter()
         .map(|f| people.iter().position(|p| *p == f.person).expect("a listed person") as u32)
         .collect();
-    let marks = landmarks_tensor(&faces.faces.iter().map(|f| f.landmarks).collect::<Vec<_>>())?;
+    let marks = landmark_points(&faces.faces.iter().map(|f| f.landmarks).collect::<Vec<_>>())?;
     let config = JudgeConfig::default();
     progress("training the identity CNN on the meta-training people");
     let identity = crate::judges::IdentityNet::train(

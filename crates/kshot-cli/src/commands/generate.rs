@@ -59,13 +59,14 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let steps = a.finetune_steps.unwrap_or(generator.default_finetune_steps());
     let size = generator.image_size();
-    let mut grid_rows = Vec::new();
-    match (&a.person, &a.support) {
+    let (mut grid_rows, mut written) = (Vec::new(), 0);
+    let grid = match (&a.person, &a.support) {
         (Some(person), None) => {
             let root = data_root_for(a.data_dir.as_deref(), &config)?;
             let faces = orl::load_orl(&root, size)?;
             let held_out = orl::held_out_people();
-            let people = if person == "all" { held_out.clone() } else { vec![person.clone()] };
+            let all = person == "all";
+            let people = if all { held_out.clone() } else { vec![person.clone()] };
             for person in &people {
                 let Some(k) = held_out.iter().position(|p| p == person) else {
                     bail!(
@@ -75,51 +76,47 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                     );
                 };
                 let own = faces.of_person(person);
-                let choice = choose_shots(own.len(), a.shots, a.seed, k)?;
-                let shots: Vec<&Face> = choice.shots.iter().map(|&i| own[i]).collect();
-                let targets: Vec<&Face> = choice.targets.iter().map(|&i| own[i]).collect();
+                let (shots, targets) = choose_shots(own.len(), a.shots, a.seed, k)?.pick(&own);
                 eprintln!("{person}: {} shots, rendering {} images ({steps} fine-tuning steps)", shots.len(), targets.len());
                 let rows = render_rows(generator, &shots, &targets, steps, &a.out.join(person))?;
-                let take = if people.len() > 1 { 2 } else { rows.len() };
+                written += rows.len();
+                let take = if all { 2 } else { rows.len() };
                 grid_rows.extend(rows.into_iter().take(take));
+            }
+            if all {
+                a.out.join("grid.png")
+            } else {
+                a.out.join(person).join("grid.png")
             }
         }
         (None, Some(dir)) => {
             let marks = a.landmarks.as_ref().expect("clap requires --landmarks");
             let support = orl::load_folder(dir, marks, size)?;
-            let poses: Faces = match &a.poses {
+            let poses: Option<Faces> = match &a.poses {
                 Some(spec) => {
                     let (pdir, pfile) = spec.split_once(':').with_context(|| {
                         format!("--poses {spec}: give a folder and its landmark file as DIR:FILE.tsv")
                     })?;
-                    orl::load_folder(Path::new(pdir), Path::new(pfile), size)?
+                    Some(orl::load_folder(Path::new(pdir), Path::new(pfile), size)?)
                 }
-                None => Faces { size, faces: support.faces.clone() },
+                None => None,
             };
             let shots: Vec<&Face> = support.faces.iter().collect();
-            let targets: Vec<&Face> = poses.faces.iter().collect();
+            let targets: Vec<&Face> = poses.as_ref().unwrap_or(&support).faces.iter().collect();
             let person = shots.first().map(|f| f.person.clone()).unwrap_or_default();
             eprintln!("{person}: {} shots, rendering {} poses ({steps} fine-tuning steps)", shots.len(), targets.len());
-            let real = a.poses.is_none();
-            let mut rows = render_rows(generator, &shots, &targets, steps, &a.out.join(&person))?;
-            if !real {
-                rows.iter_mut().for_each(|r| r.real = None);
+            grid_rows = render_rows(generator, &shots, &targets, steps, &a.out.join(&person))?;
+            if poses.is_some() {
+                // The pose images are of someone else: there is no real image to show.
+                grid_rows.iter_mut().for_each(|r| r.real = None);
             }
-            grid_rows = rows;
+            written = grid_rows.len();
+            a.out.join(person).join("grid.png")
         }
         _ => bail!("say whose face to render: --person sN (a held-out ORL person) or --support DIR --landmarks FILE.tsv"),
-    }
-    let grid = if a.person.as_deref() == Some("all") {
-        a.out.join("grid.png")
-    } else {
-        let person = grid_rows
-            .first()
-            .map(|r| r.label.split(' ').next().unwrap_or("").to_string())
-            .unwrap_or_default();
-        a.out.join(person).join("grid.png")
     };
     kshot::plot::face_grid(&grid_rows, &grid)?;
-    println!("wrote {} images and {}", grid_rows.len(), grid.display());
+    println!("wrote {written} images and {}", grid.display());
     Ok(())
 }
 

@@ -110,9 +110,9 @@ pub struct FewShotGan {
 }
 
 /// The losses of one generator step.
-pub struct GeneratorLosses {
-    pub total: Tensor,
-    pub fake: Tensor,
+struct GeneratorLosses {
+    total: Tensor,
+    fake: Tensor,
 }
 
 impl FewShotGan {
@@ -130,12 +130,7 @@ impl FewShotGan {
 
     /// The discriminator's parameters cut from the graph, the rest as they are.
     fn with_fixed_discriminator(p: &Params) -> Params {
-        let mut out = Params::new();
-        for (name, t) in p.iter() {
-            let t = if GanNets::is_discriminator(name) { t.detach() } else { t.clone() };
-            out.insert(name.clone(), t);
-        }
-        out
+        detached_where(p, GanNets::is_discriminator)
     }
 
     /// Adversarial + feature-matching + pixel terms of generated images `fake` against `real`
@@ -245,16 +240,17 @@ impl FewShotGan {
             let (loss, _) = self.discriminator_loss(&live, &sn, &real, &fake, &landmarks, &proj)?;
             d_opt.step(&loss.backward()?, self.config.finetune_lr * self.config.d_lr_ratio)?;
         }
-        let live = live_detached(&live);
+        let live = detached_where(&live, |_| true);
         let psi_m = psi.as_tensor().detach().broadcast_as((targets.dim(0)?, psi.dim(1)?))?;
         self.nets.generate(&live, &sn, &targets, &psi_m)
     }
 }
 
-fn live_detached(p: &Params) -> Params {
+/// `p` with the tensors whose names satisfy `cut` cut from the graph.
+fn detached_where(p: &Params, cut: impl Fn(&str) -> bool) -> Params {
     let mut out = Params::new();
     for (name, t) in p.iter() {
-        out.insert(name.clone(), t.detach());
+        out.insert(name.clone(), if cut(name) { t.detach() } else { t.clone() });
     }
     out
 }

@@ -412,7 +412,9 @@ impl GanNets {
     pub fn power_iterate(&self, p: &Params, sn: &mut Sn) -> Result<()> {
         for name in self.conv_weights() {
             let key = sn_key(&name);
-            let u = sn.get(&key).expect("every weight has a vector").clone();
+            let u = sn.get(&key).cloned().ok_or_else(|| {
+                candle_core::Error::Msg(format!("missing power-iteration vector `{key}`"))
+            })?;
             let w = p.get(&name)?;
             sn.insert(key, power_iteration(w, &u.to_dtype(w.dtype())?)?.to_dtype(u.dtype())?);
         }

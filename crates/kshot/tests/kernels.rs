@@ -676,3 +676,187 @@ fn add_leaky_relu_matches_composite_and_its_derivatives_are_exact() -> Result<()
     assert!(kernels::add_leaky_relu(&a, &a.t()?, 0.1).is_err());
     Ok(())
 }
+
+fn composite_conv_each(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let rows = (0..x.dim(0)?)
+        .map(|b| ops::conv3x3(&x.narrow(0, b, 1)?, &w.get(b)?))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)
+}
+
+#[test]
+fn conv_each_matches_a_convolution_per_image_and_its_derivatives_are_exact() -> Result<()> {
+    setup();
+    for dtype in DTYPES {
+        for (i, (xd, co)) in CONV_SHAPES.into_iter().enumerate() {
+            let x = uniform(40 + i as u64, &xd, dtype)?;
+            let w = uniform(140 + i as u64, &[xd[0], co, xd[1], 3, 3], dtype)?;
+            let what = format!("conv3x3_each {xd:?}→{co} {dtype:?}");
+            let fast = kernels::conv3x3_each(&x, &w)?;
+            assert_close(&fast, &composite_conv_each(&x, &w)?, tol(dtype), &what);
+        }
+    }
+    for (i, (xd, co)) in
+        [([2, 2, 5, 5], 3), ([3, 2, 4, 3], 2), ([1, 1, 1, 1], 1)].into_iter().enumerate()
+    {
+        let x = uniform(60 + i as u64, &xd, DType::F64)?;
+        let w = uniform(70 + i as u64, &[xd[0], co, xd[1], 3, 3], DType::F64)?;
+        let fast = |t: &[Tensor]| quad(&kernels::conv3x3_each(&t[0], &t[1])?, 5);
+        let composite = |t: &[Tensor]| quad(&composite_conv_each(&t[0], &t[1])?, 5);
+        check_derivatives(&fast, &composite, &[x, w], &format!("conv3x3_each {xd:?}→{co}"))?;
+    }
+    let (x, w) =
+        (uniform(1, &[2, 3, 4, 4], DType::F64)?, uniform(2, &[3, 5, 3, 3, 3], DType::F64)?);
+    let err = kernels::conv3x3_each(&x, &w).unwrap_err().to_string();
+    assert!(err.contains("[B, Co, Ci, 3, 3]"), "{err}");
+    Ok(())
+}
+
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// y = x·Wᵀ + b for x [R, in], W [out, in], b [out].
+fn affine(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+fn composite_mlp(x: &Tensor, w: &[Tensor]) -> Result<Tensor> {
+    let h = affine(x, &w[0], &w[1])?.relu()?;
+    let h = affine(&h, &w[2], &w[3])?.relu()?;
+    affine(&h, &w[4], &w[5])?.squeeze(1)
+}
+
+fn composite_lstm(xs: &Tensor, w: &[Tensor]) -> Result<Tensor> {
+    let (steps, rows, _) = xs.dims3()?;
+    let hd = w[1].dim(1)?;
+    let mut h = Tensor::zeros((rows, hd), xs.dtype(), &Device::Cpu)?;
+    let mut c = h.clone();
+    for t in 0..steps {
+        let z = (affine(&xs.get(t)?, &w[0], &w[2])? + h.matmul(&w[1].t()?)?)?;
+        let gate = |k: usize| z.narrow(1, k * hd, hd);
+        let (i, f, g, o) =
+            (sigmoid(&gate(0)?)?, sigmoid(&gate(1)?)?, gate(2)?.tanh()?, sigmoid(&gate(3)?)?);
+        c = ((f * c)? + (i * g)?)?;
+        h = (o * c.tanh()?)?;
+    }
+    affine(&h, &w[3], &w[4])?.squeeze(1)
+}
+
+fn mlp_weights(layout: kernels::MlpLayout, seed: u64, dtype: DType) -> Result<Vec<Tensor>> {
+    let (d, h) = (layout.input, layout.hidden);
+    let dims: [&[usize]; 6] = [&[h, d], &[h], &[h, h], &[h], &[1, h], &[1]];
+    dims.iter().enumerate().map(|(i, s)| uniform(seed + i as u64, s, dtype)).collect()
+}
+
+fn lstm_weights(layout: kernels::LstmLayout, seed: u64, dtype: DType) -> Result<Vec<Tensor>> {
+    let (d, h) = (layout.input, layout.hidden);
+    let dims: [&[usize]; 5] = [&[4 * h, d], &[4 * h, h], &[4 * h], &[1, h], &[1]];
+    dims.iter().enumerate().map(|(i, s)| uniform(seed + i as u64, s, dtype)).collect()
+}
+
+/// The fast op's weight gradient of `quad` against the composite's and central differences (f64).
+fn check_weight_gradient(
+    fast: Loss,
+    composite: Loss,
+    weights: &[Tensor],
+    what: &str,
+) -> Result<()> {
+    let g = gradient(fast, weights)?;
+    let (g_ref, g_fd) = (gradient(composite, weights)?, fd_gradient(fast, weights)?);
+    for i in 0..weights.len() {
+        assert_close(&g[i], &g_ref[i], 1e-12, &format!("{what}: gradient {i} vs composite"));
+        assert_close(&g[i], &g_fd[i], 1e-8, &format!("{what}: gradient {i} vs finite differences"));
+        assert!(values(&g[i])?.iter().any(|x| x.abs() > 1e-6), "{what}: gradient {i} is zero");
+    }
+    Ok(())
+}
+
+#[test]
+fn coordinate_mlp_matches_composite_and_its_weight_gradient_is_exact() -> Result<()> {
+    setup();
+    let layout = kernels::MlpLayout { input: 2, hidden: 5 };
+    // 2500 rows: three chunks, the last one partial.
+    for dtype in DTYPES {
+        let x = (uniform(1, &[2500, 2], dtype)? * 2.0)?;
+        let w = mlp_weights(layout, 10, dtype)?;
+        let refs: Vec<&Tensor> = w.iter().collect();
+        let fast = kernels::coordinate_mlp(&x, &refs, layout)?;
+        assert_close(
+            &fast,
+            &composite_mlp(&x, &w)?,
+            tol(dtype),
+            &format!("coordinate_mlp {dtype:?}"),
+        );
+    }
+    for rows in [7, 2500] {
+        let x = (uniform(2, &[rows, 2], DType::F64)? * 2.0)?;
+        let w = mlp_weights(layout, 20, DType::F64)?;
+        let fast = |t: &[Tensor]| {
+            quad(&kernels::coordinate_mlp(&x, &t.iter().collect::<Vec<_>>(), layout)?, 3)
+        };
+        let composite = |t: &[Tensor]| quad(&composite_mlp(&x, t)?, 3);
+        check_weight_gradient(&fast, &composite, &w, &format!("coordinate_mlp, {rows} rows"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn coordinate_lstm_matches_composite_and_its_weight_gradient_is_exact() -> Result<()> {
+    setup();
+    let layout = kernels::LstmLayout { input: 2, hidden: 4 };
+    for dtype in DTYPES {
+        let x = uniform(3, &[5, 2500, 2], dtype)?;
+        let w = lstm_weights(layout, 30, dtype)?;
+        let refs: Vec<&Tensor> = w.iter().collect();
+        let fast = kernels::coordinate_lstm(&x, &refs, layout)?;
+        assert_close(
+            &fast,
+            &composite_lstm(&x, &w)?,
+            tol(dtype),
+            &format!("coordinate_lstm {dtype:?}"),
+        );
+    }
+    for (steps, rows) in [(1, 6), (3, 7), (5, 1100)] {
+        let x = uniform(4, &[steps, rows, 2], DType::F64)?;
+        let w = lstm_weights(layout, 40, DType::F64)?;
+        let fast = |t: &[Tensor]| {
+            quad(&kernels::coordinate_lstm(&x, &t.iter().collect::<Vec<_>>(), layout)?, 3)
+        };
+        let composite = |t: &[Tensor]| quad(&composite_lstm(&x, t)?, 3);
+        let what = format!("coordinate_lstm, {steps} steps × {rows} rows");
+        if steps == 1 {
+            // h₀ = 0: W_hh has no gradient after one step; the others must match.
+            let g = gradient(&fast, &w)?;
+            let g_ref = gradient(&composite, &w)?;
+            for i in 0..w.len() {
+                assert_close(&g[i], &g_ref[i], 1e-12, &format!("{what}: gradient {i}"));
+            }
+            assert!(values(&g[1])?.iter().all(|v| *v == 0.0));
+        } else {
+            check_weight_gradient(&fast, &composite, &w, &what)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn coordinate_nets_refuse_differentiated_inputs_and_second_order() -> Result<()> {
+    setup();
+    let layout = kernels::MlpLayout { input: 2, hidden: 3 };
+    let w = mlp_weights(layout, 50, DType::F64)?;
+    let refs: Vec<&Tensor> = w.iter().collect();
+    let x = Var::from_tensor(&uniform(5, &[4, 2], DType::F64)?)?;
+    let y = kernels::coordinate_mlp(x.as_tensor(), &refs, layout)?;
+    let err = y.sum_all()?.backward().unwrap_err().to_string();
+    assert!(err.contains("detach"), "{err}");
+    let w = leaves(&w)?;
+    let x = x.as_tensor().detach();
+    let g = kernels::coordinate_mlp(&x, &w.iter().collect::<Vec<_>>(), layout)?
+        .sum_all()?
+        .backward()?;
+    let gw = g.get(&w[0]).expect("W₁ has a gradient");
+    let err = gw.sum_all()?.backward().unwrap_err().to_string();
+    assert!(err.contains("first order"), "{err}");
+    Ok(())
+}

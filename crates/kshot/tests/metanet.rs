@@ -210,12 +210,11 @@ fn a_short_seeded_run_learns_held_out_classes() {
     c.data.image_size = 12;
     c.train = EpisodeSpec::new(5, 1, 5);
     c.test = EpisodeSpec::new(5, 1, 5);
-    c.episodes = 150;
+    c.episodes = 600;
     c.seed = 3;
     c.validation = None;
     c.checkpoint_every = 50;
-    // A larger step than the paper's 1e-3, to learn within a test's time.
-    c.schedule = kshot::optim::StepDecay { lr: 3e-3, step: 0, gamma: 1.0 };
+    c.schedule = kshot::optim::StepDecay { lr: 1e-3, step: 0, gamma: 1.0 };
     settings!(c, MetaNet).net = FastNetConfig { in_channels: 1, width: 8, blocks: 5, hidden: 16 };
     let train_set = common::noisy_synthetic_set(200, 1, 10, 12, 5, 0.1);
     let test_set = common::noisy_synthetic_set(20, 1, 10, 12, 99, 0.1);
@@ -226,7 +225,7 @@ fn a_short_seeded_run_learns_held_out_classes() {
     let before = kshot::eval::evaluate(untrained.as_ref(), &sampler, 40, 0, |_| {}).unwrap();
     let start = std::time::Instant::now();
     kshot::train::train(&dir, &c, &train_set, None, false, &AtomicBool::new(false), |s| {
-        if s.episode % 25 == 0 {
+        if s.episode % 100 == 0 {
             eprintln!("step {}: loss {:.4} acc {:.3}", s.episode, s.loss, s.accuracy);
         }
     })
@@ -235,10 +234,11 @@ fn a_short_seeded_run_learns_held_out_classes() {
     let (_, learner) = kshot::train::load_learner(&dir).unwrap();
     let after = kshot::eval::evaluate(learner.as_ref(), &sampler, 40, 0, |_| {}).unwrap();
     eprintln!("5-way 1-shot held-out accuracy {:.3} → {:.3}", before.accuracy, after.accuracy);
-    // MetaNet learns slowly (the fast weights must first grow out of their small start): 150
-    // episodes reach ~0.39 on held-out classes, where ~1000 would be needed for the GNN's 0.6.
+    // MetaNet learns slowly (the fast weights must first grow out of their small start), and
+    // 150-episode runs depended on the seed (0.19 to 0.39 at 3e-3): at the paper's 1e-3, 600
+    // episodes reached 0.33 / 0.32 / 0.42 / 0.41 on held-out classes with seeds 1 to 4.
     assert!(
-        after.accuracy > 0.33 && after.accuracy > before.accuracy + 0.1,
+        after.accuracy > 0.3 && after.accuracy > before.accuracy + 0.1,
         "5-way accuracy {} → {} (chance 0.2)",
         before.accuracy,
         after.accuracy

@@ -123,7 +123,7 @@ fn images_per_block(batch: usize, hw: usize) -> usize {
 /// Patches of `n` images `x` [n, c, h, w] under a 3×3 window with padding 1, as a row-major
 /// [c·9, n·h·w] matrix: row `ci·9 + kh·3 + kw`, column `j·h·w + oh·w + ow` holds
 /// x[j, ci, oh + kh - 1, ow + kw - 1], or 0 in the padding.
-fn im2col<T: Real>(x: &[T], n: usize, c: usize, h: usize, w: usize) -> Vec<T> {
+pub(super) fn im2col<T: Real>(x: &[T], n: usize, c: usize, h: usize, w: usize) -> Vec<T> {
     let hw = h * w;
     // Every element is written exactly once, in order, so the buffer is never zero-filled first.
     let mut col = Vec::with_capacity(c * 9 * n * hw);

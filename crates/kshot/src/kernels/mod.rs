@@ -8,8 +8,11 @@
 mod activation;
 mod batch_norm;
 mod conv;
+mod conv_each;
+mod coordinatewise;
 mod cpu;
 mod distance;
+mod lstm_cell;
 mod meta_lstm;
 mod pool;
 
@@ -17,6 +20,8 @@ use candle_core::{Result, Tensor};
 
 use crate::nn::ops::BatchStats;
 
+pub use conv_each::conv3x3_each;
+pub use coordinatewise::{coordinate_lstm, coordinate_mlp, LstmLayout, MlpLayout};
 pub use meta_lstm::{MetaLstmGrads, MetaLstmUnroll, MetaLstmWeights};
 
 /// 3×3 convolution, stride 1, padding 1, no bias: [B, Ci, H, W] * [Co, Ci, 3, 3] → [B, Co, H, W].

@@ -55,6 +55,7 @@ use super::{
 };
 use crate::data::{Episode, EpisodeSpec};
 use crate::nn::metanet_nets::{Fast, FastNet, FastNetConfig, FastWeights};
+use crate::kernels;
 use crate::nn::{init, ops, LstmCell, ParamSet, Params, RunningStats};
 use crate::optim::StepDecay;
 use crate::protocol::Protocol;
@@ -243,22 +244,24 @@ impl MetaNet {
 
     /// The coordinate-wise LSTM `name` over the chunks' inputs; its output after the last.
     fn meta_lstm(&self, params: &Params, name: &str, inputs: &[Tensor]) -> Result<Tensor> {
-        let h = self.config.meta_hidden;
-        let cell = LstmCell::new(2, h, h);
-        let rows = inputs[0].dim(0)?;
-        let zeros = Tensor::zeros((rows, h), inputs[0].dtype(), inputs[0].device())?;
-        let (mut hidden, mut c) = (zeros.clone(), zeros);
-        for x in inputs {
-            (hidden, c) = cell.forward(params, &format!("{name}.lstm"), x, &hidden, &c)?;
-        }
-        ops::linear(&hidden, params, &format!("{name}.out"))?.squeeze(1)
+        let layout = kernels::LstmLayout { input: 2, hidden: self.config.meta_hidden };
+        let names = ["lstm.weight_ih", "lstm.weight_hh", "lstm.bias", "out.weight", "out.bias"];
+        let weights = names
+            .iter()
+            .map(|n| params.get(&format!("{name}.{n}")))
+            .collect::<Result<Vec<_>>>()?;
+        kernels::coordinate_lstm(&Tensor::stack(inputs, 0)?, &weights, layout)
     }
 
     /// The coordinate-wise MLP `name`: [R, 2] → [R].
     fn meta_mlp(&self, params: &Params, name: &str, x: &Tensor) -> Result<Tensor> {
-        let h = ops::linear(x, params, &format!("{name}.l1"))?.relu()?;
-        let h = ops::linear(&h, params, &format!("{name}.l2"))?.relu()?;
-        ops::linear(&h, params, &format!("{name}.out"))?.squeeze(1)
+        let layout = kernels::MlpLayout { input: 2, hidden: self.config.meta_hidden };
+        let weights = MLP_LAYERS
+            .iter()
+            .flat_map(|l| ["weight", "bias"].map(|w| format!("{name}.{l}.{w}")))
+            .map(|n| params.get(&n))
+            .collect::<Result<Vec<_>>>()?;
+        kernels::coordinate_mlp(x, &weights, layout)
     }
 
     /// The task's fast weights and memory from its meta information (differentiable with
@@ -288,26 +291,19 @@ impl MetaNet {
 
     /// [M, ways] query logits: each query reads its own fast weights from the memory.
     pub fn query_logits(&self, params: &Params, task: &Task, query: &Tensor) -> Result<Tensor> {
-        let m = query.dim(0)?;
         let q_keys = self.keys(params, &task.key_fast, query)?;
         let attention = ops::softmax(&ops::cosine_similarity(&q_keys, &task.keys, 1e-8)?)?;
         let conv = attention.matmul(&task.memory_conv)?;
         let fc = attention.matmul(&task.memory_fc)?;
-        let conv_shapes = self.base.conv_shapes();
-        let [fc1_shape, fc2_shape] = self.base.fc_shapes(self.config.ways);
-        let fast = (0..m)
-            .map(|i| {
-                let fc = split(&fc.get(i)?, &[fc1_shape.clone(), fc2_shape.clone()])?;
-                Ok(FastWeights {
-                    convs: split(&conv.get(i)?, &conv_shapes)?,
-                    fc1: fc[0].clone(),
-                    fc2: Some(fc[1].clone()),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let [fc1, fc2] = self.base.fc_shapes(self.config.ways);
+        let fc = split_rows(&fc, &[fc1, fc2])?;
+        let (fc1, fc2) = (&fc[0], &fc[1]);
+        let fast = FastWeights {
+            convs: split_rows(&conv, &self.base.conv_shapes())?,
+            fc1: fc1.clone(),
+            fc2: Some(fc2.clone()),
+        };
         let h = self.base.trunk(params, query, Fast::PerImage(&fast))?;
-        let fc1 = Tensor::stack(&fast.iter().map(|f| f.fc1.clone()).collect::<Vec<_>>(), 0)?;
-        let fc2 = Tensor::stack(&fast.iter().filter_map(|f| f.fc2.clone()).collect::<Vec<_>>(), 0)?;
         let slow_a = h.matmul(&params.get(&self.base.fc_name(1))?.t()?)?.relu()?;
         let fast_a = h.unsqueeze(1)?.matmul(&fc1.transpose(1, 2)?)?.squeeze(1)?.relu()?;
         let a = (slow_a + fast_a)?;
@@ -431,18 +427,25 @@ fn preprocessed(x: &[f64], k: f64, dtype: DType, device: &Device) -> Result<Tens
 
 /// Consecutive pieces of the flat `x` reshaped to `shapes`.
 fn split(x: &Tensor, shapes: &[Vec<usize>]) -> Result<Vec<Tensor>> {
+    let rows = split_rows(&x.unsqueeze(0)?, shapes)?;
+    rows.iter().map(|t| t.squeeze(0)).collect()
+}
+
+/// Consecutive column ranges of `x` [M, P] reshaped to [M, shape…], for each of `shapes`.
+fn split_rows(x: &Tensor, shapes: &[Vec<usize>]) -> Result<Vec<Tensor>> {
+    let m = x.dim(0)?;
     let mut offset = 0;
     shapes
         .iter()
         .map(|s| {
             let len: usize = s.iter().product();
-            let t = x.narrow(0, offset, len)?.reshape(s.as_slice());
+            let shape: Vec<usize> = std::iter::once(m).chain(s.iter().copied()).collect();
+            let t = x.narrow(1, offset, len)?.reshape(shape);
             offset += len;
             t
         })
         .collect()
 }
-
 
 fn linear_init(
     p: &mut ParamSet,
@@ -583,7 +586,7 @@ impl Method for MetaNetConfig {
 
 macro_rules! metanet_omniglot {
     () => {
-        "official code (tsendeemts/MetaNet, MetaNetFull): 28×28, base learner and key network of 5 conv 64 blocks + fc 64-64-N without batch norm, meta learners of 20 units (LSTMs for the key network's task-level fast weights, MLPs for the base learner's example-level ones), gradients preprocessed with k = 7, train and test episodes of 10 queries per class, one episode per step, Adam 1e-3 constant, gradient norm clipped at 10; Vinyals trainval (4800 rotated classes) for training (the code: its own random 1200-character split, augmented), 100 000 episodes (the code loops without end), tested on 1000 episodes of the 1692 rotated test classes. In this version one 5-way training episode needs ≈ 22 GB of memory and 10-25 s on 2 cores (candle keeps every activation of the coordinate-wise LSTMs and MLPs over 148 032 convolution weights for the backward pass): a machine with more memory, until a fused kernel lands"
+        "official code (tsendeemts/MetaNet, MetaNetFull): 28×28, base learner and key network of 5 conv 64 blocks + fc 64-64-N without batch norm, meta learners of 20 units (LSTMs for the key network's task-level fast weights, MLPs for the base learner's example-level ones), gradients preprocessed with k = 7, train and test episodes of 10 queries per class, one episode per step, Adam 1e-3 constant, gradient norm clipped at 10; Vinyals trainval (4800 rotated classes) for training (the code: its own random 1200-character split, augmented), 100 000 episodes (the code loops without end), tested on 1000 episodes of the 1692 rotated test classes. a 5-way training episode takes ≈ 1 s and 1.6 GB on 2 cores (fused coordinate-wise meta learners over the 148 032 convolution weights)"
     };
 }
 use metanet_omniglot;

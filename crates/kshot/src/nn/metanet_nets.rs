@@ -41,8 +41,8 @@ impl FastNetConfig {
     }
 }
 
-/// Fast weights of one network (or one image's): a tensor for each convolution, then fc1 and fc2
-/// (absent where a layer is not augmented).
+/// Fast weights of one network: a tensor for each convolution, then fc1 and fc2 (absent where a
+/// layer is not augmented); or, with a leading batch dimension on each, one set per image.
 #[derive(Debug, Clone)]
 pub struct FastWeights {
     pub convs: Vec<Tensor>,
@@ -114,8 +114,8 @@ impl FastNet {
         lecun(rng, &self.fc_shapes(outputs)[1], device)
     }
 
-    /// The convolution blocks → [B, features]; with `fast`, each block is augmented by the
-    /// image's own fast weights (`fast[b]` for image b) or by one set shared by the batch.
+    /// The convolution blocks → [B, features]; with `fast`, each block is augmented by one set of
+    /// fast weights shared by the batch, or by each image's own (convolutions [B, Co, Ci, 3, 3]).
     pub fn trunk(&self, params: &Params, x: &Tensor, fast: Fast) -> Result<Tensor> {
         let mut h = x.clone();
         for i in 0..self.config.blocks {
@@ -123,14 +123,7 @@ impl FastNet {
             let y = match fast {
                 Fast::None => slow,
                 Fast::Shared(f) => (slow + kernels::conv3x3(&h, &f.convs[i])?.relu()?)?,
-                Fast::PerImage(fs) => {
-                    let rows = fs
-                        .iter()
-                        .enumerate()
-                        .map(|(b, f)| kernels::conv3x3(&h.narrow(0, b, 1)?, &f.convs[i])?.relu())
-                        .collect::<Result<Vec<_>>>()?;
-                    (slow + Tensor::cat(&rows, 0)?)?
-                }
+                Fast::PerImage(f) => (slow + kernels::conv3x3_each(&h, &f.convs[i])?.relu()?)?,
             };
             h = pool_ceil(&y)?;
         }
@@ -150,7 +143,7 @@ impl FastNet {
 pub enum Fast<'a> {
     None,
     Shared(&'a FastWeights),
-    PerImage(&'a [FastWeights]),
+    PerImage(&'a FastWeights),
 }
 
 /// N(0, 1/fan_in) weights (Chainer v1's default `wscale = 1`).

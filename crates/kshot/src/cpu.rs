@@ -160,6 +160,8 @@ pub struct CpuReport {
     pub missing: Vec<&'static str>,
     pub gemm: GemmPath,
     pub avx2_forced: bool,
+    /// Whether a product has run on gemm's AVX-512 kernels so far in this process.
+    pub avx512_used: bool,
 }
 
 impl CpuReport {
@@ -171,10 +173,11 @@ impl CpuReport {
             missing: all.iter().filter(|f| !f.1).map(|f| f.0).collect(),
             gemm: gemm_path(),
             avx2_forced: avx2_forced(),
+            avx512_used: gemm_common::avx512_chosen(),
         }
     }
 
-    /// One line: `CPU: <model>; features avx, avx2, …; no avx512f, …; gemm kernels: avx2-fma (forced)`.
+    /// One line: `CPU: <model>; features: avx avx2 …; absent: avx512f …; gemm kernels: avx2-fma (…)`.
     pub fn line(&self) -> String {
         let forced = if self.avx2_forced { " (AVX2 forced)" } else { " (run-time choice)" };
         format!(

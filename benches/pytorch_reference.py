@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch reference for `kshot bench`: the same workloads as crates/kshot/src/bench.rs, line for line.
+"""PyTorch reference for `kshot bench`: the same workloads as crates/kshot/src/bench/, line for line.
 
 Every workload is a full training step on random normal inputs: forward, backward and an Adam update
 (lr 1e-3) of Conv4 (64 channels, 3x3 convolutions without bias, batch norm with batch statistics,
@@ -8,7 +8,10 @@ ReLU, 2x2 max-pool), or in resnet12-step-84 of ResNet-12 (crates/kshot/src/nn/re
 The predict-* workloads are inference instead: `kshot predict`'s ProtoNet path without decoding.
 gnn-5w1s-100graphs is a Garcia & Bruna GNN training batch written as the official modules.
 mann-16x50-steps is a MANN training batch (Santoro et al. 2016) as crates/kshot/src/methods/mann.rs.
-Prints one JSON line: {"workload", "samples_ms", "torch", "threads"}.
+maml2-20w5s, matching-5w1s15q, meta-lstm-5w1s15q, baseline-16x4112c and eval-protonet-5w1s15q follow
+kshot's presets (maml-omniglot-20w5s with 2 tasks, matching-omniglot-5way-1shot, meta-lstm-omniglot-5w1s,
+baseline-omniglot, protonet-omniglot-1shot); see crates/kshot/src/bench/methods.rs.
+Prints one JSON line: {"workload", "samples_ms", "torch", "cpu_capability", "threads"}.
 
     python benches/pytorch_reference.py --workload conv4-step-28 --reps 20 --threads 2
 """
@@ -61,12 +64,19 @@ def linear_head(params, ways, dim):
     return params
 
 
-def conv4(params, x, blocks=4):
+def conv4(params, x, blocks=4, eps=1e-5, running=None, momentum=0.1):
+    # running: {i: (mean, var)} folded with the batch statistics (as kshot's BnMode::Batch(Some)).
     for i in range(blocks):
         x = F.conv2d(x, params[f"conv{i}.weight"], padding=1)
-        x = F.batch_norm(x, None, None, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=True)
+        mean, var = running[i] if running is not None else (None, None)
+        x = F.batch_norm(x, mean, var, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=True,
+                         momentum=momentum, eps=eps)
         x = F.max_pool2d(F.relu(x), 2)
     return x.flatten(1)
+
+
+def running_stats(width, blocks=4):
+    return {i: (torch.zeros(width), torch.ones(width)) for i in range(blocks)}
 
 
 def resnet12(params, x, blocks=4, leak=0.1):
@@ -338,6 +348,209 @@ def mann_step(batch=16, ways=5, instances=10):
     return step
 
 
+def strided_conv4_params(in_channels, hidden=64, blocks=4):
+    # crates/kshot/src/nn/strided_conv4.rs, MAML's Omniglot net: Glorot-uniform 3x3 convolutions
+    # with a bias, batch norm with an offset and no scale.
+    params = {}
+    cin = in_channels
+    for i in range(blocks):
+        w = torch.empty(hidden, cin, 3, 3)
+        torch.nn.init.xavier_uniform_(w)
+        params[f"conv{i}.weight"] = w
+        params[f"conv{i}.bias"] = torch.zeros(hidden)
+        params[f"bn{i}.bias"] = torch.zeros(hidden)
+        cin = hidden
+    return params
+
+
+def same_padding(n):
+    # TensorFlow 'SAME' for a 3x3 window, stride 2: (before, after).
+    total = max((-(-n // 2) - 1) * 2 + 3 - n, 0)
+    return total // 2, total - total // 2
+
+
+def strided_conv4(params, x, blocks=4, eps=1e-3):
+    # conv 3x3 stride 2 'SAME' + bias -> batch norm (batch statistics, offset only) -> ReLU; mean
+    # over space.
+    for i in range(blocks):
+        (top, bottom), (left, right) = same_padding(x.shape[2]), same_padding(x.shape[3])
+        x = F.conv2d(F.pad(x, (left, right, top, bottom)), params[f"conv{i}.weight"],
+                     params[f"conv{i}.bias"], stride=2)
+        x = F.relu(F.batch_norm(x, None, None, None, params[f"bn{i}.bias"], training=True, eps=eps))
+    return x.mean((2, 3))
+
+
+def maml20_step(tasks=2, ways=20, shots=5, queries=5, inner_steps=5, alpha=0.1):
+    # maml-omniglot-20w5s (2 of its 16 tasks): the inner loss is Σ CE / K, the batch-norm offsets
+    # are meta-learned but not adapted, head N(0, 1) with a zero bias.
+    params = strided_conv4_params(1)
+    params["head.weight"] = torch.randn(ways, 64)
+    params["head.bias"] = torch.zeros(ways)
+    params = leaves(params)
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    data = [(torch.randn(ways * shots, 1, 28, 28), torch.randn(ways * queries, 1, 28, 28))
+            for _ in range(tasks)]
+    ys, yq = labels(ways, shots), labels(ways, queries)
+    adapted = [n for n in params if not n.startswith("bn")]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for xs, xq in data:
+            fast = dict(params)
+            for _ in range(inner_steps):
+                logits = head(fast, strided_conv4(fast, xs))
+                loss = F.cross_entropy(logits, ys, reduction="sum") / shots
+                grads = torch.autograd.grad(loss, [fast[n] for n in adapted], create_graph=True)
+                fast.update({n: fast[n] - alpha * g for n, g in zip(adapted, grads)})
+            (F.cross_entropy(head(fast, strided_conv4(fast, xq)), yq) / tasks).backward()
+        opt.step()
+
+    return step
+
+
+def cosine_similarity(a, b, eps=1e-8):
+    an = a / (a.pow(2).sum(1, keepdim=True) + eps).sqrt()
+    bn = b / (b.pow(2).sum(1, keepdim=True) + eps).sqrt()
+    return an @ bn.t()
+
+
+def matching_step(ways=5, shots=1, queries=15):
+    # matching-omniglot-5way-1shot, one episode: Conv4 (running statistics folded in), cosine
+    # attention over the support set, log P(y | x, S), no FCE.
+    params = leaves(conv4_params(1))
+    running = running_stats(64)
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    xs, xq = torch.randn(ways * shots, 1, 28, 28), torch.randn(ways * queries, 1, 28, 28)
+    onehot = F.one_hot(labels(ways, shots), ways).float()
+    yq = labels(ways, queries)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        emb = conv4(params, torch.cat([xs, xq]), running=running)
+        support, query = emb[: ways * shots], emb[ways * shots:]
+        attention = F.softmax(cosine_similarity(query, support), 1)
+        F.cross_entropy(torch.log(attention @ onehot + 1e-12), yq).backward()
+        opt.step()
+
+    return step
+
+
+def preprocess(x, p=10.0):
+    # Andrychowicz et al.: (log|x|/p, sgn x) when |x| >= e^-p, else (-1, e^p x); x: [N] -> [N, 2].
+    big = x.abs() >= torch.exp(torch.tensor(-p))
+    first = torch.where(big, x.abs().log() / p, -torch.ones_like(x))
+    second = torch.where(big, x.sign(), x * torch.exp(torch.tensor(p)))
+    return torch.stack([first, second], 1)
+
+
+def meta_lstm_step(ways=5, shots=1, queries=15, steps=12, hidden=20, clip=0.25):
+    # meta-lstm-omniglot-5w1s (Ravi & Larochelle, first order): the learner is a 32-filter Conv4
+    # (BN eps 1e-3, batch statistics) + linear head whose flattened weights are the cell state c of
+    # a coordinate-wise two-layer meta-learner, shared over all P coordinates. Layer 1: an LSTM
+    # (hidden 20) over x_t = [pre(grad), pre(loss)]; layer 2: c_t = f_t * c_{t-1} - i_t * grad_t,
+    # i_t = sigmoid([h_t, x_t, c_{t-1}, i_{t-1}] W_I + b_I), f_t likewise. The learner's loss and
+    # gradient (of the mean CE, over B) are inputs without a gradient path (first order).
+    learner = linear_head(conv4_params(1, hidden=32), ways, 32)
+    for i in range(4):
+        learner[f"bn{i}.weight"].uniform_(0, 1)
+    names = list(learner)
+    shapes = [learner[n].shape for n in names]
+    sizes = [learner[n].numel() for n in names]
+    c0 = torch.cat([learner[n].flatten() for n in names])
+
+    def uniform(*shape, bound=0.01):
+        return torch.empty(*shape).uniform_(-bound, bound)
+
+    meta = leaves({
+        "c0": c0, "w_ih": uniform(4, 4 * hidden), "w_hh": uniform(hidden, 4 * hidden),
+        "bias": uniform(4 * hidden), "gate_i.weight": uniform(hidden + 6, 1),
+        "gate_f.weight": uniform(hidden + 6, 1), "gate_i.bias": torch.empty(1).uniform_(-5, -4),
+        "gate_f.bias": torch.empty(1).uniform_(4, 5),
+    })
+    opt = torch.optim.Adam(meta.values(), lr=1e-3)
+    xs, xq = torch.randn(ways * shots, 1, 28, 28), torch.randn(ways * queries, 1, 28, 28)
+    ys, yq = labels(ways, shots), labels(ways, queries)
+    rows = c0.numel()
+
+    def learner_loss(c, x, y):
+        params = {n: t.reshape(s) for n, t, s in zip(names, c.split(sizes), shapes)}
+        return F.cross_entropy(head(params, conv4(params, x, eps=1e-3)), y)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        m = meta
+        c = m["c0"].unsqueeze(1)
+        h = cell = torch.zeros(rows, hidden)
+        i_prev = f_prev = torch.zeros(rows, 1)
+        for _ in range(steps):
+            leaf = c.detach().flatten().requires_grad_(True)
+            loss = learner_loss(leaf, xs, ys)
+            (grad,) = torch.autograd.grad(loss, leaf)
+            grad = (grad / xs.shape[0]).unsqueeze(1)
+            x = torch.cat([preprocess(grad.flatten()), preprocess(loss.detach().reshape(1)).expand(rows, 2)], 1)
+            gi, gf, gg, go = (x @ m["w_ih"] + h @ m["w_hh"] + m["bias"]).chunk(4, 1)
+            cell = torch.sigmoid(gf) * cell + torch.sigmoid(gi) * torch.tanh(gg)
+            h = torch.sigmoid(go) * torch.tanh(cell)
+            i = torch.sigmoid(torch.cat([h, x, c, i_prev], 1) @ m["gate_i.weight"] + m["gate_i.bias"])
+            f = torch.sigmoid(torch.cat([h, x, c, f_prev], 1) @ m["gate_f.weight"] + m["gate_f.bias"])
+            c = f * c - i * grad
+            i_prev, f_prev = i, f
+        learner_loss(c.flatten(), xq, yq).backward()
+        torch.nn.utils.clip_grad_norm_(meta.values(), clip)
+        opt.step()
+
+    return step
+
+
+def baseline_step(classes=4112, batch=16):
+    # baseline-omniglot, one pretraining mini-batch: Conv4 with He-normal convolutions (running
+    # statistics folded in) + a linear head over every training class (zero bias); each step draws
+    # `batch` (class, image) pairs from a set of one image per class.
+    params = conv4_params(1)
+    for i in range(4):
+        torch.nn.init.normal_(params[f"conv{i}.weight"], std=(2 / (9 * 64)) ** 0.5)
+    params = linear_head(params, classes, 64)
+    params["head.bias"].zero_()
+    params = leaves(params)
+    running = running_stats(64)
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    images = torch.rand(classes, 1, 28, 28)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        y = torch.randint(0, classes, (batch,))
+        F.cross_entropy(head(params, conv4(params, images[y], running=running)), y).backward()
+        opt.step()
+
+    return step
+
+
+def eval_step(ways=5, shots=1, queries=15):
+    # One ProtoNet test episode in inference mode (kshot eval's model path): prototypes of the
+    # support embeddings (BN running statistics), the queries' squared distances, their accuracy.
+    params = conv4_params(1)
+    running = running_stats(64)
+    xs, xq = torch.randn(ways * shots, 1, 28, 28), torch.randn(ways * queries, 1, 28, 28)
+    yq = labels(ways, queries)
+
+    def embed(x):
+        for i in range(4):
+            x = F.conv2d(x, params[f"conv{i}.weight"], padding=1)
+            mean, var = running[i]
+            x = F.batch_norm(x, mean, var, params[f"bn{i}.weight"], params[f"bn{i}.bias"],
+                             training=False)
+            x = F.max_pool2d(F.relu(x), 2)
+        return x.flatten(1)
+
+    def step():
+        with torch.no_grad():
+            prototypes = embed(xs).reshape(ways, shots, -1).mean(1)
+            logits = -torch.cdist(embed(xq), prototypes).pow(2)
+            (logits.argmax(1) == yq).float().mean().item()
+
+    return step
+
+
 WORKLOADS = {
     "conv4-step-28": lambda: classifier_step(1, 28),
     "conv4-step-84": lambda: classifier_step(3, 84),
@@ -348,6 +561,11 @@ WORKLOADS = {
     "predict-5w1s-1000q": lambda: predict(1000),
     "gnn-5w1s-100graphs": gnn_step,
     "mann-16x50-steps": mann_step,
+    "maml2-20w5s": maml20_step,
+    "matching-5w1s15q": matching_step,
+    "meta-lstm-5w1s15q": meta_lstm_step,
+    "baseline-16x4112c": baseline_step,
+    "eval-protonet-5w1s15q": eval_step,
 }
 
 
@@ -369,6 +587,7 @@ def main():
         step()
         samples.append((time.perf_counter() - t) * 1e3)
     print(json.dumps({"workload": args.workload, "samples_ms": samples, "torch": torch.__version__,
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                       "threads": torch.get_num_threads()}))
 
 

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    match commands::run(cli, &matches) {
+    // KSHOT_CPU picks gemm's kernels, which are chosen at the first matrix product: apply it
+    // before any command computes anything.
+    let result = kshot::cpu::apply_env().and_then(|_| commands::run(cli, &matches));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the outermost context first, then its causes.

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod calibration;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod data;
 pub mod eval;
 pub mod generate;

@@ -51,8 +51,8 @@ enum Command {
     },
     /// List the paper protocols that --preset accepts.
     Presets,
-    /// Time the training workloads (Conv4, ResNet-12, MAML, ProtoNet), side by side with the
-    /// PyTorch reference (--pytorch PYTHON).
+    /// Time the training, prediction and evaluation workloads, side by side with the PyTorch
+    /// reference (--pytorch PYTHON).
     Bench(crate::bench::BenchArgs),
     /// Draw a run's learning curves (metrics.csv) as a PNG.
     Plot(plot::PlotArgs),

@@ -4,7 +4,10 @@
 //! Every workload is a full training step on random normal inputs: forward, backward and an Adam
 //! update (learning rate 1e-3) of Conv4 (64 channels, no convolution bias, batch norm with batch
 //! statistics, ReLU, 2×2 max-pool), or, in `resnet12-step-84`, of ResNet-12 ([`ResNet12`]: widths
-//! 64-160-320-640, batch statistics, LeakyReLU 0.1, global average pool).
+//! 64-160-320-640, batch statistics, LeakyReLU 0.1, global average pool). The method workloads
+//! ([`methods`]) build their learner from a preset, as `kshot train --preset` would.
+
+mod methods;
 
 use std::time::Instant;
 
@@ -41,11 +44,28 @@ pub enum Workload {
     /// A GNN training batch (Garcia & Bruna, Omniglot net): 100 graphs of 5-way 1-shot plus one
     /// query each, forward, backward and Adam.
     GnnBatch,
+    /// A MANN training batch: 16 sequences of 5 classes × 10 instances, 20×20.
     MannBatch,
+    /// A second-order MAML meta-step of `maml-omniglot-20w5s`: 20-way 5-shot tasks with 5 queries
+    /// per class, 5 inner steps of α = 0.1 on Σ CE / K, strided Conv4, but 2 tasks
+    /// where the preset's meta-batch has 16.
+    Maml20Way5Shot,
+    /// One Matching Networks training episode of `matching-omniglot-5way-1shot`: 5-way 1-shot, 15
+    /// queries per class, Conv4, cosine attention, no FCE.
+    MatchingEpisode,
+    /// One Meta-LSTM meta-iteration of `meta-lstm-omniglot-5w1s`: 5-way 1-shot, 15 queries per
+    /// class, T = 12 learner updates by the coordinate-wise LSTM, first order, 32-filter Conv4.
+    MetaLstmIteration,
+    /// One Baseline pretraining mini-batch of `baseline-omniglot`: 16 images, Conv4 and a linear
+    /// head over the 4112 training classes.
+    BaselineBatch,
+    /// Evaluation: one ProtoNet test episode (5-way 1-shot, 15 queries per class) in inference
+    /// mode: the support set embedded, the 75 queries scored, their accuracy.
+    EvalEpisode,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 14] = [
         Workload::Conv4Omniglot,
         Workload::Conv4MiniImageNet,
         Workload::ResNet12MiniImageNet,
@@ -55,7 +75,17 @@ impl Workload {
         Workload::Predict1000Queries,
         Workload::GnnBatch,
         Workload::MannBatch,
+        Workload::Maml20Way5Shot,
+        Workload::MatchingEpisode,
+        Workload::MetaLstmIteration,
+        Workload::BaselineBatch,
+        Workload::EvalEpisode,
     ];
+
+    /// The preset a method workload builds its learner from.
+    pub fn preset(self) -> Option<&'static str> {
+        methods::preset(self)
+    }
 
     /// The name both benchmarks use.
     pub fn name(self) -> &'static str {
@@ -69,6 +99,11 @@ impl Workload {
             Workload::Predict1000Queries => "predict-5w1s-1000q",
             Workload::GnnBatch => "gnn-5w1s-100graphs",
             Workload::MannBatch => "mann-16x50-steps",
+            Workload::Maml20Way5Shot => "maml2-20w5s",
+            Workload::MatchingEpisode => "matching-5w1s15q",
+            Workload::MetaLstmIteration => "meta-lstm-5w1s15q",
+            Workload::BaselineBatch => "baseline-16x4112c",
+            Workload::EvalEpisode => "eval-protonet-5w1s15q",
         }
     }
 
@@ -85,6 +120,13 @@ impl Workload {
             Workload::MannBatch => {
                 "MANN training batch, 16 sequences of 5 classes × 10 instances (50 steps), 20×20"
             }
+            Workload::Maml20Way5Shot => {
+                "2nd-order MAML meta-step, 2 tasks of 20w5s 5q, 5 inner steps, strided Conv4"
+            }
+            Workload::MatchingEpisode => "Matching Networks episode, 5w1s 15q, 28×28, no FCE",
+            Workload::MetaLstmIteration => "Meta-LSTM meta-iteration, 5w1s 15q, T = 12, 28×28",
+            Workload::BaselineBatch => "Baseline mini-batch, 16 × 28×28, 4112-way linear head",
+            Workload::EvalEpisode => "ProtoNet test episode, 5w1s 15q, inference (ms per episode)",
         }
     }
 
@@ -204,6 +246,11 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
                 net.batch_loss(&net.params().values(), &sequences)
             })?
         }
+        Workload::Maml20Way5Shot
+        | Workload::MatchingEpisode
+        | Workload::MetaLstmIteration
+        | Workload::BaselineBatch
+        | Workload::EvalEpisode => methods::prepare(workload, fast_kernels, &mut rng)?,
         Workload::Predict1Query | Workload::Predict1000Queries => {
             let queries = if workload == Workload::Predict1Query { 1 } else { 1000 };
             let backbone =

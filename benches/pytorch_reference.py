@@ -10,7 +10,8 @@ gnn-5w1s-100graphs is a Garcia & Bruna GNN training batch written as the officia
 mann-16x50-steps is a MANN training batch (Santoro et al. 2016) as crates/kshot/src/methods/mann.rs.
 maml2-20w5s, matching-5w1s15q, meta-lstm-5w1s15q, baseline-16x4112c and eval-protonet-5w1s15q follow
 kshot's presets (maml-omniglot-20w5s with 2 tasks, matching-omniglot-5way-1shot, meta-lstm-omniglot-5w1s,
-baseline-omniglot, protonet-omniglot-1shot); see crates/kshot/src/bench/methods.rs.
+baseline-omniglot, protonet-omniglot-1shot); metanet-5w1s10q follows metanet-omniglot-5w1s;
+see crates/kshot/src/bench/methods.rs.
 Prints one JSON line: {"workload", "samples_ms", "torch", "cpu_capability", "threads"}.
 
     python benches/pytorch_reference.py --workload conv4-step-28 --reps 20 --threads 2
@@ -551,6 +552,136 @@ def eval_step(ways=5, shots=1, queries=15):
     return step
 
 
+def _lecun(*shape):
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    return torch.randn(*shape) / fan_in ** 0.5
+
+
+def metanet_step(ways=5, shots=1, queries=10, hidden=20, chunks=5, k=7.0, clip=10.0):
+    # metanet-omniglot-5w1s (Munkhdalai & Yu, crates/kshot/src/methods/metanet.rs): a base learner
+    # and a key network of 5 blocks [conv 64@3x3, no bias] -> ReLU -> 2x2 max-pool (ceil mode),
+    # fc 64->64, fc 64->N. Meta information: preprocessed (k = 7) gradients of the slow key
+    # network's CE on each support chunk and of the slow base learner's CE on each support image,
+    # detached. Coordinate-wise LSTMs (2 -> 20, linear 20 -> 1) over the chunks give the key
+    # network's fast weights; coordinate-wise MLPs (2 -> 20 -> 20 -> 1) give each support image's
+    # fast weights for the base learner, stored beside its key. A query reads them by a softmax of
+    # cosine similarities; layers are relu(slow(x)) + relu(fast(x)). Summed query CE, clip 10, Adam.
+    def net(prefix, fc2=True):
+        p = {f"{prefix}.conv{i}": _lecun(64, 1 if i == 0 else 64, 3, 3) for i in range(5)}
+        p[f"{prefix}.fc1"] = _lecun(64, 64)
+        if fc2:
+            p[f"{prefix}.fc2"] = _lecun(ways, 64)
+        return p
+
+    params = {**net("base"), **net("key", fc2=False)}
+    for name in ["key_conv", "key_fc"]:
+        params[f"{name}.w_ih"] = torch.empty(4 * hidden, 2).uniform_(-hidden ** -0.5, hidden ** -0.5)
+        params[f"{name}.w_hh"] = torch.empty(4 * hidden, hidden).uniform_(-hidden ** -0.5, hidden ** -0.5)
+        params[f"{name}.bias"] = torch.zeros(4 * hidden)
+        params[f"{name}.out.weight"] = 0.1 * _lecun(1, hidden)
+        params[f"{name}.out.bias"] = torch.zeros(1)
+    for name in ["base_conv", "base_fc"]:
+        for layer, (cin, cout, scale) in zip(["l1", "l2", "out"], [(2, hidden, 1.0), (hidden, hidden, 1.0), (hidden, 1, 0.1)]):
+            params[f"{name}.{layer}.weight"] = scale * _lecun(cout, cin)
+            params[f"{name}.{layer}.bias"] = torch.zeros(cout)
+    params = leaves(params)
+    key_fc2 = _lecun(ways, 64)
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    xs, xq = torch.randn(ways * shots, 1, 28, 28), torch.randn(ways * queries, 1, 28, 28)
+    ys, yq = labels(ways, shots), labels(ways, queries)
+    convs = [f"conv{i}" for i in range(5)]
+
+    def trunk(p, prefix, x, fast=None, per_image=False):
+        h = x
+        for i, c in enumerate(convs):
+            y = F.conv2d(h, p[f"{prefix}.{c}"], padding=1).relu()
+            if fast is not None and per_image:
+                m, ci, hh, ww = h.shape
+                w = fast[i].reshape(-1, ci, 3, 3)
+                y = y + F.conv2d(h.reshape(1, m * ci, hh, ww), w, padding=1, groups=m).reshape(m, -1, hh, ww).relu()
+            elif fast is not None:
+                y = y + F.conv2d(h, fast[i], padding=1).relu()
+            h = F.max_pool2d(y, 2, ceil_mode=True)
+        return h.flatten(1)
+
+    def grads(prefix, x, y, fc2, with_fc2):
+        p = {n: params[f"{prefix}.{n}"].detach().requires_grad_(True) for n in convs + ["fc1"]}
+        if with_fc2:
+            fc2 = fc2.detach().requires_grad_(True)
+        logits = trunk({f"{prefix}.{n}": t for n, t in p.items()}, prefix, x).matmul(p["fc1"].t()).relu().matmul(fc2.t())
+        inputs = [p[n] for n in convs] + [p["fc1"]] + ([fc2] if with_fc2 else [])
+        g = torch.autograd.grad(F.cross_entropy(logits, y), inputs)
+        return torch.cat([t.flatten() for t in g[:5]]), torch.cat([t.flatten() for t in g[5:]])
+
+    def pre(x):
+        big = x.abs() >= torch.exp(torch.tensor(-k))
+        first = torch.where(big, x.abs().log() / k, -torch.ones_like(x))
+        second = torch.where(big, x.sign(), x * torch.exp(torch.tensor(k)))
+        return torch.stack([first, second], 1)
+
+    def lstm(name, inputs):
+        p = params
+        h = c = torch.zeros(inputs[0].shape[0], hidden)
+        for x in inputs:
+            gi, gf, gg, go = (x @ p[f"{name}.w_ih"].t() + h @ p[f"{name}.w_hh"].t() + p[f"{name}.bias"]).chunk(4, 1)
+            c = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
+            h = torch.sigmoid(go) * torch.tanh(c)
+        return (h @ p[f"{name}.out.weight"].t() + p[f"{name}.out.bias"]).flatten()
+
+    def mlp(name, x):
+        p = params
+        x = (x @ p[f"{name}.l1.weight"].t() + p[f"{name}.l1.bias"]).relu()
+        x = (x @ p[f"{name}.l2.weight"].t() + p[f"{name}.l2.bias"]).relu()
+        return (x @ p[f"{name}.out.weight"].t() + p[f"{name}.out.bias"]).flatten()
+
+    def split(flat, shapes):
+        out, offset = [], 0
+        for s in shapes:
+            n = 1
+            for d in s[1:]:
+                n *= d
+            out.append(flat[:, offset:offset + n].reshape(s))
+            offset += n
+        return out
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        n = ys.shape[0]
+        size = max(n // chunks, 1)
+        key_info = [grads("key", xs[i:i + size], ys[i:i + size], key_fc2, False) for i in range(0, n, size)]
+        base_info = [grads("base", xs[i:i + 1], ys[i:i + 1], params["base.fc2"], True) for i in range(n)]
+        conv_shapes = [params[f"key.{c}"].shape for c in convs]
+        fast_conv = lstm("key_conv", [pre(c) for c, _ in key_info])
+        fast_fc1 = lstm("key_fc", [pre(f) for _, f in key_info]).reshape(64, 64)
+        fast = split(fast_conv.unsqueeze(0), [(1, *s) for s in conv_shapes])
+        fast = [t.squeeze(0) for t in fast]
+
+        def keys(x):
+            h = trunk(params, "key", x, fast)
+            return h @ params["key.fc1"].t() + h @ fast_fc1.t()
+
+        support_keys, query_keys = keys(xs), keys(xq)
+        memory_conv = mlp("base_conv", pre(torch.cat([c for c, _ in base_info]))).reshape(n, -1)
+        memory_fc = mlp("base_fc", pre(torch.cat([f for _, f in base_info]))).reshape(n, -1)
+        cos = (F.normalize(query_keys, dim=1, eps=1e-8) @ F.normalize(support_keys, dim=1, eps=1e-8).t())
+        attention = cos.softmax(1)
+        m = xq.shape[0]
+        conv = attention @ memory_conv
+        fc = attention @ memory_fc
+        per_image = split(conv, [(m, *s) for s in conv_shapes])
+        fc1, fc2 = split(fc, [(m, 64, 64), (m, ways, 64)])
+        h = trunk(params, "base", xq, per_image, per_image=True)
+        a = (h @ params["base.fc1"].t()).relu() + torch.bmm(h.unsqueeze(1), fc1.transpose(1, 2)).squeeze(1).relu()
+        logits = a @ params["base.fc2"].t() + torch.bmm(a.unsqueeze(1), fc2.transpose(1, 2)).squeeze(1)
+        F.cross_entropy(logits, yq, reduction="sum").backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), clip)
+        opt.step()
+
+    return step
+
+
 WORKLOADS = {
     "conv4-step-28": lambda: classifier_step(1, 28),
     "conv4-step-84": lambda: classifier_step(3, 84),
@@ -566,6 +697,7 @@ WORKLOADS = {
     "meta-lstm-5w1s15q": meta_lstm_step,
     "baseline-16x4112c": baseline_step,
     "eval-protonet-5w1s15q": eval_step,
+    "metanet-5w1s10q": metanet_step,
 }
 
 

@@ -16,7 +16,7 @@ pub struct BenchArgs {
     /// Workloads to run (default: all): conv4-step-28, conv4-step-84, resnet12-step-84,
     /// maml2-step, protonet-60w1s5q, predict-5w1s-1q, predict-5w1s-1000q, gnn-5w1s-100graphs,
     /// mann-16x50-steps, maml2-20w5s, matching-5w1s15q, meta-lstm-5w1s15q, baseline-16x4112c,
-    /// eval-protonet-5w1s15q.
+    /// eval-protonet-5w1s15q, metanet-5w1s10q.
     #[arg(long = "workload", value_name = "NAME")]
     workloads: Vec<String>,
     /// Timed repetitions per workload (the median is reported).

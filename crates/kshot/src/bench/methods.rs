@@ -9,7 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use super::{episode, labels, learner_step, normal, Workload};
 use crate::config::RunConfig;
 use crate::data::{Class, Episode, ImageSet};
-use crate::methods::{Baseline, Learner, Maml, MatchingNet, MetaLstm, MethodConfig, ProtoNet};
+use crate::methods::{
+    Baseline, Learner, Maml, MatchingNet, MetaLstm, MetaNet, MethodConfig, ProtoNet,
+};
 use crate::optim::AdamConfig;
 
 /// The preset each of these workloads follows.
@@ -20,6 +22,7 @@ pub(super) fn preset(workload: Workload) -> Option<&'static str> {
         Workload::MetaLstmIteration => "meta-lstm-omniglot-5w1s",
         Workload::BaselineBatch => "baseline-omniglot",
         Workload::EvalEpisode => "protonet-omniglot-1shot",
+        Workload::MetaNetEpisode => "metanet-omniglot-5w1s",
         _ => return None,
     })
 }
@@ -101,6 +104,12 @@ pub(super) fn prepare(
                 Ok(())
             }))
         }
+        (Workload::MetaNetEpisode, MethodConfig::MetaNet(m)) => {
+            let net = MetaNet::new(*m, size, rng, &dev)?;
+            let ep = episode(rng, c.train, size)?;
+            let params = net.state().params.clone();
+            learner_step(&params, adam, move || net.meta_batch_loss(std::slice::from_ref(&ep)))
+        }
         _ => Err(wrong_method(workload)),
     }
 }
@@ -130,6 +139,11 @@ mod tests {
         assert_eq!(matching.train, crate::data::EpisodeSpec::new(5, 1, 15));
         let lstm = config(Workload::MetaLstmIteration, true).unwrap();
         assert_eq!((lstm.meta_batch, lstm.train), (1, crate::data::EpisodeSpec::new(5, 1, 15)));
+        let metanet = config(Workload::MetaNetEpisode, true).unwrap();
+        assert_eq!(
+            (metanet.meta_batch, metanet.train),
+            (1, crate::data::EpisodeSpec::new(5, 1, 10))
+        );
         let eval = config(Workload::EvalEpisode, true).unwrap();
         assert_eq!(eval.test, crate::data::EpisodeSpec::new(5, 1, 15));
         match config(Workload::BaselineBatch, true).unwrap().method {

@@ -62,10 +62,13 @@ pub enum Workload {
     /// Evaluation: one ProtoNet test episode (5-way 1-shot, 15 queries per class) in inference
     /// mode: the support set embedded, the 75 queries scored, their accuracy.
     EvalEpisode,
+    /// One Meta Networks training episode of `metanet-omniglot-5w1s`: 5-way 1-shot, 10 queries
+    /// per class, both networks' meta information, fast weights, the query loss, clipped Adam.
+    MetaNetEpisode,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 14] = [
+    pub const ALL: [Workload; 15] = [
         Workload::Conv4Omniglot,
         Workload::Conv4MiniImageNet,
         Workload::ResNet12MiniImageNet,
@@ -80,6 +83,7 @@ impl Workload {
         Workload::MetaLstmIteration,
         Workload::BaselineBatch,
         Workload::EvalEpisode,
+        Workload::MetaNetEpisode,
     ];
 
     /// The preset a method workload builds its learner from.
@@ -104,6 +108,7 @@ impl Workload {
             Workload::MetaLstmIteration => "meta-lstm-5w1s15q",
             Workload::BaselineBatch => "baseline-16x4112c",
             Workload::EvalEpisode => "eval-protonet-5w1s15q",
+            Workload::MetaNetEpisode => "metanet-5w1s10q",
         }
     }
 
@@ -127,6 +132,7 @@ impl Workload {
             Workload::MetaLstmIteration => "Meta-LSTM meta-iteration, 5w1s 15q, T = 12, 28×28",
             Workload::BaselineBatch => "Baseline mini-batch, 16 × 28×28, 4112-way linear head",
             Workload::EvalEpisode => "ProtoNet test episode, 5w1s 15q, inference (ms per episode)",
+            Workload::MetaNetEpisode => "Meta Networks training episode, 5w1s 10q, 28×28",
         }
     }
 
@@ -250,7 +256,8 @@ pub fn prepare(workload: Workload, fast_kernels: bool) -> Result<Prepared> {
         | Workload::MatchingEpisode
         | Workload::MetaLstmIteration
         | Workload::BaselineBatch
-        | Workload::EvalEpisode => methods::prepare(workload, fast_kernels, &mut rng)?,
+        | Workload::EvalEpisode
+        | Workload::MetaNetEpisode => methods::prepare(workload, fast_kernels, &mut rng)?,
         Workload::Predict1Query | Workload::Predict1000Queries => {
             let queries = if workload == Workload::Predict1Query { 1 } else { 1000 };
             let backbone =

@@ -340,7 +340,7 @@ impl MetaNet {
 
     /// The clipped gradient of the meta-batch's summed query loss, as a surrogate loss whose
     /// value is the mean query loss.
-    fn clipped_step_loss(&self, episodes: &[Episode]) -> Result<EpisodeOutput> {
+    pub fn meta_batch_loss(&self, episodes: &[Episode]) -> Result<EpisodeOutput> {
         let params = self.state.params.values();
         let (mut total, mut accuracy, mut queries) = (None::<Tensor>, 0.0, 0);
         for ep in episodes {
@@ -490,7 +490,7 @@ impl Learner for MetaNet {
     }
 
     fn train_step(&mut self, ctx: &mut StepCtx) -> anyhow::Result<StepOutput> {
-        super::episodic_step(ctx, |episodes| self.clipped_step_loss(episodes))
+        super::episodic_step(ctx, |episodes| self.meta_batch_loss(episodes))
     }
 
     fn state(&self) -> &State {

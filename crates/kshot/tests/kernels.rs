@@ -116,22 +116,33 @@ fn fd_hvp(f: Loss, theta: &[Tensor], v: &[Tensor]) -> Result<Vec<Tensor>> {
 /// The gradient against the composite op's and central differences, and the Hessian-vector
 /// product against the composite op's and central differences of the gradient, all in f64.
 fn check_derivatives(fast: Loss, composite: Loss, theta: &[Tensor], what: &str) -> Result<()> {
-    let v: Vec<Tensor> = (0..theta.len())
-        .map(|i| uniform(900 + i as u64, theta[i].dims(), DType::F64))
-        .collect::<Result<_>>()?;
-    let g = gradient(fast, theta)?;
-    let h = hvp(fast, theta, &v)?;
+    let v = directions(theta)?;
+    let (g, h) = (gradient(fast, theta)?, hvp(fast, theta, &v)?);
     let (g_ref, h_ref) = (gradient(composite, theta)?, hvp(composite, theta, &v)?);
-    let (g_fd, h_fd) = (fd_gradient(fast, theta)?, fd_hvp(fast, theta, &v)?);
     for i in 0..theta.len() {
         assert_close(&g[i], &g_ref[i], 1e-12, &format!("{what}: gradient {i} vs composite"));
-        assert_close(&g[i], &g_fd[i], 1e-8, &format!("{what}: gradient {i} vs finite differences"));
         assert_close(
             &h[i],
             &h_ref[i],
             1e-11,
             &format!("{what}: Hessian-vector product {i} vs composite"),
         );
+    }
+    check_finite_differences(fast, theta, what)
+}
+
+fn directions(theta: &[Tensor]) -> Result<Vec<Tensor>> {
+    (0..theta.len()).map(|i| uniform(900 + i as u64, theta[i].dims(), DType::F64)).collect()
+}
+
+/// The gradient against central differences, and the Hessian-vector product against central
+/// differences of the gradient, in f64.
+fn check_finite_differences(f: Loss, theta: &[Tensor], what: &str) -> Result<()> {
+    let v = directions(theta)?;
+    let (g, h) = (gradient(f, theta)?, hvp(f, theta, &v)?);
+    let (g_fd, h_fd) = (fd_gradient(f, theta)?, fd_hvp(f, theta, &v)?);
+    for i in 0..theta.len() {
+        assert_close(&g[i], &g_fd[i], 1e-8, &format!("{what}: gradient {i} vs finite differences"));
         assert_close(
             &h[i],
             &h_fd[i],
@@ -207,6 +218,102 @@ fn conv_through_two_layers_second_order() -> Result<()> {
         move |t: &[Tensor]| quad(&conv(&conv(&x, &t[0])?.tanh()?, &t[1])?, 5)
     };
     check_derivatives(&net(kernels::conv3x3), &net(ops::conv3x3), &[w1, w2], "two convolutions")
+}
+
+/// The stride-2 'SAME' convolution as candle-op composites: the stride-1 composite convolution,
+/// then rows and columns 1, 3, … of even sizes and 0, 2, … of odd ones (see `strided_conv4.rs`).
+fn composite_stride2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = ops::conv3x3(x, w)?;
+    let (b, c, h, wd) = y.dims4()?;
+    let y = if h % 2 == 1 { y.pad_with_zeros(2, 0, 1)? } else { y };
+    let y = if wd % 2 == 1 { y.pad_with_zeros(3, 0, 1)? } else { y };
+    let (ho, wo) = (h.div_ceil(2), wd.div_ceil(2));
+    y.reshape((b, c, ho, 2, wo, 2))?
+        .narrow(3, 1 - h % 2, 1)?
+        .narrow(5, 1 - wd % 2, 1)?
+        .reshape((b, c, ho, wo))
+}
+
+/// Odd and even sides, single rows and columns, and batches above and below 8 blocks.
+const STRIDE2_SHAPES: [([usize; 4], usize); 8] = [
+    ([3, 2, 28, 28], 4),
+    ([20, 2, 7, 7], 3),
+    ([9, 3, 4, 4], 5),
+    ([2, 2, 5, 6], 2),
+    ([3, 1, 9, 4], 3),
+    ([2, 2, 2, 3], 2),
+    ([17, 2, 2, 2], 3),
+    ([1, 1, 1, 1], 1),
+];
+
+#[test]
+fn conv_stride2_matches_composite() -> Result<()> {
+    setup();
+    for dtype in DTYPES {
+        for (i, (xd, co)) in STRIDE2_SHAPES.into_iter().enumerate() {
+            let x = uniform(60 + i as u64, &xd, dtype)?;
+            let w = uniform(160 + i as u64, &[co, xd[1], 3, 3], dtype)?;
+            let what = format!("conv3x3_same_stride2 {xd:?}→{co} {dtype:?}");
+            let y = kernels::conv3x3_same_stride2(&x, &w)?;
+            assert_eq!(y.dims(), [xd[0], co, xd[2].div_ceil(2), xd[3].div_ceil(2)], "{what}");
+            assert_close(&y, &composite_stride2(&x, &w)?, tol(dtype), &what);
+            let loss = |f: fn(&Tensor, &Tensor) -> Result<Tensor>| {
+                move |t: &[Tensor]| quad(&f(&t[0], &t[1])?, 7)
+            };
+            let g = gradient(&loss(kernels::conv3x3_same_stride2), &[x.clone(), w.clone()])?;
+            let g_ref = gradient(&loss(composite_stride2), &[x.clone(), w.clone()])?;
+            for (g, g_ref) in g.iter().zip(&g_ref) {
+                assert_close(g, g_ref, 10.0 * tol(dtype), &format!("{what} gradient"));
+            }
+            // The explicit VJP is the op's own backward.
+            let dy = uniform(260 + i as u64, y.dims(), dtype)?;
+            let (dx, dw) = kernels::conv3x3_same_stride2_vjp(&x, &w, &dy, true)?;
+            let inner =
+                |t: &[Tensor]| (kernels::conv3x3_same_stride2(&t[0], &t[1])? * &dy)?.sum_all();
+            let g = gradient(&inner, &[x, w])?;
+            assert_close(&dx.unwrap(), &g[0], tol(dtype), &format!("{what} VJP, input"));
+            assert_close(&dw, &g[1], tol(dtype), &format!("{what} VJP, weight"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_stride2_derivatives_are_exact() -> Result<()> {
+    setup();
+    for (i, (xd, co)) in
+        [([2, 2, 5, 5], 3), ([3, 2, 4, 3], 2), ([2, 1, 8, 8], 4)].into_iter().enumerate()
+    {
+        let x = uniform(70 + i as u64, &xd, DType::F64)?;
+        let w = uniform(170 + i as u64, &[co, xd[1], 3, 3], DType::F64)?;
+        let fast = |t: &[Tensor]| quad(&kernels::conv3x3_same_stride2(&t[0], &t[1])?, 3);
+        let composite = |t: &[Tensor]| quad(&composite_stride2(&t[0], &t[1])?, 3);
+        check_derivatives(&fast, &composite, &[x, w], &format!("stride-2 conv {xd:?}→{co}"))?;
+    }
+    // Second order through a hidden strided convolution, and through the VJP ops themselves: a
+    // loss of a second layer's input and weight gradients, differentiated twice.
+    let x = uniform(80, &[3, 2, 7, 6], DType::F64)?;
+    let w1 = uniform(81, &[3, 2, 3, 3], DType::F64)?;
+    let w2 = uniform(82, &[2, 3, 3, 3], DType::F64)?;
+    let net = |conv: fn(&Tensor, &Tensor) -> Result<Tensor>| {
+        let x = x.clone();
+        move |t: &[Tensor]| quad(&conv(&conv(&x, &t[0])?.tanh()?, &t[1])?, 5)
+    };
+    check_derivatives(
+        &net(kernels::conv3x3_same_stride2),
+        &net(composite_stride2),
+        &[w1.clone(), w2.clone()],
+        "two strided convolutions",
+    )?;
+    let dy = uniform(83, &[3, 2, 2, 2], DType::F64)?;
+    let of_vjp = |t: &[Tensor]| {
+        let h = kernels::conv3x3_same_stride2(&x, &t[0])?.tanh()?;
+        let (dh, dw) = kernels::conv3x3_same_stride2_vjp(&h, &t[1], &(&dy * &t[2])?, true)?;
+        quad(&dh.unwrap(), 11)? + quad(&dw, 12)?
+    };
+    let scale = uniform(84, &[3, 2, 2, 2], DType::F64)?;
+    // The VJP ops have no composite form here: they are held to central differences.
+    check_finite_differences(&of_vjp, &[w1, w2, scale], "the strided convolution's VJP ops")
 }
 
 const POOL_SHAPES: [[usize; 4]; 5] =

@@ -222,7 +222,7 @@ fn same_padding_is_tensorflows() {
 }
 
 #[test]
-fn subsampled_stride1_conv_equals_tensorflows_same_stride2_conv() {
+fn fused_stride2_conv_equals_tensorflows_same_stride2_conv() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut worst = [0f64; 2];
     for (h, w) in [(28, 28), (7, 7), (4, 4), (5, 5), (6, 7), (9, 4), (1, 1), (2, 3)] {
@@ -236,7 +236,7 @@ fn subsampled_stride1_conv_equals_tensorflows_same_stride2_conv() {
             assert_eq!(fast.dims(), reference.dims(), "{h}×{w}");
             assert_eq!(direct.dims(), reference.dims(), "{h}×{w}");
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-13 };
-            for (what, y) in [("subsampled fused kernel", &fast), ("candle conv2d", &direct)] {
+            for (what, y) in [("fused kernel", &fast), ("candle conv2d", &direct)] {
                 let e = rel_err(y, &reference);
                 worst[(dtype == DType::F64) as usize] =
                     worst[(dtype == DType::F64) as usize].max(e);

@@ -115,7 +115,7 @@ impl CustomOp2 for WeightGrad {
 
 /// Images per gemm: about a thousand output columns each, and at least 8 blocks where the batch
 /// allows. Independent of the thread count, so that sums over blocks are reproducible.
-fn images_per_block(batch: usize, hw: usize) -> usize {
+pub(super) fn images_per_block(batch: usize, hw: usize) -> usize {
     let by_size = 1024usize.div_ceil(hw.max(1));
     by_size.min(batch.div_ceil(8)).max(1)
 }
@@ -156,7 +156,7 @@ pub(super) fn im2col<T: Real>(x: &[T], n: usize, c: usize, h: usize, w: usize) -
 }
 
 /// `dst` [c, n, hw] from `src` [n, c, hw].
-fn swap_outer<T: Real>(src: &[T], n: usize, c: usize, hw: usize, dst: &mut [T]) {
+pub(super) fn swap_outer<T: Real>(src: &[T], n: usize, c: usize, hw: usize, dst: &mut [T]) {
     for j in 0..n {
         for o in 0..c {
             dst[(o * n + j) * hw..][..hw].copy_from_slice(&src[(j * c + o) * hw..][..hw]);

@@ -9,6 +9,7 @@ mod activation;
 mod batch_norm;
 mod conv;
 mod conv_each;
+mod conv_stride2;
 mod coordinatewise;
 mod cpu;
 mod distance;
@@ -64,6 +65,25 @@ pub fn conv3x3_vjp(
 ) -> Result<(Option<Tensor>, Tensor)> {
     let dx = if want_dx { Some(conv::conv3x3(dy, &conv::flip_t(w)?)?) } else { None };
     Ok((dx, conv::weight_grad(x, dy)?))
+}
+
+/// 3×3 convolution, stride 2, TensorFlow 'SAME' padding, no bias: [B, Ci, H, W] * [Co, Ci, 3, 3] →
+/// [B, Co, ⌈H/2⌉, ⌈W/2⌉] (MAML's and Reptile's Omniglot network).
+pub fn conv3x3_same_stride2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    conv_stride2::conv3x3_same_stride2(x, w)
+}
+
+/// The gradients of [`conv3x3_same_stride2`] for the output gradient `dy`: (d/dx, d/dw), as
+/// differentiable ops (the op's own backward). d/dx is skipped (None) when `want_dx` is false.
+pub fn conv3x3_same_stride2_vjp(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
+    let (_, _, h, wd) = x.dims4()?;
+    let dx = if want_dx { Some(conv_stride2::transposed(dy, w, (h, wd))?) } else { None };
+    Ok((dx, conv_stride2::weight_grad(x, dy)?))
 }
 
 /// The gradient of [`max_pool2x2`] at `x` for the output gradient `dy`, as a differentiable op.

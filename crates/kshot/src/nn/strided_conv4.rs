@@ -12,8 +12,8 @@
 //! Both always normalise by the batch's statistics; the running averages kept here
 //! ([`BnMode::Batch`] with `Some`) are for [`BnMode::Running`] inference only.
 //!
-//! The stride-2 convolution is the fused stride-1 kernel followed by a subsampling built from
-//! differentiable candle ops ([`conv3x3_same_stride2`]), so first and second derivatives stay exact.
+//! The stride-2 convolution is a fused kernel family with exact derivatives of every order
+//! ([`kernels::conv3x3_same_stride2`]).
 
 use candle_core::{DType, Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
@@ -115,55 +115,21 @@ pub fn same_padding(n: usize) -> (usize, usize) {
 }
 
 /// 3×3 convolution, stride 2, TensorFlow 'SAME' padding, no bias: [B, Ci, H, W] * [Co, Ci, 3, 3]
-/// → [B, Co, ⌈H/2⌉, ⌈W/2⌉].
-///
-/// With `fast_kernels`, the fused stride-1, pad-1 convolution [`kernels::conv3x3`] followed by
-/// every second row and column, from offset 1 for even sizes and 0 for odd ones. Why that is
-/// 'SAME': output i of the stride-2 convolution reads input rows 2i − p … 2i − p + 2, where p is
-/// the padding before ([`same_padding`]); output j of the stride-1, pad-1 convolution reads rows
-/// j − 1 … j + 1, so the two agree at j = 2i + 1 − p. Even n has p = 0 (j = 1, 3, …, n − 1),
-/// odd n has p = 1 (j = 0, 2, …, n − 1). The rows past either edge that the windows touch are
-/// zeros in both (the stride-1 padding is one row on each side, which covers TF's at most one).
-/// The subsampling is a reshape to pairs and a narrow (odd sizes first get one zero row or
-/// column appended), all differentiable candle ops, and the kernel family has exact derivatives
-/// of every order, so first and second derivatives are exact.
-///
-/// Without, candle's `conv2d` with stride 2 over the input padded by [`same_padding`].
+/// → [B, Co, ⌈H/2⌉, ⌈W/2⌉]: with `fast_kernels` the fused family
+/// [`kernels::conv3x3_same_stride2`], without candle's `conv2d` with stride 2 over the input
+/// padded by [`same_padding`].
 pub fn conv3x3_same_stride2(x: &Tensor, w: &Tensor, fast_kernels: bool) -> Result<Tensor> {
     let (_, _, h, wd) = x.dims4()?;
     if h == 0 || wd == 0 {
         candle_core::bail!("strided conv: empty {h}×{wd} input");
     }
     if fast_kernels {
-        every_second_same(&kernels::conv3x3(x, w)?)
+        kernels::conv3x3_same_stride2(x, w)
     } else {
         let (top, bottom) = same_padding(h);
         let (left, right) = same_padding(wd);
         x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?.conv2d(w, 0, 2, 1, 1)
     }
-}
-
-/// The transpose of [`every_second_same`]: `d` [B, C, ⌈H/2⌉, ⌈W/2⌉] scattered back into zeros of
-/// [B, C, H, W]. Built from differentiable candle ops, so it can be differentiated again.
-fn every_second_same_vjp(d: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-    let (b, c, ho, wo) = d.dims4()?;
-    let (off_h, off_w) = (1 - h % 2, 1 - w % 2);
-    let d = d.reshape((b, c, ho, 1, wo, 1))?;
-    let d = d.pad_with_zeros(3, off_h, 1 - off_h)?.pad_with_zeros(5, off_w, 1 - off_w)?;
-    d.reshape((b, c, 2 * ho, 2 * wo))?.narrow(2, 0, h)?.narrow(3, 0, w)
-}
-
-/// Rows and columns 1, 3, … of even sizes and 0, 2, … of odd ones: [B, C, H, W] → [B, C, ⌈H/2⌉,
-/// ⌈W/2⌉].
-fn every_second_same(y: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = y.dims4()?;
-    let y = if h % 2 == 1 { y.pad_with_zeros(2, 0, 1)? } else { y.clone() };
-    let y = if w % 2 == 1 { y.pad_with_zeros(3, 0, 1)? } else { y };
-    let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
-    y.reshape((b, c, ho, 2, wo, 2))?
-        .narrow(3, 1 - h % 2, 1)?
-        .narrow(5, 1 - w % 2, 1)?
-        .reshape((b, c, ho, wo))
 }
 
 #[derive(Debug, Clone)]
@@ -252,8 +218,8 @@ impl StridedConv4 {
 /// A strided Conv4 forward pass kept for its explicit backward pass
 /// ([`StridedConv4::forward_taped`]).
 pub struct StridedConv4Tape {
-    /// Each block's input, the stride-1 convolution's spatial size, and its batch norm.
-    blocks: Vec<(Tensor, (usize, usize), kernels::BnReluTrain)>,
+    /// Each block's input and its batch norm.
+    blocks: Vec<(Tensor, kernels::BnReluTrain)>,
     last_shape: Vec<usize>,
     features: StridedFeatures,
     bn_scale: bool,
@@ -265,8 +231,8 @@ impl Tape for StridedConv4Tape {
         &self.embedding
     }
 
-    /// The fused backward ops of every block (batch norm + ReLU, the subsampling's scatter, the
-    /// stride-1 convolution's input and weight gradients), all differentiable again.
+    /// The fused backward ops of every block (batch norm + ReLU, the strided convolution's input
+    /// and weight gradients), all differentiable again.
     fn backward(&self, params: &Params, d_embedding: &Tensor) -> Result<Params> {
         let mut grads = Params::new();
         let shape = self.last_shape.as_slice();
@@ -278,16 +244,15 @@ impl Tape for StridedConv4Tape {
                     .contiguous()?
             }
         };
-        for (i, (input, (h, w), bn)) in self.blocks.iter().enumerate().rev() {
+        for (i, (input, bn)) in self.blocks.iter().enumerate().rev() {
             let (d_pre, d_gamma, d_beta) = bn.vjp(&d)?;
             grads.insert(format!("conv{i}.bias"), d_pre.sum((0, 2, 3))?);
             if self.bn_scale {
                 grads.insert(format!("bn{i}.weight"), d_gamma);
             }
             grads.insert(format!("bn{i}.bias"), d_beta);
-            let d_full = every_second_same_vjp(&d_pre, *h, *w)?.contiguous()?;
             let weight = params.get(&format!("conv{i}.weight"))?;
-            let (d_input, d_w) = kernels::conv3x3_vjp(input, weight, &d_full, i > 0)?;
+            let (d_input, d_w) = kernels::conv3x3_same_stride2_vjp(input, weight, &d_pre, i > 0)?;
             grads.insert(format!("conv{i}.weight"), d_w);
             if let Some(d_input) = d_input {
                 d = d_input;
@@ -323,9 +288,7 @@ impl StridedConv4 {
             } else {
                 Tensor::ones(c.hidden, h.dtype(), h.device())?
             };
-            let full = kernels::conv3x3(&h, w)?;
-            let (_, _, fh, fw) = full.dims4()?;
-            let pre = every_second_same(&full)?
+            let pre = kernels::conv3x3_same_stride2(&h, w)?
                 .broadcast_add(&bias.reshape((1, c.hidden, 1, 1))?)?
                 .contiguous()?;
             let bn = kernels::BnReluTrain::forward(&pre, &gamma, beta, c.bn_eps)?;
@@ -333,7 +296,7 @@ impl StridedConv4 {
                 r.update(i, &bn.batch_stats()?, c.bn_momentum);
             }
             let out = bn.y.clone();
-            blocks.push((h, (fh, fw), bn));
+            blocks.push((h, bn));
             h = out;
         }
         let last_shape = h.dims().to_vec();

@@ -6,7 +6,8 @@
 //! binary runs on AVX2-only CPUs and uses AVX-512 where there is some. [`force_avx2`] (or
 //! `KSHOT_CPU=avx2`, read by [`apply_env`]) makes that choice pass over AVX-512, to time the
 //! AVX2 kernels on an AVX-512 machine; it must come before the first matrix product. kshot's own
-//! element-wise kernels are compiled for the baseline x86-64 target whatever is chosen here.
+//! element-wise loops (batch norm's) are compiled for AVX-512, AVX2 + FMA and baseline x86-64 and
+//! follow the same choice (`kernels::simd`), all three giving the same bits.
 
 use serde::Serialize;
 

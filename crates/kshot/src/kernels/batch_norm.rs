@@ -14,6 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use rayon::prelude::*;
 
 use super::cpu::{dispatch, same_dtype, slice, storage, zero, Real};
+use super::simd::multiversion;
 use crate::nn::ops::BatchStats;
 
 pub fn batch_norm_relu_train(
@@ -116,7 +117,7 @@ impl Stats {
 }
 
 /// The slope of the activation at pre-activation `z`: 1 where z > 0, else `leak`.
-#[inline]
+#[inline(always)]
 fn slope(z: f64, leak: f64) -> f64 {
     if z > 0.0 {
         1.0
@@ -136,17 +137,104 @@ fn planes<T>(x: &[T], c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &[
     x.chunks(c * hw).map(move |img| &img[ch * hw..][..hw])
 }
 
-/// Σ f(x) in f64, over independent lanes so that the additions pipeline.
-fn sum<T: Real>(x: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut lanes = [0.0; 8];
-    let blocks = x.chunks_exact(8);
-    let tail: f64 = blocks.remainder().iter().map(|v| f(v.to_f64())).sum();
-    for block in blocks {
-        for (acc, v) in lanes.iter_mut().zip(block) {
-            *acc += f(v.to_f64());
+multiversion! {
+    /// Σ x in f64, over 8 independent lanes (element i in lane i mod 8) so that the additions
+    /// pipeline and vectorise.
+    fn sum<T: Real>(x: &[T]) -> f64 {
+        let mut lanes = [0.0; 8];
+        let blocks = x.chunks_exact(8);
+        let mut tail = 0.0;
+        for v in blocks.remainder() {
+            tail += v.wide();
+        }
+        for block in blocks {
+            for (acc, v) in lanes.iter_mut().zip(block) {
+                *acc += v.wide();
+            }
+        }
+        lanes.iter().sum::<f64>() + tail
+    }
+}
+
+multiversion! {
+    /// Σ (x − mean)² in f64, in the lanes of [`sum`].
+    fn sum_squared_deviation<T: Real>(x: &[T], mean: f64) -> f64 {
+        let mut lanes = [0.0; 8];
+        let blocks = x.chunks_exact(8);
+        let mut tail = 0.0;
+        for v in blocks.remainder() {
+            let d = v.wide() - mean;
+            tail += d * d;
+        }
+        for block in blocks {
+            for (acc, v) in lanes.iter_mut().zip(block) {
+                let d = v.wide() - mean;
+                *acc += d * d;
+            }
+        }
+        lanes.iter().sum::<f64>() + tail
+    }
+}
+
+multiversion! {
+    /// y = z where z > 0, else leak·z, for z = x·scale + shift: one plane of the forward pass.
+    fn scale_shift_leaky<T: Real>(y: &mut [T], x: &[T], scale: f64, shift: f64, leak: f64) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            let z = x.wide() * scale + shift;
+            *y = T::narrow(if z > 0.0 { z } else { leak * z });
         }
     }
-    lanes.iter().sum::<f64>() + tail
+}
+
+/// A channel's batch-norm constants: z = scale·x + shift, x̂ = (x − mean)·inv_std.
+#[derive(Clone, Copy)]
+struct Channel {
+    scale: f64,
+    shift: f64,
+    mean: f64,
+    inv_std: f64,
+    leak: f64,
+}
+
+impl Stats {
+    fn channel<T: Real>(&self, gb: &[T], ch: usize, leak: f64) -> Channel {
+        let (scale, shift) = self.affine(gb, ch);
+        Channel { scale, shift, mean: self.mean[ch], inv_std: self.inv_std[ch], leak }
+    }
+}
+
+multiversion! {
+    /// Adds one plane to a channel's backward sums: Σ gz into `a`, Σ gz·x̂ into `b`, element i
+    /// in lane i mod 4.
+    fn backward_sums<T: Real>(x: &[T], dy: &[T], k: Channel, a: &mut [f64; 4], b: &mut [f64; 4]) {
+        let (xs, dys) = (x.chunks_exact(4), dy.chunks_exact(4));
+        let (x_tail, dy_tail) = (xs.remainder(), dys.remainder());
+        for (x, dy) in xs.zip(dys) {
+            for i in 0..4 {
+                let x = x[i].wide();
+                let gz = slope(x * k.scale + k.shift, k.leak) * dy[i].wide();
+                a[i] += gz;
+                b[i] += gz * (x - k.mean) * k.inv_std;
+            }
+        }
+        for (i, (&x, &dy)) in x_tail.iter().zip(dy_tail).enumerate() {
+            let x = x.wide();
+            let gz = slope(x * k.scale + k.shift, k.leak) * dy.wide();
+            a[i] += gz;
+            b[i] += gz * (x - k.mean) * k.inv_std;
+        }
+    }
+}
+
+multiversion! {
+    /// dx = scale·(gz − a_n − x̂·b_n) over one plane, a_n = Σ gz / N, b_n = Σ gz·x̂ / N.
+    fn backward_dx<T: Real>(dx: &mut [T], x: &[T], dy: &[T], k: Channel, a_n: f64, b_n: f64) {
+        for (dx, (&x, &dy)) in dx.iter_mut().zip(x.iter().zip(dy)) {
+            let x = x.wide();
+            let gz = slope(x * k.scale + k.shift, k.leak) * dy.wide();
+            *dx = T::narrow(k.scale * (gz - a_n - (x - k.mean) * k.inv_std * b_n));
+        }
+    }
 }
 
 fn channel_stats<T: Real>(x: &[T], (b, c, hw): (usize, usize, usize), eps: f64) -> Stats {
@@ -154,9 +242,8 @@ fn channel_stats<T: Real>(x: &[T], (b, c, hw): (usize, usize, usize), eps: f64) 
     let (mean, var): (Vec<f64>, Vec<f64>) = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mean = planes(x, c, hw, ch).map(|p| sum(p, |v| v)).sum::<f64>() / n;
-            let var =
-                planes(x, c, hw, ch).map(|p| sum(p, |v| (v - mean) * (v - mean))).sum::<f64>() / n;
+            let mean = planes(x, c, hw, ch).map(sum).sum::<f64>() / n;
+            let var = planes(x, c, hw, ch).map(|p| sum_squared_deviation(p, mean)).sum::<f64>() / n;
             (mean, var)
         })
         .unzip();
@@ -213,10 +300,7 @@ fn bn_relu_fwd<T: Real>(
         y.par_chunks_mut(c * hw).zip(x.par_chunks(c * hw)).for_each(|(y, x)| {
             for (ch, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
                 let (scale, shift) = stats.affine(gb, ch);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    let z = x.to_f64() * scale + shift;
-                    *y = T::from_f64(if z > 0.0 { z } else { op.leak * z });
-                }
+                scale_shift_leaky(y, x, scale, shift, op.leak);
             }
         });
     }
@@ -291,18 +375,10 @@ fn bn_relu_bwd_fwd<T: Real>(
     let (sum_gz, sum_gz_xhat): (Vec<f64>, Vec<f64>) = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (scale, shift) = stats.affine(gb, ch);
-            let (mean, inv_std) = (stats.mean[ch], stats.inv_std[ch]);
+            let k = stats.channel(gb, ch, leak);
             let (mut a, mut bv) = ([0.0; 4], [0.0; 4]);
             for (x, dy) in planes(x, c, hw, ch).zip(planes(dy, c, hw, ch)) {
-                for (x, dy) in x.chunks(4).zip(dy.chunks(4)) {
-                    for (k, (&x, &dy)) in x.iter().zip(dy).enumerate() {
-                        let x = x.to_f64();
-                        let gz = slope(x * scale + shift, leak) * dy.to_f64();
-                        a[k] += gz;
-                        bv[k] += gz * (x - mean) * inv_std;
-                    }
-                }
+                backward_sums(x, dy, k, &mut a, &mut bv);
             }
             (a.iter().sum::<f64>(), bv.iter().sum::<f64>())
         })
@@ -315,14 +391,8 @@ fn bn_relu_bwd_fwd<T: Real>(
                 for (ch, (dx, (x, dy))) in
                     dx.chunks_mut(hw).zip(x.chunks(hw).zip(dy.chunks(hw))).enumerate()
                 {
-                    let (scale, shift) = stats.affine(gb, ch);
-                    let (mean, inv_std) = (stats.mean[ch], stats.inv_std[ch]);
-                    let (a, bv) = (sum_gz[ch] / n, sum_gz_xhat[ch] / n);
-                    for (dx, (&x, &dy)) in dx.iter_mut().zip(x.iter().zip(dy)) {
-                        let x = x.to_f64();
-                        let gz = slope(x * scale + shift, leak) * dy.to_f64();
-                        *dx = T::from_f64(scale * (gz - a - (x - mean) * inv_std * bv));
-                    }
+                    let k = stats.channel(gb, ch, leak);
+                    backward_dx(dx, x, dy, k, sum_gz[ch] / n, sum_gz_xhat[ch] / n);
                 }
             },
         );
@@ -400,25 +470,14 @@ fn bn_relu_vjp_fwd<T: Real>(
     let sums: Vec<[f64; 5]> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (scale, shift) = stats.affine(gb, ch);
-            let (mean, inv_std) = (stats.mean[ch], stats.inv_std[ch]);
-            let mut acc = [0.0; 5];
+            let k = stats.channel(gb, ch, leak);
+            let mut lanes = [[0.0; 4]; 5];
             for ((x, dy), ux) in
                 planes(x, c, hw, ch).zip(planes(dy, c, hw, ch)).zip(planes(u_x, c, hw, ch))
             {
-                for ((&x, &dy), &ux) in x.iter().zip(dy).zip(ux) {
-                    let x = x.to_f64();
-                    let xhat = (x - mean) * inv_std;
-                    let gz = slope(x * scale + shift, leak) * dy.to_f64();
-                    let ux = ux.to_f64();
-                    acc[0] += gz;
-                    acc[1] += gz * xhat;
-                    acc[2] += ux;
-                    acc[3] += ux * xhat;
-                    acc[4] += ux * gz;
-                }
+                second_order_sums(x, dy, ux, k, &mut lanes);
             }
-            acc
+            lanes.map(|l| l.iter().sum())
         })
         .collect();
 
@@ -437,37 +496,103 @@ fn bn_relu_vjp_fwd<T: Real>(
             .for_each(|((d_x, d_dy), ((x, dy), u_x))| {
                 for ch in 0..c {
                     let r = ch * hw..(ch + 1) * hw;
-                    let (scale, shift) = stats.affine(gb, ch);
-                    let (mean, s) = (stats.mean[ch], stats.inv_std[ch]);
-                    let gamma = gb[ch].to_f64();
-                    let (u_gamma, u_beta) = (u_gb[ch].to_f64(), u_gb[c + ch].to_f64());
+                    let k = stats.channel(gb, ch, leak);
+                    let gamma = gb[ch].wide();
+                    let (u_gamma, u_beta) = (u_gb[ch].wide(), u_gb[c + ch].wide());
                     let [a, bv, u1, u2, p] = sums[ch];
+                    let s = k.inv_std;
                     let (a_n, b_n, u1_n, u2_n) = (a / n, bv / n, u1 / n, u2 / n);
                     let gs = gamma * s;
-                    let coef_xhat = 3.0 * u2 * b_n + u1 * a_n - p;
-                    let constant = b_n * u1 + u2 * a_n;
-                    let outer = gs * s / n;
-                    for (((dxo, ddyo), (&x, &dy)), &ux) in d_x[r.clone()]
-                        .iter_mut()
-                        .zip(&mut d_dy[r.clone()])
-                        .zip(x[r.clone()].iter().zip(&dy[r.clone()]))
-                        .zip(&u_x[r])
-                    {
-                        let x = x.to_f64();
-                        let xhat = (x - mean) * s;
-                        let m = slope(x * scale + shift, leak);
-                        let gz = m * dy.to_f64();
-                        let ux = ux.to_f64();
-                        *ddyo = T::from_f64(
-                            m * (gs * (ux - u1_n - xhat * u2_n) + u_gamma * xhat + u_beta),
-                        );
-                        let bracket = xhat * coef_xhat - bv * ux - u2 * gz + constant;
-                        *dxo = T::from_f64(outer * bracket + u_gamma * s * (gz - a_n - xhat * b_n));
-                    }
+                    let terms = SecondOrder {
+                        gs,
+                        u1_n,
+                        u2_n,
+                        u_gamma,
+                        u_beta,
+                        coef_xhat: 3.0 * u2 * b_n + u1 * a_n - p,
+                        constant: b_n * u1 + u2 * a_n,
+                        outer: gs * s / n,
+                        bv,
+                        u2,
+                        a_n,
+                        b_n,
+                    };
+                    second_order_plane(
+                        &mut d_x[r.clone()],
+                        &mut d_dy[r.clone()],
+                        &x[r.clone()],
+                        &dy[r.clone()],
+                        &u_x[r],
+                        k,
+                        terms,
+                    );
                 }
             });
     }
     Ok(storage(out, 2 * numel + 2 * c))
+}
+
+multiversion! {
+    /// Adds one plane to a channel's second-order sums [A, B, U1, U2, P] (see [`BnReluVjp`]),
+    /// element i in lane i mod 4.
+    fn second_order_sums<T: Real>(x: &[T], dy: &[T], ux: &[T], k: Channel, acc: &mut [[f64; 4]; 5]) {
+        for (i, ((&x, &dy), &ux)) in x.iter().zip(dy).zip(ux).enumerate() {
+            let lane = i % 4;
+            let x = x.wide();
+            let xhat = (x - k.mean) * k.inv_std;
+            let gz = slope(x * k.scale + k.shift, k.leak) * dy.wide();
+            let ux = ux.wide();
+            acc[0][lane] += gz;
+            acc[1][lane] += gz * xhat;
+            acc[2][lane] += ux;
+            acc[3][lane] += ux * xhat;
+            acc[4][lane] += ux * gz;
+        }
+    }
+}
+
+/// A channel's constants of the second-order pass (see [`BnReluVjp`]).
+#[derive(Clone, Copy)]
+struct SecondOrder {
+    gs: f64,
+    u1_n: f64,
+    u2_n: f64,
+    u_gamma: f64,
+    u_beta: f64,
+    coef_xhat: f64,
+    constant: f64,
+    outer: f64,
+    bv: f64,
+    u2: f64,
+    a_n: f64,
+    b_n: f64,
+}
+
+multiversion! {
+    /// One plane of the second-order pass's d/dx and d/d(dy).
+    fn second_order_plane<T: Real>(
+        d_x: &mut [T],
+        d_dy: &mut [T],
+        x: &[T],
+        dy: &[T],
+        u_x: &[T],
+        k: Channel,
+        t: SecondOrder,
+    ) {
+        for (((dxo, ddyo), (&x, &dy)), &ux) in
+            d_x.iter_mut().zip(d_dy.iter_mut()).zip(x.iter().zip(dy)).zip(u_x)
+        {
+            let x = x.wide();
+            let s = k.inv_std;
+            let xhat = (x - k.mean) * s;
+            let m = slope(x * k.scale + k.shift, k.leak);
+            let gz = m * dy.wide();
+            let ux = ux.wide();
+            *ddyo = T::narrow(m * (t.gs * (ux - t.u1_n - xhat * t.u2_n) + t.u_gamma * xhat + t.u_beta));
+            let bracket = xhat * t.coef_xhat - t.bv * ux - t.u2 * gz + t.constant;
+            *dxo = T::narrow(t.outer * bracket + t.u_gamma * s * (gz - t.a_n - xhat * t.b_n));
+        }
+    }
 }
 
 /// Evaluation-mode batch norm followed by ReLU, with fixed statistics (e.g. running averages):
@@ -558,6 +683,17 @@ impl CustomOp2 for ScaleShiftRelu {
     }
 }
 
+multiversion! {
+    /// y = z where z > 0, else leak·z, for z = x·scale + shift, in T (the inference pass).
+    fn scale_shift_leaky_fixed<T: Real>(y: &mut [T], x: &[T], scale: T, shift: T, leak: T) {
+        let zero = T::narrow(0.0);
+        for (y, &x) in y.iter_mut().zip(x) {
+            let z = x * scale + shift;
+            *y = if z > zero { z } else { leak * z };
+        }
+    }
+}
+
 fn scale_shift_relu_fwd<T: Real>(
     leak: f64,
     xs: &CpuStorage,
@@ -570,18 +706,78 @@ fn scale_shift_relu_fwd<T: Real>(
     if s.len() != 2 * c {
         bail!("batch norm: scale and shift must be [2, {c}]");
     }
-    let leak = T::from_f64(leak);
+    let leak = T::narrow(leak);
     let mut y = vec![zero::<T>(); x.len()];
     if !y.is_empty() {
         y.par_chunks_mut(c * hw).zip(x.par_chunks(c * hw)).for_each(|(y, x)| {
             for (ch, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                let (scale, shift) = (s[ch], s[c + ch]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    let z = x * scale + shift;
-                    *y = if z > zero() { z } else { leak * z };
-                }
+                scale_shift_leaky_fixed(y, x, s[ch], s[c + ch], leak);
             }
         });
     }
     Ok(storage(y, xl.shape().clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Every output of every element-wise loop at one level, as bits.
+    fn outputs<T: Real + Into<f64>>(len: usize, seed: u64) -> Vec<u64> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut draw =
+            || (0..len).map(|_| T::narrow(rng.random_range(-2.0..2.0))).collect::<Vec<T>>();
+        let (x, dy, ux) = (draw(), draw(), draw());
+        let k = Channel { scale: 1.3, shift: -0.2, mean: 0.1, inv_std: 0.8, leak: 0.1 };
+        let t = SecondOrder {
+            gs: 0.7,
+            u1_n: 0.01,
+            u2_n: -0.02,
+            u_gamma: 0.3,
+            u_beta: -0.4,
+            coef_xhat: 0.05,
+            constant: 0.002,
+            outer: 0.9,
+            bv: 0.6,
+            u2: -0.7,
+            a_n: 0.03,
+            b_n: 0.04,
+        };
+        let mut out = vec![sum(&x).to_bits(), sum_squared_deviation(&x, 0.3).to_bits()];
+        let mut y = vec![T::narrow(0.0); len];
+        let mut y2 = y.clone();
+        scale_shift_leaky(&mut y, &x, k.scale, k.shift, k.leak);
+        out.extend(y.iter().map(|&v| v.into().to_bits()));
+        let (mut a, mut b) = ([0.0; 4], [0.0; 4]);
+        backward_sums(&x, &dy, k, &mut a, &mut b);
+        out.extend(a.iter().chain(&b).map(|v| v.to_bits()));
+        backward_dx(&mut y, &x, &dy, k, 0.02, -0.03);
+        out.extend(y.iter().map(|&v| v.into().to_bits()));
+        let mut lanes = [[0.0; 4]; 5];
+        second_order_sums(&x, &dy, &ux, k, &mut lanes);
+        out.extend(lanes.iter().flatten().map(|v| v.to_bits()));
+        second_order_plane(&mut y, &mut y2, &x, &dy, &ux, k, t);
+        out.extend(y.iter().chain(&y2).map(|&v| v.into().to_bits()));
+        scale_shift_leaky_fixed(&mut y, &x, T::narrow(1.3), T::narrow(-0.2), T::narrow(0.1));
+        out.extend(y.iter().map(|&v| v.into().to_bits()));
+        out
+    }
+
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        for (i, len) in [0, 1, 3, 4, 7, 8, 13, 64, 196, 785].into_iter().enumerate() {
+            for (what, f) in
+                [("f32", outputs::<f32> as fn(usize, u64) -> Vec<u64>), ("f64", outputs::<f64>)]
+            {
+                let runs = crate::kernels::simd::at_each_level(|| f(len, i as u64));
+                for (level, bits) in &runs[1..] {
+                    assert!(
+                        bits == &runs[0].1,
+                        "{what}, {len} elements: {level:?} differs from the baseline"
+                    );
+                }
+            }
+        }
+    }
 }

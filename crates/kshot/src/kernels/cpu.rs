@@ -4,10 +4,34 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, WithDType};
 
-/// The float types the kernels run on.
-pub(crate) trait Real: WithDType {}
-impl Real for f32 {}
-impl Real for f64 {}
+/// The float types the kernels run on, with conversions to and from f64 that always inline (so
+/// that loops over them vectorise).
+pub(crate) trait Real: WithDType {
+    fn wide(self) -> f64;
+    fn narrow(v: f64) -> Self;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn narrow(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f64) -> Self {
+        v
+    }
+}
 
 /// The contiguous elements of a tensor's storage.
 pub(crate) fn slice<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {

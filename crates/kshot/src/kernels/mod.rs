@@ -16,6 +16,7 @@ mod distance;
 mod lstm_cell;
 mod meta_lstm;
 mod pool;
+mod simd;
 
 use candle_core::{Result, Tensor};
 

@@ -176,6 +176,16 @@ def protonet_step(ways=60, shots=1, queries=5):
     return step
 
 
+def conv4_inference(params, running, x):
+    # Conv4 in inference mode: batch norm with the running statistics `running[i]` = (mean, var).
+    for i in range(4):
+        x = F.conv2d(x, params[f"conv{i}.weight"], padding=1)
+        mean, var = running[i]
+        x = F.batch_norm(x, mean, var, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=False)
+        x = F.max_pool2d(F.relu(x), 2)
+    return x.flatten(1)
+
+
 def predict(queries, ways=5, batch=256):
     # kshot predict's model path: BN with running statistics (inference), prototypes of the
     # support embeddings, squared distances of each batch of queries; no gradients.
@@ -184,13 +194,7 @@ def predict(queries, ways=5, batch=256):
     xs, xq = torch.randn(ways, 1, 28, 28), torch.randn(queries, 1, 28, 28)
 
     def embed(x):
-        for i in range(4):
-            x = F.conv2d(x, params[f"conv{i}.weight"], padding=1)
-            mean, var = running[i]
-            x = F.batch_norm(x, mean, var, params[f"bn{i}.weight"], params[f"bn{i}.bias"],
-                             training=False)
-            x = F.max_pool2d(F.relu(x), 2)
-        return x.flatten(1)
+        return conv4_inference(params, running, x)
 
     def step():
         with torch.no_grad():
@@ -535,13 +539,7 @@ def eval_step(ways=5, shots=1, queries=15):
     yq = labels(ways, queries)
 
     def embed(x):
-        for i in range(4):
-            x = F.conv2d(x, params[f"conv{i}.weight"], padding=1)
-            mean, var = running[i]
-            x = F.batch_norm(x, mean, var, params[f"bn{i}.weight"], params[f"bn{i}.bias"],
-                             training=False)
-            x = F.max_pool2d(F.relu(x), 2)
-        return x.flatten(1)
+        return conv4_inference(params, running, x)
 
     def step():
         with torch.no_grad():

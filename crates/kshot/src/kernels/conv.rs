@@ -200,6 +200,34 @@ fn conv_fwd<T: Real>(
     Ok(storage(out, (b, co, h, wd)))
 }
 
+/// Σ over a batch's `blocks` blocks of what `add(block, acc)` accumulates into a `len`-long
+/// buffer. The blocks are dealt to at most 8 groups summed in parallel, and the groups' partial
+/// sums are added in a fixed order, so the result does not depend on how rayon schedules them.
+pub(super) fn sum_over_blocks<T: Real>(
+    blocks: usize,
+    len: usize,
+    add: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let groups = blocks.min(8);
+    let partials: Vec<Vec<T>> = (0..groups)
+        .into_par_iter()
+        .map(|g| {
+            let mut acc = vec![zero(); len];
+            for blk in (g..blocks).step_by(groups) {
+                add(blk, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut sum = vec![zero::<T>(); len];
+    for p in partials {
+        for (s, v) in sum.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    sum
+}
+
 fn weight_grad_fwd<T: Real>(
     xs: &CpuStorage,
     xl: &Layout,
@@ -212,36 +240,14 @@ fn weight_grad_fwd<T: Real>(
     let (hw, k) = (h * wd, ci * 9);
     let nb = images_per_block(b, hw);
     let blocks = b.div_ceil(nb);
-    // A fixed number of partial sums, added in a fixed order: the result does not depend on
-    // how rayon schedules the blocks.
-    let groups = blocks.min(8);
-    let partials: Vec<Vec<T>> = (0..groups)
-        .into_par_iter()
-        .map(|g| {
-            let mut acc = vec![zero(); co * k];
-            for blk in (g..blocks).step_by(groups) {
-                let (b0, n) = (blk * nb, nb.min(b - blk * nb));
-                let cols = n * hw;
-                let col = im2col(&x[b0 * ci * hw..][..n * ci * hw], n, ci, h, wd);
-                let mut dyt = vec![zero(); co * cols];
-                swap_outer(&dy[b0 * co * hw..][..n * co * hw], n, co, hw, &mut dyt);
-                matmul(
-                    (co, k, cols),
-                    &mut acc,
-                    true,
-                    Mat::rows(&dyt, cols),
-                    Mat::rows_t(&col, cols),
-                );
-            }
-            acc
-        })
-        .collect();
-    let mut dw = vec![zero::<T>(); co * k];
-    for p in partials {
-        for (d, v) in dw.iter_mut().zip(p) {
-            *d += v;
-        }
-    }
+    let dw = sum_over_blocks(blocks, co * k, |blk, acc: &mut [T]| {
+        let (b0, n) = (blk * nb, nb.min(b - blk * nb));
+        let cols = n * hw;
+        let col = im2col(&x[b0 * ci * hw..][..n * ci * hw], n, ci, h, wd);
+        let mut dyt = vec![zero(); co * cols];
+        swap_outer(&dy[b0 * co * hw..][..n * co * hw], n, co, hw, &mut dyt);
+        matmul((co, k, cols), acc, true, Mat::rows(&dyt, cols), Mat::rows_t(&col, cols));
+    });
     Ok(storage(dw, (co, ci, 3, 3)))
 }
 

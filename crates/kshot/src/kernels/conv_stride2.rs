@@ -20,7 +20,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{images_per_block, swap_outer};
+use super::conv::{images_per_block, sum_over_blocks, swap_outer};
 use super::cpu::{dispatch, matmul, same_dtype, slice, storage, zero, Mat, Real};
 
 pub fn conv3x3_same_stride2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -300,35 +300,13 @@ fn weight_grad_fwd<T: Real>(
     let (hw, ohw, k) = (g.plane(), g.out_plane(), ci * 9);
     let nb = images_per_block(b, ohw);
     let blocks = b.div_ceil(nb);
-    // A fixed number of partial sums, added in a fixed order: the result does not depend on
-    // how rayon schedules the blocks.
-    let groups = blocks.min(8);
-    let partials: Vec<Vec<T>> = (0..groups)
-        .into_par_iter()
-        .map(|grp| {
-            let mut acc = vec![zero(); co * k];
-            for blk in (grp..blocks).step_by(groups) {
-                let (b0, n) = (blk * nb, nb.min(b - blk * nb));
-                let cols = n * ohw;
-                let col = im2col(&x[b0 * ci * hw..][..n * ci * hw], n, g);
-                let mut dt = vec![zero(); co * cols];
-                swap_outer(&d[b0 * co * ohw..][..n * co * ohw], n, co, ohw, &mut dt);
-                matmul(
-                    (co, k, cols),
-                    &mut acc,
-                    true,
-                    Mat::rows(&dt, cols),
-                    Mat::rows_t(&col, cols),
-                );
-            }
-            acc
-        })
-        .collect();
-    let mut dw = vec![zero::<T>(); co * k];
-    for p in partials {
-        for (o, v) in dw.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
+    let dw = sum_over_blocks(blocks, co * k, |blk, acc: &mut [T]| {
+        let (b0, n) = (blk * nb, nb.min(b - blk * nb));
+        let cols = n * ohw;
+        let col = im2col(&x[b0 * ci * hw..][..n * ci * hw], n, g);
+        let mut dt = vec![zero(); co * cols];
+        swap_outer(&d[b0 * co * ohw..][..n * co * ohw], n, co, ohw, &mut dt);
+        matmul((co, k, cols), acc, true, Mat::rows(&dt, cols), Mat::rows_t(&col, cols));
+    });
     Ok(storage(dw, (co, ci, 3, 3)))
 }

@@ -132,6 +132,65 @@ fn whole_episode_loss_matches_central_differences_in_f64() {
     }
 }
 
+/// The fused recurrence against the step-by-step candle graph it replaces: features and the
+/// gradients of every parameter and of the inputs, in f64, for the LSTM, MANN and MANN with key
+/// strengths, over 11 sequences (more than one chunk of the kernel).
+#[test]
+fn fused_recurrence_matches_the_stepwise_graph_in_f64() {
+    for (memory, key_strength) in [(false, false), (true, false), (true, true)] {
+        let config = MannConfig { key_strength, ..small(memory, LabelCode::OneHot) };
+        let net = MannNet::new(config, 4);
+        let vars = f64_vars(&net, 11);
+        let p = params_of(&vars);
+        let seqs: Vec<Tensor> = (0..11)
+            .map(|i| {
+                sequence(4, 9, 3, LabelCode::OneHot, 20 + i)
+                    .inputs(&config)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+            })
+            .collect();
+        let inputs = Var::from_tensor(&Tensor::stack(&seqs, 0).unwrap()).unwrap();
+        let fused = net.sequence_features(&p, inputs.as_tensor()).unwrap();
+        let stepwise = net.sequence_features_stepwise(&p, inputs.as_tensor()).unwrap();
+        assert_eq!(fused.dims(), stepwise.dims());
+        let width = fused.dim(2).unwrap();
+        let w = Tensor::from_vec(
+            (0..11 * 9 * width).map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0).collect::<Vec<_>>(),
+            (11, 9, width),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let a: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f64> = b.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-10 * scale.max(1.0),
+                    "{what} (memory {memory}, key strength {key_strength}) [{i}]: fused {x} vs stepwise {y}"
+                );
+            }
+        };
+        close(&fused, &stepwise, "features");
+        let g_fused = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_step = (stepwise * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        close(
+            g_fused.get(inputs.as_tensor()).unwrap(),
+            g_step.get(inputs.as_tensor()).unwrap(),
+            "d inputs",
+        );
+        for (name, var) in &vars {
+            match (g_fused.get(var.as_tensor()), g_step.get(var.as_tensor())) {
+                (Some(a), Some(b)) => close(a, b, name),
+                (None, None) => {}
+                _ => panic!("{name}: a gradient on one path only"),
+            }
+        }
+    }
+}
+
 #[test]
 fn least_used_selection_and_usage_decay_by_hand() {
     assert_eq!(least_used_slots(&[0.5, 0.1, 0.9, 0.1, 0.3], 3), vec![1, 3, 4]);

@@ -14,6 +14,7 @@ mod coordinatewise;
 mod cpu;
 mod distance;
 mod lstm_cell;
+mod mann;
 mod meta_lstm;
 mod pool;
 mod simd;
@@ -24,6 +25,7 @@ use crate::nn::ops::BatchStats;
 
 pub use conv_each::conv3x3_each;
 pub use coordinatewise::{coordinate_lstm, coordinate_mlp, LstmLayout, MlpLayout};
+pub use mann::{least_used_slots, mann_recurrence, MannLayout};
 pub use meta_lstm::{MetaLstmGrads, MetaLstmUnroll, MetaLstmWeights};
 
 /// 3×3 convolution, stride 1, padding 1, no bias: [B, Ci, H, W] * [Co, Ci, 3, 3] → [B, Co, H, W].

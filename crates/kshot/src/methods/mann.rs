@@ -20,6 +20,9 @@
 //! write vector is the head's key (the paper's `M_t(i) ← M_{t−1}(i) + w^w_t(i) k_t`); the memory
 //! starts at 1e−6 everywhere, usage and read weights at 0; ties in usage go to the lower slot.
 //! Usage only selects slots (a constant for the gradient), so it is kept on the host in f64.
+//! Training and sequence scoring run the whole recurrence as one fused kernel with its own
+//! backpropagation through time ([`crate::kernels::mann_recurrence`]); [`MannNet::step`] is the
+//! same step in candle ops, for a support prefix followed by queries and as the kernel's reference.
 //! Optimiser: Adam (kshot's; the paper used RMSProp).
 //!
 //! String labels (the paper's five-hot labels): each class of an episode gets a distinct random
@@ -37,6 +40,8 @@ use super::{
 };
 use crate::data::episode::{episode_rng, shuffled_sequence};
 use crate::data::{Episode, EpisodeSpec};
+pub use crate::kernels::least_used_slots;
+use crate::kernels::{mann_recurrence, MannLayout};
 use crate::nn::lstm::{sigmoid, LstmCell};
 use crate::nn::{init, ops, ParamSet, Params, RunningStats};
 use crate::optim::StepDecay;
@@ -263,8 +268,51 @@ impl MannNet {
         Ok(())
     }
 
-    /// [B, T, P + L] inputs → [B, T, L] output logits, every step in order from the initial state.
+    /// [B, T, P + L] inputs → [B, T, L] output logits, every step in order from the initial state:
+    /// the fused recurrence of [`mann_recurrence`] on the CPU, [`Self::step`] by step elsewhere.
     pub fn sequence_logits(&self, params: &Params, inputs: &Tensor) -> Result<Tensor> {
+        let features = if inputs.device().is_cpu() {
+            self.sequence_features(params, inputs)?
+        } else {
+            self.sequence_features_stepwise(params, inputs)?
+        };
+        self.output(params, &features)
+    }
+
+    /// `[h_t ‖ r_t]` [B, T, H + R·D] of every step by the fused recurrence (CPU).
+    pub fn sequence_features(&self, params: &Params, inputs: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let gates = self.input_gates(params, inputs)?;
+        let layout = MannLayout {
+            hidden: c.controller,
+            heads: if c.memory { c.read_heads } else { 0 },
+            slots: c.slots,
+            slot_size: c.slot_size,
+            key_strength: c.key_strength,
+            usage_decay: c.usage_decay,
+        };
+        let w_hh = params.get("controller.weight_hh")?;
+        let w_ih = params.get("controller.weight_ih")?;
+        let w_r = w_ih.narrow(1, w_ih.dim(1)? - c.read_width(), c.read_width())?;
+        let mut weights = vec![w_hh, &w_r];
+        let heads: &[&str] = match (c.memory, c.key_strength) {
+            (false, _) => &[],
+            (true, false) => &["key", "gate"],
+            (true, true) => &["key", "gate", "strength"],
+        };
+        let names: Vec<String> = ["weight", "bias"]
+            .iter()
+            .flat_map(|part| heads.iter().map(move |h| format!("{h}.{part}")))
+            .collect();
+        for name in &names {
+            weights.push(params.get(name)?);
+        }
+        mann_recurrence(&gates, &weights, layout)
+    }
+
+    /// The same features by [`Self::step`], one candle graph per step (the reference the fused
+    /// recurrence is tested against).
+    pub fn sequence_features_stepwise(&self, params: &Params, inputs: &Tensor) -> Result<Tensor> {
         let (b, t, _) = inputs.dims3()?;
         let gates = self.input_gates(params, inputs)?;
         let mut state = self.initial_state(b, inputs.dtype(), inputs.device())?;
@@ -273,8 +321,7 @@ impl MannNet {
             let out = self.step(params, &mut state, &gates.narrow(1, step, 1)?.squeeze(1)?)?;
             outs.push(Tensor::cat(&[&out.h, &out.reads], 1)?);
         }
-        let features = Tensor::stack(&outs, 1)?;
-        self.output(params, &features)
+        Tensor::stack(&outs, 1)
     }
 
     /// `[h ‖ r]` [.., H + R·D] → label logits [.., L].
@@ -311,14 +358,6 @@ fn least_used(
     let weights = Tensor::from_vec(weights, (usage.len(), heads, slots), device)?.to_dtype(dtype)?;
     let keep = Tensor::from_vec(keep, (usage.len(), slots, 1), device)?.to_dtype(dtype)?;
     Ok((weights, keep))
-}
-
-/// The `n` slots of smallest usage, least used first; ties go to the lower slot.
-pub fn least_used_slots(usage: &[f64], n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..usage.len()).collect();
-    order.sort_by(|&a, &b| usage[a].total_cmp(&usage[b]).then(a.cmp(&b)));
-    order.truncate(n);
-    order
 }
 
 /// Cosine similarity of each head's key with each slot: [B, R, D] × [B, S, D] → [B, R, S].

@@ -220,16 +220,17 @@ fn run<T: Float>(
     let weights = Weights::split(theta, &layout);
     let chunks: Vec<(usize, usize)> =
         (0..batch).step_by(CHUNK).map(|start| (start, CHUNK.min(batch - start))).collect();
-    let per_step = |rows: (usize, usize), width: usize| {
-        rows.0 * steps * width..(rows.0 + rows.1) * steps * width
+    // The elements of a chunk's sequences in a [B, T, width] tensor.
+    let of_chunk = |(start, n): (usize, usize), width: usize| {
+        start * steps * width..(start + n) * steps * width
     };
     let outs: Vec<(Vec<T>, Vec<f64>)> = chunks
         .par_iter()
         .map(|&rows| {
-            let tape = Tape::forward(&layout, &weights, &gates[per_step(rows, g)], rows.1, steps);
+            let tape = Tape::forward(&layout, &weights, &gates[of_chunk(rows, g)], rows.1, steps);
             match dy {
                 None => (tape.outputs(), Vec::new()),
-                Some(dy) => tape.backward(&layout, &weights, &dy[per_step(rows, features)]),
+                Some(dy) => tape.backward(&layout, &weights, &dy[of_chunk(rows, features)]),
             }
         })
         .collect();
@@ -477,8 +478,10 @@ impl<T: Float> Tape<T> {
         }
         let mut wide: Vec<f64> = d_theta.iter().map(|v| v.wide()).collect();
         let mut bias = vec![0f64; s_bias];
-        for row in d_heads.chunks_exact(e.max(1)).take(if e == 0 { 0 } else { rows }) {
-            bias.iter_mut().zip(row).for_each(|(b, v)| *b += v.wide());
+        if e > 0 {
+            for row in d_heads.chunks_exact(e) {
+                bias.iter_mut().zip(row).for_each(|(b, v)| *b += v.wide());
+            }
         }
         wide.extend(bias);
 

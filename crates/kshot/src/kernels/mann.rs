@@ -84,19 +84,9 @@ pub fn mann_recurrence(
     weights: &[&Tensor],
     layout: MannLayout,
 ) -> Result<Tensor> {
-    let (_, _, g) = gates_in.dims3()?;
-    if g != 4 * layout.hidden {
-        bail!("mann_recurrence: gates of width {g}, expected 4 × {}", layout.hidden);
-    }
-    let mut flat = Vec::with_capacity(weights.len());
-    for w in weights {
-        flat.push(w.flatten_all()?.to_dtype(gates_in.dtype())?);
-    }
-    let theta = Tensor::cat(&flat, 0)?;
-    let expected: usize = layout.sizes().iter().sum();
-    if theta.elem_count() != expected {
-        bail!("mann_recurrence: {} weights, the layout needs {expected}", theta.elem_count());
-    }
+    // The op checks the gates' width and θ's length against the layout.
+    let flat = weights.iter().map(|w| w.flatten_all()).collect::<Result<Vec<_>>>()?;
+    let theta = Tensor::cat(&flat, 0)?.to_dtype(gates_in.dtype())?;
     gates_in.contiguous()?.apply_op2(&theta, Recurrence(layout))
 }
 
@@ -199,7 +189,12 @@ fn run<T: Float>(
     let (gates, theta) = (slice::<T>(gs, gl)?, slice::<T>(ts, tl)?);
     let features = layout.features();
     if g != 4 * layout.hidden || theta.len() != layout.sizes().iter().sum::<usize>() {
-        bail!("mann_recurrence: gates or weights do not fit the layout {layout:?}");
+        bail!(
+            "mann_recurrence: gates of width {g} and {} weights, the layout needs {} and {} ({layout:?})",
+            theta.len(),
+            4 * layout.hidden,
+            layout.sizes().iter().sum::<usize>()
+        );
     }
     if layout.heads > layout.slots {
         bail!("mann_recurrence: {} read heads for {} slots", layout.heads, layout.slots);
@@ -229,7 +224,7 @@ fn run<T: Float>(
         .map(|&rows| {
             let tape = Tape::forward(&layout, &weights, &gates[of_chunk(rows, g)], rows.1, steps);
             match dy {
-                None => (tape.outputs(), Vec::new()),
+                None => (tape.outputs(features), Vec::new()),
                 Some(dy) => tape.backward(&layout, &weights, &dy[of_chunk(rows, features)]),
             }
         })
@@ -378,9 +373,8 @@ impl<T: Float> Tape<T> {
         tape
     }
 
-    /// The features [n][T][F], sequence-major as the op returns them.
-    fn outputs(&self) -> Vec<T> {
-        let f = self.feats.len() / ((self.steps + 1) * self.n.max(1));
+    /// The features [n][T][F] (F = `f`), sequence-major as the op returns them.
+    fn outputs(&self, f: usize) -> Vec<T> {
         let mut out = Vec::with_capacity(self.n * self.steps * f);
         for row in 0..self.n {
             for t in 0..self.steps {
@@ -618,6 +612,7 @@ struct MemoryTape<'a, T> {
 /// Buffers [`memory_backward`] reuses from step to step.
 struct MemoryScratch<T> {
     d_keys: Vec<T>,
+    d_slot_norms: Vec<T>,
     d_logits: Vec<T>,
     d_reads_before: Vec<T>,
 }
@@ -627,6 +622,7 @@ impl<T: Real> MemoryScratch<T> {
         let (r, s) = (layout.heads, layout.slots);
         Self {
             d_keys: vec![zero(); layout.read_width()],
+            d_slot_norms: vec![zero(); s],
             d_logits: vec![zero(); r * s],
             d_reads_before: vec![zero(); r * s],
         }
@@ -661,7 +657,8 @@ fn memory_backward<T: Float>(
     // The softmax and the key strength.
     let d_keys = &mut scratch.d_keys;
     d_keys.fill(zero());
-    let mut d_slot_norms = vec![zero::<T>(); s];
+    let d_slot_norms = &mut scratch.d_slot_norms;
+    d_slot_norms.fill(zero());
     for j in 0..r {
         let (w, dw) = (&tape.reads[j * s..(j + 1) * s], &d_reads[j * s..(j + 1) * s]);
         let inner = dot(w, dw);

@@ -826,7 +826,7 @@ impl Method for MannConfig {
 
 macro_rules! mann_protocol {
     () => {
-        "20×20 images; trained on the 1200 training characters × 4 rotations of the official random split (openai/supervised-reptile's, the paper's sizes), tested on the 423 other characters unrotated; batches of 16 episodes, 50 000 batches (800 000 episodes; ≈ 90 minutes for 5 classes here), Adam 1e-3 (the paper: RMSProp 1e-4 for 100 000 episodes, which here stays on the 31% plateau: pass --lr 1e-4 --episodes 6250 for it); eval: 1000 sequences of 10 instances per class (per-instance accuracy) and N-way 1-shot with the support as the labelled prefix"
+        "20×20 images; trained on the 1200 training characters × 4 rotations of the official random split (openai/supervised-reptile's, the paper's sizes), tested on the 423 other characters unrotated; batches of 16 episodes, 50 000 batches (800 000 episodes; ≈ 88 minutes for 5 classes here), Adam 1e-3 (the paper: RMSProp 1e-4 for 100 000 episodes, which here stays on the 31% plateau: pass --lr 1e-4 --episodes 6250 for it); eval: 1000 sequences of 10 instances per class (per-instance accuracy) and N-way 1-shot with the support as the labelled prefix"
     };
 }
 use mann_protocol;

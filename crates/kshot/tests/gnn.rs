@@ -215,6 +215,61 @@ fn the_training_loss_never_reads_the_classes_of_unlabelled_images() {
 }
 
 #[test]
+fn every_query_graph_holds_its_own_episodes_support() {
+    use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
+    use kshot::methods::TrainGraphs;
+    let backbone_config = BackboneConfig::GnnOmniglot(GnnEmbeddingConfig::omniglot(1));
+    let config = GnnConfig {
+        last_adjacency_dropout: 0.0,
+        train_graphs: TrainGraphs::EveryQuery,
+        ..GnnConfig::omniglot(3)
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let mut net = Gnn::new(config, &backbone_config, 28, &mut rng, &Device::Cpu).unwrap();
+    let set = common::synthetic_set(10, 1, 12, 28, 1);
+    let sampler = EpisodeSampler::new(&set, EpisodeSpec::new(3, 1, 2), Grouping::Any).unwrap();
+    let episodes: Vec<_> = (0..3).map(|i| sampler.episode(0, i, &Device::Cpu).unwrap()).collect();
+    let out = net.batch_loss(&episodes, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
+    // The reference builds each of the 18 graphs by hand from the same embedded batch (all
+    // queries, then every episode's support once): node 0 its query, then its episode's support.
+    let mut images: Vec<Tensor> = episodes.iter().map(|ep| ep.query.clone()).collect();
+    images.extend(episodes.iter().map(|ep| ep.support.clone()));
+    let images = Tensor::cat(&images, 0).unwrap();
+    let params = net.state().params.values();
+    let backbone = backbone_config.build();
+    let emb = backbone.forward_train(&params, &images, None, &mut rng).unwrap();
+    let n_query = 6;
+    let (mut graphs, mut targets) = (Vec::new(), Vec::new());
+    for (e, ep) in episodes.iter().enumerate() {
+        let support = emb.narrow(0, 3 * n_query + 3 * e, 3).unwrap();
+        let labels = kshot::nn::ops::one_hot(&ep.support_labels, 3, &Device::Cpu).unwrap();
+        let support = Tensor::cat(&[&support, &labels], 1).unwrap();
+        for q in 0..n_query {
+            let query = emb.narrow(0, e * n_query + q, 1).unwrap();
+            let query = Tensor::cat(
+                &[&query, &Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap()],
+                1,
+            )
+            .unwrap();
+            graphs.push(Tensor::cat(&[&query, &support], 0).unwrap());
+            targets.push(ep.query_labels[q]);
+        }
+    }
+    let nodes = Tensor::stack(&graphs, 0).unwrap();
+    let mut mode = GraphMode { bn: BnMode::Batch(None), dropout: None };
+    let logits = net.graph().forward(&params, &nodes, &mut mode).unwrap();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+    let expected =
+        kshot::nn::ops::cross_entropy(&logits, &targets).unwrap().to_scalar::<f32>().unwrap();
+    let got = out.loss.to_scalar::<f32>().unwrap();
+    assert!((got - expected).abs() < 1e-5 * expected.abs().max(1.0), "{got} vs {expected}");
+    // The default, as the code: one graph per episode.
+    net.config.train_graphs = TrainGraphs::OneQuery;
+    let one = net.batch_loss(&episodes, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
+    assert!((one.loss.to_scalar::<f32>().unwrap() - got).abs() > 1e-6);
+}
+
+#[test]
 fn semi_supervised_episodes_carry_no_labels_for_their_unlabelled_images() {
     use kshot::data::{EpisodeSampler, EpisodeSpec, Grouping};
     let set = common::synthetic_set(10, 1, 12, 8, 1);

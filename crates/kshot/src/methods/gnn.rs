@@ -11,7 +11,8 @@
 //!
 //! Training batches many graphs through one computation: the step's episodes each contribute one
 //! query (one of its classes, drawn uniformly, as the code's `positive_class`), and all images of
-//! the batch go through the embedding network together.
+//! the batch go through the embedding network together. `--train-graphs every-query` instead
+//! makes a graph of every query of an episode, all sharing its embedded support nodes.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
@@ -42,6 +43,19 @@ pub enum UnknownLabel {
     Uniform,
 }
 
+/// Which queries of a training episode become graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainGraphs {
+    /// One graph per episode, its query one of the episode's queries drawn uniformly (the code's
+    /// `positive_class`).
+    #[default]
+    OneQuery,
+    /// A graph for every query of the episode, all sharing the episode's embedded support nodes:
+    /// more graphs per embedded image (kshot's option, not the code's).
+    EveryQuery,
+}
+
 /// How wide an adjacency MLP is.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -70,6 +84,9 @@ pub struct GnnConfig {
     /// Batch norm on the output graph convolution (Omniglot yes, miniImageNet no).
     pub output_bn: bool,
     pub unknown_label: UnknownLabel,
+    /// Older runs' configs lack it: one query per episode, as they were trained.
+    #[serde(default)]
+    pub train_graphs: TrainGraphs,
     /// Negative slope of the GNN's LeakyReLUs (PyTorch's default 0.01).
     pub leak: f64,
     pub bn_eps: f64,
@@ -88,6 +105,7 @@ impl GnnConfig {
             last_adjacency_dropout: 0.3,
             output_bn: true,
             unknown_label: UnknownLabel::Zero,
+            train_graphs: TrainGraphs::OneQuery,
             leak: 0.01,
             bn_eps: 1e-5,
             bn_momentum: 0.1,
@@ -415,19 +433,31 @@ impl Gnn {
     }
 
     /// The query loss of one training batch: one graph per episode, its query one image of a
-    /// class drawn uniformly from `rng`.
+    /// class drawn uniformly from `rng` (or, with [`TrainGraphs::EveryQuery`], a graph for every
+    /// query, each with its episode's support nodes).
     pub fn batch_loss(&mut self, episodes: &[Episode], rng: &mut ChaCha8Rng) -> Result<EpisodeOutput> {
         let Some(first) = episodes.first() else {
             candle_core::bail!("a training batch needs at least one episode")
         };
         super::ensure_ways("GNN", self.config.ways, first.spec.ways)?;
         let device = first.support.device().clone();
-        let (mut queries, mut targets) = (Vec::new(), Vec::new());
-        for ep in episodes {
-            let i = rng.random_range(0..ep.query_labels.len());
-            queries.push(ep.query.narrow(0, i, 1)?);
-            targets.push(ep.query_labels[i]);
+        let (mut queries, mut targets, mut graph_episode) = (Vec::new(), Vec::new(), Vec::new());
+        for (e, ep) in episodes.iter().enumerate() {
+            match self.config.train_graphs {
+                TrainGraphs::OneQuery => {
+                    let i = rng.random_range(0..ep.query_labels.len());
+                    queries.push(ep.query.narrow(0, i, 1)?);
+                    targets.push(ep.query_labels[i]);
+                    graph_episode.push(e as u32);
+                }
+                TrainGraphs::EveryQuery => {
+                    queries.push(ep.query.clone());
+                    targets.extend_from_slice(&ep.query_labels);
+                    graph_episode.extend(std::iter::repeat_n(e as u32, ep.query_labels.len()));
+                }
+            }
         }
+        let g = targets.len();
         let mut images = queries;
         images.extend(episodes.iter().map(|ep| ep.support.clone()));
         images.extend(episodes.iter().filter_map(|ep| ep.unlabelled.clone()));
@@ -438,17 +468,22 @@ impl Gnn {
         let n_support = first.support_labels.len();
         let n_unlabelled = first.unlabelled.as_ref().map_or(Ok(0), |u| u.dim(0))?;
         let d = emb.dim(1)?;
-        let support = emb.narrow(0, b, b * n_support)?.reshape((b, n_support, d))?;
+        let support = emb.narrow(0, g, b * n_support)?.reshape((b, n_support, d))?;
         let labels: Vec<u32> = episodes.iter().flat_map(|ep| ep.support_labels.clone()).collect();
         let label_features = ops::one_hot(&labels, self.config.ways, &device)?
             .reshape((b, n_support, self.config.ways))?;
         let mut others = vec![Tensor::cat(&[&support, &label_features], 2)?];
         if n_unlabelled > 0 {
-            let u = emb.narrow(0, b + b * n_support, b * n_unlabelled)?;
+            let u = emb.narrow(0, g + b * n_support, b * n_unlabelled)?;
             let unknown = self.label_features(&[], b * n_unlabelled, &device)?;
             others.push(Tensor::cat(&[&u, &unknown], 1)?.reshape((b, n_unlabelled, ()))?);
         }
-        let nodes = self.nodes(&emb.narrow(0, 0, b)?, &Tensor::cat(&others, 1)?)?;
+        let mut others = Tensor::cat(&others, 1)?;
+        if g != b {
+            let index = Tensor::new(graph_episode.as_slice(), &device)?;
+            others = others.index_select(&index, 0)?;
+        }
+        let nodes = self.nodes(&emb.narrow(0, 0, g)?, &others)?;
         let mut mode = GraphMode { bn: BnMode::Batch(Some(&mut self.state.running)), dropout: Some(rng) };
         let logits = self.graph.forward(&params, &nodes, &mut mode)?;
         let targets = Tensor::new(targets.as_slice(), &device)?;
@@ -536,6 +571,11 @@ pub struct GnnFlags {
     /// uniform vector).
     #[arg(long, value_enum)]
     pub unknown_label: Option<UnknownLabel>,
+    /// GNN training graphs: one-query (the code: one graph per episode, its query drawn from
+    /// the episode's) or every-query (a graph for each query of the episode, sharing its
+    /// embedded support; with --queries 1, N graphs per N-way episode).
+    #[arg(long, value_enum)]
+    pub train_graphs: Option<TrainGraphs>,
 }
 
 impl Method for GnnConfig {
@@ -553,6 +593,9 @@ impl Method for GnnConfig {
     fn apply(&mut self, flags: &GnnFlags, _shared: &SharedFlags) -> anyhow::Result<()> {
         if let Some(u) = flags.unknown_label {
             self.unknown_label = u;
+        }
+        if let Some(t) = flags.train_graphs {
+            self.train_graphs = t;
         }
         Ok(())
     }
@@ -573,11 +616,17 @@ impl Method for GnnConfig {
     }
 
     fn step_unit(&self, protocol: &Protocol) -> String {
-        format!(
-            "batches of {} graphs ({}, one query each)",
-            protocol.meta_batch,
-            EpisodeSpec { queries: 1, ..protocol.train }
-        )
+        match self.train_graphs {
+            TrainGraphs::OneQuery => format!(
+                "batches of {} graphs ({}, one query each)",
+                protocol.meta_batch,
+                EpisodeSpec { queries: 1, ..protocol.train }
+            ),
+            TrainGraphs::EveryQuery => format!(
+                "batches of {} episodes ({}), a graph for every query",
+                protocol.meta_batch, protocol.train
+            ),
+        }
     }
 
     fn presets() -> Vec<Preset> {

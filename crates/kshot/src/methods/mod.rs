@@ -21,7 +21,7 @@ use crate::protocol::Protocol;
 
 pub use baseline::{Baseline, BaselineConfig, Head};
 pub use fewshot_gan::{FewShotGan, FewShotGanConfig};
-pub use gnn::{Gnn, GnnConfig, GraphNet, UnknownLabel};
+pub use gnn::{Gnn, GnnConfig, GraphNet, TrainGraphs, UnknownLabel};
 pub use maml::{Maml, MamlConfig};
 pub use mann::{LabelCode, Mann, MannConfig};
 pub use matching::{MatchingConfig, MatchingNet};
